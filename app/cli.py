@@ -1,0 +1,192 @@
+"""The `tunehouse` command: run everything, or each part on its own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from app.core.settings import Role, Settings, get_settings
+
+cli = typer.Typer(help="Tunehouse: self-hosted fine-tuning and inference.", no_args_is_help=True)
+keys_cli = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
+console = Console()
+
+Host = Annotated[str | None, typer.Option(help="Interface to listen on")]
+Port = Annotated[int | None, typer.Option(help="Port to listen on")]
+
+
+def _settings() -> Settings:
+    get_settings.cache_clear()
+    return get_settings()
+
+
+def _migrate(settings: Settings) -> None:
+    from app.core.migrate import upgrade
+
+    settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.sqlalchemy_url)
+
+
+def _serve(settings: Settings, host: str | None, port: int | None, role: Role) -> None:
+    import uvicorn
+
+    os.environ["TUNEHOUSE_ROLE"] = role
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level=settings.log_level.lower(),
+    )
+
+
+def _worker_command(settings: Settings, concurrency: int, beat: bool) -> list[str]:
+    command = [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
+        "--concurrency", str(concurrency), "--loglevel", settings.log_level, "-Q", "tunehouse",
+    ]  # fmt: skip
+    if beat:
+        # Beat sends the reconciler's periodic wake-up; its schedule file lives with the data.
+        schedule = settings.resolved_data_dir / "celerybeat-schedule"
+        command += ["--beat", "--schedule", str(schedule)]
+    return command
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply database migrations (safe to run again)."""
+    settings = _settings()
+    _migrate(settings)
+    console.print(f"[green]Database is up to date[/] ({settings.sqlalchemy_url.split('@')[-1]})")
+
+
+@cli.command()
+def api(
+    host: Host = None,
+    port: Port = None,
+    role: Annotated[Role, typer.Option(help="control, inference or all")] = "all",
+) -> None:
+    """Serve the HTTP API (control and inference routes by default)."""
+    _serve(_settings(), host, port, role)
+
+
+@cli.command()
+def serve(
+    host: Host = None,
+    port: Port = None,
+    role: Annotated[Role, typer.Option(help="control, inference or all")] = "all",
+) -> None:
+    """Serve the HTTP API with one role: `--role inference` serves predictions alone."""
+    _serve(_settings(), host, port, role)
+
+
+@cli.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Jobs trained at once")] = 1,
+    beat: Annotated[bool, typer.Option(help="Also send the reconciler's periodic wake-up")] = True,
+) -> None:
+    """Run a Celery worker that trains jobs."""
+    settings = _settings()
+    os.execv(sys.executable, _worker_command(settings, concurrency, beat))
+
+
+@cli.command()
+def run(host: Host = None, port: Port = None) -> None:
+    """Everything in one command: migrations, the API, a worker and the reconciler."""
+    settings = _settings()
+    _migrate(settings)
+    _first_key(settings)
+    worker_process = subprocess.Popen(_worker_command(settings, 1, beat=True))
+    try:
+        _serve(settings, host, port, "all")
+    finally:
+        worker_process.send_signal(signal.SIGTERM)
+        try:
+            worker_process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker_process.kill()
+
+
+def _first_key(settings: Settings) -> None:
+    from app.core.db import session_scope
+    from app.services import keys
+
+    with session_scope(settings.sqlalchemy_url) as session:
+        if keys.any_keys(session):
+            return
+        new = keys.create_key(session, "default", name="first key")
+    console.print(
+        "\n[bold]Your API key[/] (shown once; `tunehouse keys create` makes more):\n"
+        f"  [green]{new.key}[/]\n"
+    )
+
+
+@keys_cli.command("create")
+def keys_create(
+    organization: Annotated[str, typer.Option(help="Organization the key belongs to")] = "default",
+    name: Annotated[str | None, typer.Option(help="A label for the key")] = None,
+) -> None:
+    """Create an API key and print it (it is not shown again)."""
+    from app.core.db import session_scope
+    from app.services import keys
+
+    settings = _settings()
+    _migrate(settings)
+    with session_scope(settings.sqlalchemy_url) as session:
+        new = keys.create_key(session, organization, name=name)
+    # The key alone on stdout, so `KEY=$(tunehouse keys create)` works.
+    print(new.key)
+    Console(stderr=True).print(
+        f"[dim]key {new.record.id} for organization '{new.organization.name}'[/]"
+    )
+
+
+@keys_cli.command("list")
+def keys_list(
+    organization: Annotated[str | None, typer.Option(help="Only this organization")] = None,
+) -> None:
+    """List API keys (prefixes only)."""
+    from rich.table import Table
+    from sqlalchemy import select
+
+    from app.core.db import session_scope
+    from app.models import ApiKey, Organization
+
+    settings = _settings()
+    table = Table("id", "organization", "prefix", "name", "created", "revoked")
+    with session_scope(settings.sqlalchemy_url) as session:
+        stmt = select(ApiKey, Organization).join(Organization).order_by(ApiKey.created_at)
+        if organization:
+            stmt = stmt.where(Organization.name == organization)
+        for key, org in session.execute(stmt):
+            table.add_row(
+                key.id, org.name, key.prefix + "…", key.name or "",
+                key.created_at.isoformat(timespec="seconds"),
+                key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "",
+            )  # fmt: skip
+    console.print(table)
+
+
+@keys_cli.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke an API key by its id (refused from the next request on)."""
+    from app.core.db import session_scope
+    from app.services import keys
+
+    with session_scope(_settings().sqlalchemy_url) as session:
+        revoked = keys.revoke_key(session, key_id)
+    if not revoked:
+        console.print(f"[red]No active key {key_id}[/]")
+        raise typer.Exit(1)
+    console.print(f"Revoked {key_id}")
+
+
+def main() -> None:
+    cli()

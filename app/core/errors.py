@@ -1,0 +1,46 @@
+"""Domain errors. Services raise these; one handler turns them into OpenAI's error envelope."""
+
+from __future__ import annotations
+
+
+class TunehouseError(Exception):
+    status_code = 400
+    error_type = "invalid_request_error"
+    # Deterministic failures tell the SDK not to retry (it retries 409 and 5xx by default).
+    retryable = True
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequest(TunehouseError):
+    status_code = 400
+
+
+class Unauthorized(TunehouseError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class NotFound(TunehouseError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class Conflict(TunehouseError):
+    status_code = 409
+    error_type = "conflict_error"
+    retryable = False
+
+
+class TooLarge(TunehouseError):
+    status_code = 413
+    error_type = "request_too_large"
+
+
+class ServiceUnavailable(TunehouseError):
+    status_code = 503
+    error_type = "service_unavailable"

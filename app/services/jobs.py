@@ -1,0 +1,460 @@
+"""Fine-tuning jobs: creation, the state machine, leases, events and checkpoints.
+
+Every state change is one conditional UPDATE (``... WHERE status IN (...)``), so two actors can
+never both win a transition; ``transition`` is the only code that changes a job's status.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.errors import Conflict, InvalidRequest, NotFound
+from app.core.ids import new_id, random_token
+from app.core.settings import Settings
+from app.core.storage import Storage
+from app.models import Checkpoint, File, Job, JobEvent, Organization, utcnow
+from app.schemas import Hyperparameters, JobCreate
+from app.services.datasets import DatasetError, validate_dataset
+from app.services.pagination import page
+
+log = logging.getLogger(__name__)
+
+VALIDATING, QUEUED, RUNNING = "validating_files", "queued", "running"
+SUCCEEDED, FAILED, CANCELLED, PAUSED = "succeeded", "failed", "cancelled", "paused"
+ACTIVE = (VALIDATING, QUEUED, RUNNING, PAUSED)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+# Per-task defaults for what "auto" and unset hyperparameters resolve to.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classification": {
+        "learning_rate": 1e-4,
+        "warmup_ratio": 0.1,
+        "weight_decay": 0.01,
+        "max_seq_length": 128,
+        "gradient_accumulation_steps": 1,
+        "eval_every_steps": None,
+        "max_grad_norm": 1.0,
+    },
+}
+
+
+def resolve_hyperparameters(task: str, rows: int, requested: Hyperparameters) -> dict[str, Any]:
+    """Turn "auto" and missing values into numbers, the way OpenAI sizes its defaults."""
+    given = requested.model_dump(exclude_none=True)
+    resolved = dict(TASK_DEFAULTS[task])
+    resolved.update({k: v for k, v in given.items() if v != "auto"})
+    if "n_epochs" not in resolved:
+        # Three epochs, stretched so tiny files see ~100 examples, capped near 25k for big ones.
+        n_epochs = 3
+        if rows * n_epochs < 100:
+            n_epochs = min(25, math.ceil(100 / max(rows, 1)))
+        elif rows * n_epochs > 25_000:
+            n_epochs = max(1, 25_000 // rows)
+        resolved["n_epochs"] = n_epochs
+    if "batch_size" not in resolved:
+        resolved["batch_size"] = 8 if rows < 500 else 16 if rows < 5000 else 32
+    multiplier = resolved.get("learning_rate_multiplier", 1.0)
+    resolved["learning_rate_multiplier"] = float(multiplier)
+    if "learning_rate" not in given:
+        resolved["learning_rate"] = TASK_DEFAULTS[task]["learning_rate"] * multiplier
+    return resolved
+
+
+def fine_tuned_model_name(job: Job, organization: Organization) -> str:
+    return f"ft:{job.model}:{organization.name}:{job.suffix or ''}:{job.id.split('-', 1)[1][:8]}"
+
+
+# ---- events --------------------------------------------------------------------------------
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    event = JobEvent(
+        id=new_id("ftevent"), job_id=job_id, message=message, level=level, type=type, data=data
+    )
+    session.add(event)
+    session.flush()
+    return event
+
+
+# ---- the state machine ---------------------------------------------------------------------
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    *,
+    to: str,
+    from_: Iterable[str],
+    message: str | None = None,
+    level: str = "info",
+    owner: str | None = None,
+    **values: Any,
+) -> bool:
+    """Move a job to ``to`` if (and only if) it is in one of ``from_`` (and, when ``owner`` is
+    given, still leased by it). Records ``message`` as an event when the move happens."""
+    now = utcnow()
+    stmt = update(Job).where(Job.id == job_id, Job.status.in_(tuple(from_)))
+    if owner is not None:
+        stmt = stmt.where(Job.lease_owner == owner)
+    if to in TERMINAL:
+        values.setdefault("finished_at", now)
+        values.setdefault("lease_owner", None)
+        values.setdefault("lease_expires_at", None)
+    result = session.execute(
+        stmt.values(status=to, updated_at=now, **values).execution_options(
+            synchronize_session=False
+        )
+    )
+    if not result.rowcount:
+        return False
+    if message:
+        add_event(session, job_id, message, level=level)
+    return True
+
+
+def claim_job(session: Session, job_id: str, owner: str, lease_seconds: int) -> bool:
+    """Take a queued job for ``owner``; a second delivery of the same job finds nothing."""
+    now = utcnow()
+    job = session.get(Job, job_id)
+    started = job.started_at if job is not None and job.started_at else now
+    return transition(
+        session,
+        job_id,
+        to=RUNNING,
+        from_=(QUEUED,),
+        message="Fine-tuning job started",
+        lease_owner=owner,
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
+        attempt=Job.attempt + 1,
+        started_at=started,
+    )
+
+
+def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: int) -> bool:
+    """Extend the lease; False when the job is no longer running under ``owner`` (cancelled,
+    paused or taken over), which tells the trainer to stop."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == RUNNING, Job.lease_owner == owner)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)
+
+
+def record_progress(
+    session: Session,
+    job_id: str,
+    owner: str,
+    *,
+    steps_completed: int,
+    total_steps: int,
+    estimated_finish: datetime | None,
+) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == RUNNING, Job.lease_owner == owner)
+        .values(
+            steps_completed=steps_completed,
+            total_steps=total_steps,
+            estimated_finish=estimated_finish,
+            updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)
+
+
+def fail_job(
+    session: Session,
+    job_id: str,
+    *,
+    code: str,
+    message: str,
+    param: str | None = None,
+    owner: str | None = None,
+    from_: Iterable[str] = ACTIVE,
+) -> bool:
+    return transition(
+        session,
+        job_id,
+        to=FAILED,
+        from_=from_,
+        owner=owner,
+        message=f"The job failed: {message}",
+        level="error",
+        error={"code": code, "message": message, "param": param},
+    )
+
+
+# ---- creation and validation -----------------------------------------------------------------
+
+
+def _fine_tuning_file(session: Session, org: Organization, file_id: str, param: str) -> File:
+    file = session.scalar(select(File).where(File.id == file_id, File.organization_id == org.id))
+    if file is None:
+        raise InvalidRequest(f"No file with id '{file_id}' was found.", param=param)
+    if file.purpose != "fine-tune":
+        raise InvalidRequest(
+            f"File '{file_id}' has purpose '{file.purpose}'; fine-tuning needs 'fine-tune'.",
+            param=param,
+        )
+    return file
+
+
+def create_job(
+    session: Session,
+    settings: Settings,
+    org: Organization,
+    body: JobCreate,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Store a new job in ``validating_files``; returns (job, created). A retried create with
+    the same Idempotency-Key returns the first job and created=False."""
+    if idempotency_key:
+        existing = session.scalar(
+            select(Job).where(Job.organization_id == org.id, Job.idempotency_key == idempotency_key)
+        )
+        if existing is not None:
+            return existing, False
+    if body.model not in settings.registered_base_models():
+        raise InvalidRequest(
+            f"Model '{body.model}' is not available for fine-tuning on this server; "
+            "GET /v1/models lists the base models.",
+            param="model",
+            code="model_not_available",
+        )
+    training = _fine_tuning_file(session, org, body.training_file, "training_file")
+    validation = None
+    if body.validation_file:
+        validation = _fine_tuning_file(session, org, body.validation_file, "validation_file")
+        if validation.format != training.format:
+            raise InvalidRequest(
+                f"The validation file holds {validation.format} rows but the training file "
+                f"holds {training.format} rows.",
+                param="validation_file",
+            )
+    task = training.format or ""
+    if task not in TASK_DEFAULTS:
+        raise InvalidRequest(
+            f"Files of format '{task}' cannot be trained yet.", param="training_file"
+        )
+    method_hp = (
+        body.method.supervised.hyperparameters if body.method and body.method.supervised else None
+    )
+    requested = method_hp or body.hyperparameters or Hyperparameters()
+    rows = int((training.stats or {}).get("rows", 0))
+    hyperparameters = resolve_hyperparameters(task, rows, requested)
+    seed = body.seed if body.seed is not None else int.from_bytes(random_token(4).encode()) % 2**31
+    job = Job(
+        id=new_id("ftjob"),
+        organization_id=org.id,
+        model=body.model,
+        task=task,
+        training_file=training.id,
+        validation_file=validation.id if validation else None,
+        status=VALIDATING,
+        hyperparameters=hyperparameters,
+        method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        suffix=body.suffix,
+        seed=seed,
+        metadata_=body.metadata,
+        integrations=[],
+        result_files=[],
+        idempotency_key=idempotency_key,
+    )
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:
+        # Another request with the same Idempotency-Key won the race: return its job.
+        session.rollback()
+        if idempotency_key:
+            winner = session.scalar(
+                select(Job).where(
+                    Job.organization_id == org.id, Job.idempotency_key == idempotency_key
+                )
+            )
+            if winner is not None:
+                return winner, False
+        raise
+    add_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    files = ", ".join(f for f in (job.training_file, job.validation_file) if f)
+    add_event(session, job.id, f"Validating training file: {files}")
+    return job, True
+
+
+def validate_job_files(session: Session, settings: Settings, job_id: str) -> bool:
+    """Read the job's files again, as the trainer will, and move the job to ``queued``; a file
+    that no longer validates fails the job with ``invalid_training_file``. True when queued."""
+    job = session.get(Job, job_id)
+    if job is None or job.status != VALIDATING:
+        return False
+    storage = Storage(settings.storage_root)
+    labels: list[str] | None = None
+    for param in ("training_file", "validation_file"):
+        file_id = getattr(job, param)
+        if file_id is None:
+            continue
+        file = session.get(File, file_id)
+        if file is None:
+            return fail_job(
+                session,
+                job_id,
+                code=f"invalid_{param}",
+                message=f"File '{file_id}' was deleted before the job started.",
+                param=param,
+                from_=(VALIDATING,),
+            )
+        try:
+            info = validate_dataset(storage.resolve(file.storage_path))
+        except (DatasetError, OSError) as exc:
+            return fail_job(
+                session,
+                job_id,
+                code=f"invalid_{param}",
+                message=f"File '{file_id}' is not valid: {exc}",
+                param=param,
+                from_=(VALIDATING,),
+            )
+        if labels is None:
+            labels = info.labels
+        elif job.task == "classification" and not set(info.labels) <= set(labels):
+            unseen = sorted(set(info.labels) - set(labels))
+            return fail_job(
+                session,
+                job_id,
+                code="invalid_validation_file",
+                message=f"The validation file has labels the training file lacks: {unseen}",
+                param="validation_file",
+                from_=(VALIDATING,),
+            )
+    return transition(
+        session,
+        job_id,
+        to=QUEUED,
+        from_=(VALIDATING,),
+        message="Files validated, moving job to queued state",
+    )
+
+
+# ---- reads and user actions ------------------------------------------------------------------
+
+
+def get_job(session: Session, org: Organization, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.organization_id == org.id))
+    if job is None:
+        raise NotFound(f"No fine-tuning job with id '{job_id}'.", param="fine_tuning_job_id")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    org: Organization,
+    *,
+    limit: int,
+    after: str | None,
+    metadata: dict[str, str] | None = None,
+) -> tuple[Sequence[Job], bool]:
+    stmt = select(Job).where(Job.organization_id == org.id)
+    cursor = get_job(session, org, after) if after else None
+    for key, value in (metadata or {}).items():
+        stmt = stmt.where(Job.metadata_[key].as_string() == value)
+    return page(session, stmt, sort=Job.created_at, tiebreak=Job.id, after=cursor, limit=limit)
+
+
+def cancel_job(session: Session, org: Organization, job_id: str) -> Job:
+    job = get_job(session, org, job_id)
+    if job.status == CANCELLED:
+        return job  # a second cancel is a no-op
+    if not transition(
+        session, job.id, to=CANCELLED, from_=ACTIVE, message="Fine-tuning job cancelled"
+    ):
+        session.refresh(job)
+        if job.status == CANCELLED:
+            return job
+        raise Conflict(
+            f"Job '{job.id}' has already {job.status}; only an active job can be cancelled.",
+            param="fine_tuning_job_id",
+        )
+    session.refresh(job)
+    return job
+
+
+def list_events(
+    session: Session, org: Organization, job_id: str, *, limit: int, after: str | None
+) -> tuple[Sequence[JobEvent], bool]:
+    job = get_job(session, org, job_id)
+    stmt = select(JobEvent).where(JobEvent.job_id == job.id)
+    cursor = None
+    if after:
+        cursor = session.scalar(stmt.where(JobEvent.id == after))
+        if cursor is None:
+            raise NotFound(f"No event with id '{after}' in this job.", param="after")
+    return page(session, stmt, sort=JobEvent.seq, tiebreak=JobEvent.seq, after=cursor, limit=limit)
+
+
+def list_checkpoints(
+    session: Session, org: Organization, job_id: str, *, limit: int, after: str | None
+) -> tuple[Job, Sequence[Checkpoint], bool]:
+    job = get_job(session, org, job_id)
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    cursor = None
+    if after:
+        cursor = session.scalar(stmt.where(Checkpoint.id == after))
+        if cursor is None:
+            raise NotFound(f"No checkpoint with id '{after}' in this job.", param="after")
+    rows, more = page(
+        session,
+        stmt,
+        sort=Checkpoint.step_number,
+        tiebreak=Checkpoint.id,
+        after=cursor,
+        limit=limit,
+    )
+    return job, rows, more
+
+
+# ---- what the reconciler looks for ------------------------------------------------------------
+
+
+def stale_job_ids(session: Session, status: str, idle_seconds: float) -> list[str]:
+    """Jobs in ``status`` untouched for ``idle_seconds`` (their wake-up may have been lost)."""
+    cutoff = utcnow() - timedelta(seconds=idle_seconds)
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.status == status, Job.updated_at <= cutoff)
+            .order_by(Job.created_at)
+        )
+    )
+
+
+def touch(session: Session, job_ids: Sequence[str]) -> None:
+    if job_ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids))
+            .values(updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+
+
+def count_jobs(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Job)) or 0)

@@ -1,0 +1,160 @@
+"""Streaming multipart uploads: the file part goes straight to a temporary file on disk while
+its sha256 and size are counted, so a large upload is never held in memory and an oversized
+one is refused before the rest of the body is read."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from app.core.errors import InvalidRequest, TooLarge
+
+MAX_FIELD_BYTES = 4096
+
+
+@dataclass
+class Upload:
+    path: Path | None = None  # the temporary file holding the file part
+    filename: str = ""
+    size: int = 0
+    sha256: str = ""
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def discard(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+class _Receiver:
+    """python-multipart callbacks that route each part to a field or to the temp file."""
+
+    def __init__(self, tmp_dir: Path, max_bytes: int):
+        self.tmp_dir, self.max_bytes = tmp_dir, max_bytes
+        self.upload = Upload()
+        self._header_name = b""
+        self._header_value = b""
+        self._disposition = b""
+        self._file: IO[bytes] | None = None
+        self._hash = hashlib.sha256()
+        self._field_name: str | None = None
+        self._field_value = bytearray()
+        self._in_file = False
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value_cb,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+
+    def _part_begin(self) -> None:
+        self._disposition = b""
+        self._header_name = self._header_value = b""
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_value_cb(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        _, params = parse_options_header(self._disposition)
+        name = params.get(b"name", b"").decode("utf-8", "replace")
+        if name == "file":
+            if self._file is not None:
+                raise InvalidRequest("Send exactly one 'file' part.", param="file")
+            raw_name = params.get(b"filename", b"")
+            self.upload.filename = raw_name.decode("utf-8", "replace")[:512] or "upload"
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = _mkstemp(self.tmp_dir)
+            self.upload.path = Path(tmp)
+            self._file = os.fdopen(fd, "wb")
+            self._in_file = True
+        else:
+            self._field_name, self._field_value = name, bytearray()
+            self._in_file = False
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if self._in_file:
+            assert self._file is not None
+            self.upload.size += len(chunk)
+            if self.upload.size > self.max_bytes:
+                raise TooLarge(
+                    f"The file is larger than this server's limit of {self.max_bytes} bytes.",
+                    param="file",
+                    code="file_too_large",
+                )
+            self._hash.update(chunk)
+            self._file.write(chunk)
+        else:
+            self._field_value += chunk
+            if len(self._field_value) > MAX_FIELD_BYTES:
+                raise InvalidRequest(f"Form field '{self._field_name}' is too long.")
+
+    def _part_end(self) -> None:
+        if self._in_file:
+            self._in_file = False
+        elif self._field_name is not None:
+            try:
+                value = self._field_value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidRequest(f"Form field '{self._field_name}' is not UTF-8.") from None
+            self.upload.fields[self._field_name] = value
+            self._field_name = None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        self.upload.sha256 = self._hash.hexdigest()
+
+
+def _mkstemp(directory: Path) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(prefix="upload-", dir=directory)
+
+
+async def receive_upload(
+    content_type: str | None, body: AsyncIterator[bytes], *, tmp_dir: Path, max_bytes: int
+) -> Upload:
+    """Parse a multipart body as it arrives. On any error the temporary file is removed."""
+    mime, params = parse_options_header(content_type or "")
+    boundary = params.get(b"boundary")
+    if mime != b"multipart/form-data" or not boundary:
+        raise InvalidRequest("Send the file as multipart/form-data with 'file' and 'purpose'.")
+    receiver = _Receiver(tmp_dir, max_bytes)
+    parser = MultipartParser(boundary, receiver.callbacks())
+    try:
+        async for chunk in body:
+            parser.write(chunk)
+        parser.finalize()
+    except BaseException as exc:
+        receiver.close()
+        receiver.upload.discard()
+        if isinstance(exc, FormParserError):
+            raise InvalidRequest(f"The multipart body is malformed: {exc}") from None
+        raise
+    receiver.close()
+    if receiver.upload.path is None:
+        raise InvalidRequest("The form has no 'file' part.", param="file")
+    return receiver.upload

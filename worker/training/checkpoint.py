@@ -1,0 +1,147 @@
+"""Checkpoints that are either complete or absent.
+
+A checkpoint is a directory `<checkpoints_dir>/step-N` holding the model in Hugging Face format
+(safetensors), its tokenizer, and `training_state.pt`: everything else needed to resume exactly
+(optimizer, scheduler, step, data-order position, RNG states). It is written into a temporary
+directory beside the target, fsynced, renamed into place, and only then marked with a
+`COMPLETE` file; a crash at any point leaves no directory that looks complete but is not.
+
+training_state.pt holds only tensors and plain containers, so it loads with
+`torch.load(..., weights_only=True)`: nothing in a checkpoint is unpickled as code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.pt"
+COMPLETE_MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_path(path: Path) -> None:
+    # Directories are fsynced too, so that the names (not just the bytes) survive a crash.
+    # Windows cannot open a directory for fsync; there the rename is the best we get.
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def write_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    save_model: Callable[[Path], None],
+    training_state: dict[str, Any],
+) -> Path:
+    """Write `<checkpoints_dir>/step-<step>` atomically and return its path.
+
+    `save_model(dir)` writes the model and tokenizer; `training_state` is saved beside them.
+    """
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / f"step-{step}"
+    tmp = checkpoints_dir / f".tmp-step-{step}"
+    if tmp.exists():  # left over by a crash while writing this same step
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(tmp)
+    torch.save(training_state, tmp / STATE_FILE)
+    _fsync_tree(tmp)
+    if final.exists():  # an incomplete earlier attempt at this step: replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_path(checkpoints_dir)
+    # The marker goes last: its presence is the only proof the directory is whole.
+    marker = final / COMPLETE_MARKER
+    with marker.open("w") as handle:
+        handle.write(f"step {step}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_path(final)
+    logger.info("checkpoint written: %s", final)
+    return final
+
+
+def latest_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None when there is none."""
+    if not checkpoints_dir.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for child in checkpoints_dir.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / COMPLETE_MARKER).is_file():
+            step = int(match.group(1))
+            if best is None or step > best[0]:
+                best = (step, child)
+    return best[1] if best else None
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """The training state of the checkpoint directory `path` (tensors loaded on the CPU)."""
+    if not (path / COMPLETE_MARKER).is_file():
+        raise ValueError(f"{path} is not a complete checkpoint")
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def capture_rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every random stream a run draws from, as tensors and plain values."""
+    np_state = np.random.get_state(legacy=False)  # a dict; its key array becomes a tensor
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+        "data_generator": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    py_version, py_internal, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_internal), py_gauss))
+    np_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": np_state["bit_generator"],
+            "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data_generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

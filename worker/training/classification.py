@@ -1,0 +1,91 @@
+"""The "classification" kind: rows of {"text", "label"} fine-tune a sequence classifier
+(a pretrained encoder with a fresh classification head)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+)
+
+from worker.training.registry import Batch, Collate, Example, Features, TaskKind, register
+from worker.training.spec import Hyperparameters, TrainingSpec
+
+
+def label_list(train_rows: Sequence[Example], valid_rows: Sequence[Example]) -> list[str]:
+    """Sorted distinct training labels; every validation label must be one of them, since a
+    class never seen in training cannot be predicted."""
+    labels = sorted({str(row["label"]) for row in train_rows})
+    unseen = sorted({str(row["label"]) for row in valid_rows} - set(labels))
+    if unseen:
+        raise ValueError(
+            f"the validation file has labels that are not in the training file: {unseen[:10]}"
+        )
+    if len(labels) < 2:
+        raise ValueError(f"a classifier needs at least 2 distinct labels, got {labels}")
+    return labels
+
+
+@register("classification")
+class Classification(TaskKind):
+    def labels(self, train_rows: Sequence[Example], valid_rows: Sequence[Example]) -> list[str]:
+        return label_list(train_rows, valid_rows)
+
+    def load_tokenizer(self, spec: TrainingSpec) -> PreTrainedTokenizerBase:
+        return AutoTokenizer.from_pretrained(spec.base_model_dir, local_files_only=True)
+
+    def load_model(
+        self, spec: TrainingSpec, labels: list[str], weights_dir: Path | None = None
+    ) -> torch.nn.Module:
+        # Labels go into config.json so the saved model predicts names, not ids.
+        return AutoModelForSequenceClassification.from_pretrained(
+            weights_dir or spec.base_model_dir,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            local_files_only=True,
+            use_safetensors=True,
+        )
+
+    def encode_examples(
+        self,
+        rows: Sequence[Example],
+        tokenizer: Any | None,
+        labels: list[str],
+        hp: Hyperparameters,
+    ) -> list[Features]:
+        assert tokenizer is not None
+        label_ids = {label: i for i, label in enumerate(labels)}
+        encoded = tokenizer(
+            [row["text"] for row in rows], truncation=True, max_length=hp.max_seq_length
+        )
+        return [
+            {
+                **{key: values[i] for key, values in encoded.items()},
+                "labels": label_ids[str(row["label"])],
+            }
+            for i, row in enumerate(rows)
+        ]
+
+    def make_collate(self, tokenizer: Any | None, max_seq_length: int) -> Collate:
+        # Pad each batch only to its own longest row: short texts stay cheap.
+        return DataCollatorWithPadding(tokenizer, padding="longest", return_tensors="pt")
+
+    def eval_metrics(self, model: torch.nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        loss_sum, correct, count = 0.0, 0, 0
+        for batch in batches:
+            out = model(**batch)
+            n = int(batch["labels"].shape[0])
+            loss_sum += float(out.loss) * n  # the model's loss is a batch mean
+            correct += int((out.logits.argmax(dim=-1) == batch["labels"]).sum())
+            count += n
+        if count == 0:
+            return {}
+        return {"valid_loss": loss_sum / count, "valid_accuracy": correct / count}

@@ -1,0 +1,348 @@
+"""The training loop: one plain PyTorch loop for every task kind.
+
+Reads top to bottom: data, model and optimizer, then per optimizer step the phases
+forward/backward, clip, step (the scheduler sets the next LR), evaluate and checkpoint, log.
+The task kind (see registry.py) decides how the model is loaded, how rows become batches and
+how the model is scored; everything here is shared.
+
+Reproducibility: the torch seed is set before the model is built (the new head's init), the
+data order of epoch e is a permutation drawn from a generator seeded with seed + e, and a
+checkpoint saves every RNG stream and the position in the epoch, so a run resumed from a
+checkpoint ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+from app.services.datasets import iter_examples
+from worker.training.checkpoint import (
+    capture_rng_state,
+    load_training_state,
+    restore_rng_state,
+    write_checkpoint,
+)
+from worker.training.registry import Batch, Collate, Example, Features, TaskKind, get_task_kind
+from worker.training.spec import (
+    Hyperparameters,
+    Reporter,
+    TrainingResult,
+    TrainingSpec,
+    TrainingStopped,
+)
+
+logger = logging.getLogger(__name__)
+
+LOG_EVERY_STEPS = 10  # a metrics event at least this often, whatever eval_every_steps is
+HOLDOUT_FRACTION = 0.1  # share of training rows held out when there is no validation file
+HOLDOUT_MAX_ROWS = 1000  # evaluation should stay cheap on big datasets
+STATE_FORMAT = 1  # bump when training_state.pt changes shape
+
+
+@dataclass
+class RunState:
+    """Where the run is; everything here goes into a checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch in progress
+    batch_in_epoch: int = 0  # micro-batches of this epoch already trained on
+    trained_tokens: int = 0
+    metrics_history: list[dict[str, float | int]] = field(default_factory=list)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    loss_sum: float = 0.0  # train loss summed over the steps since the last report
+    loss_steps: int = 0
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def split_holdout(rows: Sequence[Example], seed: int) -> tuple[list[Example], list[Example]]:
+    """A deterministic (seeded) held-out split: 10% of the rows, at least 1, at most 1000."""
+    if len(rows) < 2:
+        raise ValueError("the training file needs at least 2 rows to hold one out for evaluation")
+    n_valid = min(HOLDOUT_MAX_ROWS, max(1, int(len(rows) * HOLDOUT_FRACTION)))
+    held_out = set(random.Random(seed).sample(range(len(rows)), n_valid))
+    train = [row for i, row in enumerate(rows) if i not in held_out]
+    valid = [row for i, row in enumerate(rows) if i in held_out]
+    return train, valid
+
+
+def load_rows(spec: TrainingSpec, kind: TaskKind) -> tuple[list[Example], list[Example], list[str]]:
+    """Training rows, validation rows and the label list."""
+    train_rows = list(iter_examples(spec.training_file))
+    if spec.validation_file is not None:
+        valid_rows = list(iter_examples(spec.validation_file))
+        labels = kind.labels(train_rows, valid_rows)
+    else:
+        # Labels come from the whole file, so a class that lands only in the held-out rows
+        # is still a class of the model.
+        labels = kind.labels(train_rows, [])
+        train_rows, valid_rows = split_holdout(train_rows, spec.seed)
+    if not train_rows:
+        raise ValueError("the training file has no rows")
+    return train_rows, valid_rows, labels
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def epoch_batches(
+    n_rows: int, batch_size: int, seed: int, generator: torch.Generator
+) -> list[list[int]]:
+    """The row indices of each micro-batch of one epoch, in a seeded random order."""
+    generator.manual_seed(seed)
+    order = torch.randperm(n_rows, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+
+
+def eval_batches(
+    features: list[Features], collate: Collate, batch_size: int, device: torch.device
+) -> Iterator[Batch]:
+    for i in range(0, len(features), batch_size):
+        yield to_device(collate(features[i : i + batch_size]), device)
+
+
+# --- model and optimizer ----------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+    # Weight decay only on matrices: biases and LayerNorm weights (the 1-d tensors) are not
+    # decayed, as in BERT and nanoGPT.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": hp.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=hp.learning_rate)
+
+
+def evaluate(kind: TaskKind, model: torch.nn.Module, batches: Iterator[Batch]) -> dict[str, float]:
+    model.eval()  # no dropout: scores are deterministic and draw nothing from the RNG
+    with torch.no_grad():  # the batches are built lazily, inside no_grad too
+        metrics = kind.eval_metrics(model, batches)
+    model.train()
+    return metrics
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
+    hp = Hyperparameters.from_dict(spec.hyperparameters)
+    kind = get_task_kind(spec.task)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # Data: rows are encoded once; each batch is padded only to its own longest row.
+    train_rows, valid_rows, labels = load_rows(spec, kind)
+    tokenizer = kind.load_tokenizer(spec)
+    train_features = kind.encode_examples(train_rows, tokenizer, labels, hp)
+    valid_features = kind.encode_examples(valid_rows, tokenizer, labels, hp)
+    collate = kind.make_collate(tokenizer, hp.max_seq_length)
+
+    # Schedule: the last accumulation group of an epoch may be short, but still makes a step.
+    accum = hp.gradient_accumulation_steps
+    batches_per_epoch = math.ceil(len(train_features) / hp.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    total_steps = steps_per_epoch * hp.n_epochs
+    warmup_steps = int(hp.warmup_ratio * total_steps)
+
+    # Model and optimizer, or the state of a checkpoint to carry on from.
+    seed_everything(spec.seed)  # before load_model: the new head's init draws from it
+    resume = load_training_state(spec.resume_from) if spec.resume_from is not None else None
+    model = kind.load_model(spec, labels, weights_dir=spec.resume_from).to(device)
+    model.train()
+    optimizer = make_optimizer(model, hp)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    generator = torch.Generator()  # the data order's own stream, apart from dropout's
+    run = RunState()
+    if resume is not None:
+        run = _resume(resume, spec, labels, total_steps, optimizer, scheduler, generator)
+        reporter.message(f"resumed from {spec.resume_from} at step {run.step}")
+
+    def checkpoint(end_of_epoch: bool) -> None:
+        position = (run.epoch + 1, 0) if end_of_epoch else (run.epoch, run.batch_in_epoch)
+        state = _training_state(
+            spec, labels, total_steps, run, position, optimizer, scheduler, generator
+        )
+        path = write_checkpoint(
+            spec.checkpoints_dir, run.step, lambda d: kind.save_model(model, tokenizer, d), state
+        )
+        reporter.checkpoint(run.step, path, dict(run.last_eval))
+
+    reporter.message(
+        f"training {kind.name} on {len(train_features)} rows, evaluating on "
+        f"{len(valid_features)} rows, {total_steps} steps on {device.type}"
+    )
+    reporter.progress(run.step, total_steps)
+    clock, samples = time.perf_counter(), 0
+
+    for epoch in range(run.epoch, hp.n_epochs):
+        run.epoch = epoch
+        batches = epoch_batches(len(train_features), hp.batch_size, spec.seed + epoch, generator)
+        while run.batch_in_epoch < len(batches):
+            if reporter.should_stop():
+                raise TrainingStopped(f"stopped at step {run.step} of {total_steps}")
+            group = batches[run.batch_in_epoch : run.batch_in_epoch + accum]
+            lr = scheduler.get_last_lr()[0]
+
+            # Forward and backward: the group's mean loss, accumulated over its micro-batches.
+            step_loss = 0.0
+            for indices in group:
+                batch = to_device(collate([train_features[i] for i in indices]), device)
+                loss = kind.training_loss(model, batch) / len(group)
+                loss.backward()
+                step_loss += float(loss.detach())
+                run.trained_tokens += kind.count_tokens(batch)
+                samples += len(indices)
+
+            # Clip the global gradient norm, so one odd batch cannot wreck the weights.
+            if hp.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+
+            # Step, then set the LR of the next step (the scheduler: linear warmup and decay).
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            run.batch_in_epoch += len(group)
+            run.loss_sum += step_loss
+            run.loss_steps += 1
+            reporter.progress(run.step, total_steps)
+
+            # Evaluate at each epoch's end and every eval_every_steps.
+            end_of_epoch = run.batch_in_epoch >= len(batches)
+            evaluated = end_of_epoch or bool(
+                hp.eval_every_steps and run.step % hp.eval_every_steps == 0
+            )
+            elapsed = time.perf_counter() - clock  # training time only, before evaluating
+            if evaluated:
+                valid_batches = eval_batches(valid_features, collate, hp.batch_size, device)
+                run.last_eval = evaluate(kind, model, valid_batches)
+
+            # Log: at least every LOG_EVERY_STEPS steps, and after every evaluation.
+            logged = evaluated or run.step % LOG_EVERY_STEPS == 0 or run.step == total_steps
+            if logged:
+                event: dict[str, float | int] = {
+                    "step": run.step,
+                    "epoch": run.step / steps_per_epoch,
+                    "train_loss": run.loss_sum / run.loss_steps,
+                    "learning_rate": lr,
+                    "samples_per_second": samples / elapsed if elapsed > 0 else 0.0,
+                }
+                if evaluated:
+                    event.update(run.last_eval)
+                run.metrics_history.append(event)
+                run.loss_sum, run.loss_steps = 0.0, 0
+                reporter.metrics(event)
+                logger.info("job %s: %s", spec.job_id, event)
+
+            # Checkpoint at each epoch's end and every checkpoint_every_steps.
+            if end_of_epoch or bool(
+                hp.checkpoint_every_steps and run.step % hp.checkpoint_every_steps == 0
+            ):
+                checkpoint(end_of_epoch)
+            if logged:  # throughput counts training time only, not evaluation or checkpoints
+                clock, samples = time.perf_counter(), 0
+        run.batch_in_epoch = 0
+
+    # The final model, in Hugging Face format, ready to serve.
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    kind.save_model(model, tokenizer, spec.output_dir)
+    reporter.message(f"training finished after {run.step} steps")
+    return TrainingResult(
+        labels=labels,
+        metrics_history=run.metrics_history,
+        final_metrics=dict(run.last_eval),
+        trained_tokens=run.trained_tokens,
+        steps=run.step,
+    )
+
+
+# --- checkpoint state -------------------------------------------------------------------------
+
+
+def _training_state(
+    spec: TrainingSpec,
+    labels: list[str],
+    total_steps: int,
+    run: RunState,
+    position: tuple[int, int],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    """Plain tensors and containers only, so the file loads with weights_only=True; the
+    job, task and hyperparameters are kept so a checkpoint describes itself."""
+    return {
+        "format": STATE_FORMAT,
+        "job_id": spec.job_id,
+        "task": spec.task,
+        "seed": spec.seed,
+        "hyperparameters": dict(spec.hyperparameters),
+        "labels": list(labels),
+        "total_steps": total_steps,
+        "step": run.step,
+        "epoch": position[0],
+        "batch_in_epoch": position[1],
+        "trained_tokens": run.trained_tokens,
+        "metrics_history": list(run.metrics_history),
+        "last_eval": dict(run.last_eval),
+        "loss_sum": run.loss_sum,
+        "loss_steps": run.loss_steps,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": capture_rng_state(generator),
+    }
+
+
+def _resume(
+    state: dict[str, Any],
+    spec: TrainingSpec,
+    labels: list[str],
+    total_steps: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> RunState:
+    """Put the optimizer, scheduler and RNGs back as the checkpoint left them."""
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
+    if state["labels"] != labels or state["total_steps"] != total_steps:
+        raise ValueError(
+            "the checkpoint does not match this job: its labels or number of steps differ "
+            "(was the data or were the hyperparameters changed?)"
+        )
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    # Last, after the model is built: loading it draws from the torch RNG.
+    restore_rng_state(state["rng"], generator)
+    logger.info("job %s: resuming from step %d", spec.job_id, state["step"])
+    return RunState(
+        step=state["step"],
+        epoch=state["epoch"],
+        batch_in_epoch=state["batch_in_epoch"],
+        trained_tokens=state["trained_tokens"],
+        metrics_history=list(state["metrics_history"]),
+        last_eval=dict(state["last_eval"]),
+        loss_sum=state["loss_sum"],
+        loss_steps=state["loss_steps"],
+    )

@@ -1,0 +1,114 @@
+"""Task kinds: what differs between training a classifier, a generative model and a model
+built from scratch. Everything else (the loop, checkpoints, metrics) is shared.
+
+A kind is a class registered under the name the dataset format uses (`"classification"`,
+later `"chat"`, `"completion"`, `"tabular"`). The built-in kinds are imported on first use so
+importing this module never loads torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from worker.training.spec import Hyperparameters, TrainingSpec
+
+Example = dict[str, Any]  # one normalised dataset row, as iter_examples yields it
+Features = dict[str, Any]  # one encoded row, ready for the collate function
+Batch = dict[str, "torch.Tensor"]  # what the model's forward takes
+Collate = Callable[[list[Features]], Batch]
+
+
+class TaskKind(ABC):
+    """How one kind of task loads its model, turns rows into batches and scores the model."""
+
+    name: str = ""  # set by @register
+
+    def labels(self, train_rows: Sequence[Example], valid_rows: Sequence[Example]) -> list[str]:
+        """The class names, in id order; generative kinds have none."""
+        return []
+
+    def load_tokenizer(self, spec: TrainingSpec) -> Any | None:
+        """The tokenizer (or other preprocessor) saved beside the model; None when there is none."""
+        return None
+
+    @abstractmethod
+    def load_model(
+        self, spec: TrainingSpec, labels: list[str], weights_dir: Path | None = None
+    ) -> torch.nn.Module:
+        """The model to train: from spec.base_model_dir, or from `weights_dir` (a checkpoint)
+        when resuming. Must be deterministic given the torch seed set by the loop."""
+
+    @abstractmethod
+    def encode_examples(
+        self,
+        rows: Sequence[Example],
+        tokenizer: Any | None,
+        labels: list[str],
+        hp: Hyperparameters,
+    ) -> list[Features]:
+        """Rows to unpadded features, once, before training."""
+
+    @abstractmethod
+    def make_collate(self, tokenizer: Any | None, max_seq_length: int) -> Collate:
+        """A function that pads a list of features into one batch of tensors."""
+
+    def training_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """The mean loss of a batch; Hugging Face models compute it when given `labels`."""
+        return model(**batch).loss
+
+    def count_tokens(self, batch: Batch) -> int:
+        """Non-padding tokens in a batch, for the job's trained_tokens."""
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else 0
+
+    @abstractmethod
+    def eval_metrics(self, model: torch.nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        """Scores over the whole validation set, keyed `valid_*` (always `valid_loss`).
+        Called under torch.no_grad with the model in eval mode."""
+
+    def save_model(self, model: torch.nn.Module, tokenizer: Any | None, path: Path) -> None:
+        """Write the model in Hugging Face format, weights as safetensors."""
+        model.save_pretrained(path)  # type: ignore[operator]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+
+_KINDS: dict[str, type[TaskKind]] = {}
+
+# Modules that register the built-in kinds; imported lazily by get_task_kind.
+_BUILTIN_MODULES: dict[str, str] = {
+    "classification": "worker.training.classification",
+}
+
+K = TypeVar("K", bound=type[TaskKind])
+
+
+def register(name: str) -> Callable[[K], K]:
+    """Class decorator: make a TaskKind available as `get_task_kind(name)`."""
+
+    def decorate(cls: K) -> K:
+        if name in _KINDS and _KINDS[name] is not cls:
+            raise ValueError(f"task kind {name!r} is already registered")
+        cls.name = name
+        _KINDS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_task_kind(name: str) -> TaskKind:
+    """A fresh instance of the kind registered as `name`."""
+    if name not in _KINDS and name in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[name])
+    try:
+        return _KINDS[name]()
+    except KeyError:
+        known = sorted(set(_KINDS) | set(_BUILTIN_MODULES))
+        raise ValueError(f"unknown task kind {name!r} (known: {', '.join(known)})") from None
