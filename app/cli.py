@@ -190,3 +190,7 @@ def keys_revoke(key_id: str) -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -34,6 +34,8 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
     app.state.settings = settings
     app.state.role = role
     Storage(settings.storage_root).ensure()
+    if settings.uses_filesystem_broker:
+        settings.ensure_broker_dirs()
     errors.install(app)
     app.include_router(health.router)
     if role in ("control", "all"):

@@ -19,6 +19,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from app.core.db import session_scope
 from app.core.ids import new_id
 from app.core.settings import Settings, get_settings
@@ -122,6 +124,13 @@ class DatabaseReporter:
 
     def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         with session_scope(self.url) as session:
+            known = session.scalar(
+                select(Checkpoint.id).where(
+                    Checkpoint.job_id == self.job_id, Checkpoint.step_number == step
+                )
+            )
+            if known is not None:  # written before a restart; the files were just rewritten
+                return
             session.add(
                 Checkpoint(
                     id=new_id("ftckpt"),
@@ -201,6 +210,7 @@ def _finish(reporter: DatabaseReporter, job_id: str, output_dir: Path, result: A
 
 
 def _spec(settings: Settings, job_id: str) -> Any:
+    from worker.training.checkpoint import latest_complete_checkpoint
     from worker.training.spec import TrainingSpec
 
     storage = Storage(settings.storage_root)
@@ -227,6 +237,8 @@ def _spec(settings: Settings, job_id: str) -> Any:
             checkpoints_dir=storage.checkpoints_dir(job.id),
             hyperparameters=dict(job.hyperparameters),
             seed=job.seed,
+            # A job restarted after its worker died goes on from its newest complete checkpoint.
+            resume_from=latest_complete_checkpoint(storage.checkpoints_dir(job.id)),
         )
 
 
@@ -256,8 +268,12 @@ def run_training_process(job_id: str, owner: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: reporter.request_stop())
     reporter.start_heartbeat()
 
+    from transformers.utils import logging as hf_logging
+
     from worker.training.loop import train
     from worker.training.spec import TrainingStopped
+
+    hf_logging.disable_progress_bar()
 
     try:
         spec = _spec(settings, job_id)

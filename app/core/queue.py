@@ -23,13 +23,11 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("tunehouse", broker=settings.celery_broker_url, set_as_current=False)
     transport_options: dict[str, object]
     if settings.uses_filesystem_broker:
-        queue_dir = settings.broker_dir / "queue"
-        queue_dir.mkdir(parents=True, exist_ok=True)
-        (settings.broker_dir / "control").mkdir(parents=True, exist_ok=True)
+        queue_dir, control_dir = settings.ensure_broker_dirs()
         transport_options = {
             "data_folder_in": str(queue_dir),
             "data_folder_out": str(queue_dir),
-            "control_folder": str(settings.broker_dir / "control"),
+            "control_folder": str(control_dir),
             "store_processed": False,
         }
     else:

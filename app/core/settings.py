@@ -89,6 +89,13 @@ class Settings(BaseSettings):
     def broker_dir(self) -> Path:
         return self.resolved_data_dir / "broker"
 
+    def ensure_broker_dirs(self) -> tuple[Path, Path]:
+        """The filesystem broker's queue and control folders (created if missing)."""
+        queue, control = self.broker_dir / "queue", self.broker_dir / "control"
+        queue.mkdir(parents=True, exist_ok=True)
+        control.mkdir(parents=True, exist_ok=True)
+        return queue, control
+
     @property
     def storage_root(self) -> Path:
         return (self.storage_dir or self.resolved_data_dir / "storage").expanduser().resolve()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -28,8 +29,9 @@ def _check_database(settings: Settings) -> None:
 
 def _check_broker(settings: Settings) -> None:
     if settings.uses_filesystem_broker:
-        if not settings.broker_dir.is_dir():
-            raise RuntimeError("broker directory missing")
+        queue, _ = settings.ensure_broker_dirs()
+        if not os.access(queue, os.W_OK):
+            raise PermissionError(f"cannot write to {queue}")
         return
     import redis
 

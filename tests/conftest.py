@@ -1,0 +1,99 @@
+"""Fixtures for real services. PostgreSQL and Redis tests skip on a laptop without them, but
+fail when CI is set: CI must never pass by silently skipping them. The same holds for the
+public datasets in ../shared/data."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.core.db import session_scope
+from app.core.migrate import upgrade
+from app.core.settings import Settings
+from app.main import create_app
+from app.services import keys
+from tests.support import SHARED_DATA
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PG_ADMIN_URL = os.environ.get("TUNEHOUSE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TUNEHOUSE_TEST_REDIS", "redis://127.0.0.1:6379/9")
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI but is not available", pytrace=False)
+    pytest.skip(f"{what} is not available")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    import psycopg
+
+    name = f"tunehouse_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError:
+        _missing("PostgreSQL at 127.0.0.1:5432")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError:
+        _missing("Redis at 127.0.0.1:6379")
+    client.flushdb()
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "README.md").is_file():
+        _missing(f"the public datasets in {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@dataclass
+class Api:
+    """An in-process app on a fresh SQLite data directory, with two organizations."""
+
+    client: TestClient
+    settings: Settings
+    key_a: str
+    key_b: str
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.key_a}"}
+
+
+def make_settings(data_dir: Path, **overrides: object) -> Settings:
+    return Settings(_env_file=None, data_dir=data_dir, **overrides)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    settings = make_settings(tmp_path / "data")
+    upgrade(settings.sqlalchemy_url)
+    with session_scope(settings.sqlalchemy_url) as session:
+        key_a = keys.create_key(session, "org-a").key
+        key_b = keys.create_key(session, "org-b").key
+    with TestClient(create_app(settings)) as client:
+        yield Api(client, settings, key_a, key_b)

@@ -1,0 +1,144 @@
+"""Helpers shared by the tests: small datasets built here, and processes of the real stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+POSITIVE = ["great", "wonderful", "excellent", "lovely", "superb", "fantastic", "delightful"]
+NEGATIVE = ["terrible", "awful", "horrible", "dreadful", "poor", "boring", "disappointing"]
+NOUNS = ["movie", "meal", "hotel", "service", "book", "concert", "trip", "game", "show", "room"]
+TEMPLATES = [
+    "the {noun} was {adj}",
+    "what a {adj} {noun}",
+    "i found the {noun} {adj} overall",
+    "honestly, a {adj} {noun}",
+]
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """Sentences whose label is decided by one adjective: a clear rule a model can learn."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        adj = rng.choice(POSITIVE if positive else NEGATIVE)
+        text = rng.choice(TEMPLATES).format(noun=rng.choice(NOUNS), adj=adj)
+        rows.append({"text": text, "label": "positive" if positive else "negative"})
+    return rows
+
+
+def jsonl(rows: Iterable[dict[str, object]]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def tunehouse(*args: str, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        **kwargs,
+    )
+
+
+class Stack:
+    """Tunehouse processes started the way a user starts them, and torn down afterwards."""
+
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path):
+        self.name, self.env, self.log_dir = name, env, log_dir
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, log: str) -> subprocess.Popen[bytes]:
+        out = (self.log_dir / f"{log}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", *args],
+            env=self.env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes.append(process)
+        return process
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        def ready() -> bool:
+            for process in self.processes:
+                if process.poll() is not None:
+                    raise AssertionError(f"{self.name}: a process exited; see {self.log_dir}")
+            try:
+                return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, timeout, what=f"{self.name} to be ready")
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name} ---\n{p.read_text(errors='replace')[-4000:]}"
+            for p in sorted(self.log_dir.glob("*.log"))
+        )
+
+    def stop(self) -> None:
+        import signal
+
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def training_processes(job_id: str) -> list[int]:
+    """PIDs of live training processes for a job (from /proc, as `ps` would show them)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if b"worker.runner" in cmdline and job_id.encode() in cmdline and "\nState:\tZ" not in status:
+            pids.append(int(entry.name))
+    return pids
