@@ -19,6 +19,7 @@ from app.core.storage import Storage
 from app.inference.registry import ModelCache
 from app.inference.router import router as inference_router
 
+# Labelled by the route's name (its handler), which stays few and stable whatever the URL holds.
 REQUESTS = Counter("tunehouse_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("tunehouse_http_request_seconds", "HTTP request latency", ["method", "route"])
 
@@ -54,7 +55,7 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
         started = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
+        template = getattr(route, "name", None) or "unmatched"
         LATENCY.labels(request.method, template).observe(time.perf_counter() - started)
         REQUESTS.labels(request.method, template, str(response.status_code)).inc()
         return response
