@@ -139,6 +139,7 @@ def training_processes(job_id: str) -> list[int]:
             status = (entry / "status").read_text()
         except OSError:
             continue
-        if b"worker.runner" in cmdline and job_id.encode() in cmdline and "\nState:\tZ" not in status:
+        zombie = "\nState:\tZ" in status
+        if b"worker.runner" in cmdline and job_id.encode() in cmdline and not zombie:
             pids.append(int(entry.name))
     return pids

@@ -1,0 +1,70 @@
+"""The two ways Tunehouse runs, started as a user starts them: `tunehouse run` on the embedded
+defaults, and `tunehouse api` + `tunehouse worker` as separate processes on PostgreSQL + Redis."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.support import Stack, tunehouse, wait_until
+
+# Short timings so the tests see reconciles and cancels quickly.
+FAST_TIMINGS = {
+    "TUNEHOUSE_HEARTBEAT_SECONDS": "2",
+    "TUNEHOUSE_LEASE_SECONDS": "20",
+    "TUNEHOUSE_RECONCILE_INTERVAL_SECONDS": "5",
+    "TUNEHOUSE_REQUEUE_AFTER_SECONDS": "10",
+    "TUNEHOUSE_CANCEL_POLL_SECONDS": "0.5",
+    "TUNEHOUSE_CANCEL_GRACE_SECONDS": "5",
+}
+
+
+def base_env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEHOUSE_")}
+    env.update(FAST_TIMINGS)
+    env.update(TUNEHOUSE_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+@contextmanager
+def embedded_stack(tmp: Path) -> Iterator[tuple[Stack, str]]:
+    """`tunehouse run`: migrations, API, worker and reconciler in one command. Its first start
+    prints an API key, which is what the tests use."""
+    stack = Stack("embedded", base_env(tmp / "data"), tmp)
+    stack.start("run", "--port", str(stack.port), log="run")
+    try:
+        stack.wait_ready(timeout=90)
+        log = tmp / "run.log"
+        key = wait_until(
+            lambda: re.search(r"sk-th-[A-Za-z0-9_-]{20,}", log.read_text(errors="replace")),
+            10,
+            what="the first API key in the output of `tunehouse run`",
+        ).group(0)
+        yield stack, key
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        stack.stop()
+
+
+@contextmanager
+def distributed_stack(tmp: Path, database_url: str, broker_url: str) -> Iterator[tuple[Stack, str]]:
+    env = base_env(tmp / "data")
+    env.update(TUNEHOUSE_DATABASE_URL=database_url, TUNEHOUSE_BROKER_URL=broker_url)
+    stack = Stack("postgres+redis", env, tmp)
+    tunehouse("migrate", env=env)
+    key = tunehouse("keys", "create", "--organization", "acme", env=env).stdout.strip()
+    stack.start("api", "--port", str(stack.port), log="api")
+    stack.start("worker", log="worker")
+    try:
+        stack.wait_ready(timeout=90)
+        yield stack, key
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        stack.stop()
