@@ -153,14 +153,17 @@ def keys_list(
     organization: Annotated[str | None, typer.Option(help="Only this organization")] = None,
 ) -> None:
     """List API keys (prefixes only)."""
-    from rich.table import Table
+    from rich.table import Column, Table
     from sqlalchemy import select
 
     from app.core.db import session_scope
     from app.models import ApiKey, Organization
 
     settings = _settings()
-    table = Table("id", "organization", "prefix", "name", "created", "revoked")
+    table = Table("organization", "name", "created", "revoked")
+    # Ids and prefixes are copied into other commands: never wrap or truncate them.
+    table.columns.insert(0, Column("id", no_wrap=True, min_width=28))
+    table.columns.insert(2, Column("prefix", no_wrap=True, min_width=13))
     with session_scope(settings.sqlalchemy_url) as session:
         stmt = select(ApiKey, Organization).join(Organization).order_by(ApiKey.created_at)
         if organization:

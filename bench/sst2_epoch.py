@@ -129,13 +129,18 @@ def main() -> None:
                 service_seconds = time.perf_counter() - started
                 if done["status"] != "succeeded":
                     raise SystemExit(f"job ended {done['status']}: {json.dumps(done['error'])}")
-                predicted = c.post(
-                    "/predictions",
-                    json={
-                        "model": done["fine_tuned_model"],
-                        "input": [r["text"] for r in dev_rows],
-                    },
-                ).json()["data"]
+                texts = [r["text"] for r in dev_rows]
+                predicted = []
+                for start in range(0, len(texts), 200):  # the server caps inputs per request
+                    response = c.post(
+                        "/predictions",
+                        json={
+                            "model": done["fine_tuned_model"],
+                            "input": texts[start : start + 200],
+                        },
+                    )
+                    response.raise_for_status()
+                    predicted += response.json()["data"]
         accuracy = sum(
             p["label"] == r["label"] for p, r in zip(predicted, dev_rows, strict=True)
         ) / len(dev_rows)

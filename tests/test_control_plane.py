@@ -30,4 +30,7 @@ def test_healthz_readyz_metrics(api) -> None:  # type: ignore[no-untyped-def]
     api.client.get("/v1/models", headers=api.headers())
     metrics = api.client.get("/metrics")
     assert metrics.status_code == 200
-    assert 'tunehouse_http_requests_total{method="GET",route="list_models",status="200"}' in metrics.text
+    assert (
+        'tunehouse_http_requests_total{method="GET",route="list_models",status="200"}'
+        in metrics.text
+    )

@@ -100,12 +100,25 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield number, text.rstrip("\r\n")
 
 
-def _first_char(path: Path) -> str | None:
+def _first_line(path: Path) -> str | None:
     for _, line in _decoded_lines(path):
         stripped = line.strip()
         if stripped:
-            return stripped[0]
+            return stripped
     return None
+
+
+def _is_jsonl(first_line: str) -> bool:
+    if first_line[0] in "{[":
+        return True
+    if first_line[0] != '"':
+        return False
+    # A quoted CSV header ("text","label") also starts with a quote: it is not one JSON value.
+    try:
+        json.loads(first_line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -129,14 +142,15 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
             numbers.append(number)
             yield line
 
-    header_line = next(texts(), None)
+    # The header is the first line that is not blank.
+    header_line = next((line for line in texts() if line.strip()), None)
     if header_line is None:
         return
     delimiter = "\t" if "\t" in header_line and "," not in header_line else ","
     header = next(csv.reader([header_line], delimiter=delimiter))
     header = [name.strip() for name in header]
     if len(set(header)) != len(header):
-        raise DatasetError("the header repeats a column name", 1)
+        raise DatasetError("the header repeats a column name", numbers[-1])
     reader = csv.reader(texts(), delimiter=delimiter, strict=True)
     while True:
         try:
@@ -155,10 +169,10 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    first = _first_char(path)
+    first = _first_line(path)
     if first is None:
         raise DatasetError("the file is empty")
-    return _jsonl_rows(path) if first in '{["' else _csv_rows(path)
+    return _jsonl_rows(path) if _is_jsonl(first) else _csv_rows(path)
 
 
 @dataclass

@@ -314,7 +314,7 @@ def validate_job_files(session: Session, settings: Settings, job_id: str) -> boo
             continue
         file = session.get(File, file_id)
         if file is None:
-            return fail_job(
+            fail_job(
                 session,
                 job_id,
                 code=f"invalid_{param}",
@@ -322,10 +322,11 @@ def validate_job_files(session: Session, settings: Settings, job_id: str) -> boo
                 param=param,
                 from_=(VALIDATING,),
             )
+            return False
         try:
             info = validate_dataset(storage.resolve(file.storage_path))
         except (DatasetError, OSError) as exc:
-            return fail_job(
+            fail_job(
                 session,
                 job_id,
                 code=f"invalid_{param}",
@@ -333,11 +334,12 @@ def validate_job_files(session: Session, settings: Settings, job_id: str) -> boo
                 param=param,
                 from_=(VALIDATING,),
             )
+            return False
         if labels is None:
             labels = info.labels
         elif job.task == "classification" and not set(info.labels) <= set(labels):
             unseen = sorted(set(info.labels) - set(labels))
-            return fail_job(
+            fail_job(
                 session,
                 job_id,
                 code="invalid_validation_file",
@@ -345,6 +347,7 @@ def validate_job_files(session: Session, settings: Settings, job_id: str) -> boo
                 param="validation_file",
                 from_=(VALIDATING,),
             )
+            return False
     return transition(
         session,
         job_id,

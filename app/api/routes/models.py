@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from app.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
 from app.api.presenters import list_response, model_object
@@ -41,7 +41,12 @@ def retrieve_model(
     },
 )
 def delete_model(
-    model: str, org: OrgDep, session: SessionDep, settings: SettingsDep, storage: StorageDep
+    model: str,
+    request: Request,
+    org: OrgDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
 ) -> DeletedResponse:
     if model in settings.registered_base_models():
         raise InvalidRequest(
@@ -49,5 +54,8 @@ def delete_model(
         )
     path = models.delete_model(session, storage, org, model)
     session.commit()
+    cache = getattr(request.app.state, "model_cache", None)
+    if cache is not None:
+        cache.forget(model)
     storage.remove_tree(path)
     return DeletedResponse(id=model, object="model")

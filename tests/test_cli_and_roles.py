@@ -1,0 +1,80 @@
+"""The CLI as a user runs it, and the app's roles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from tests.conftest import make_settings
+from tests.stacks import base_env
+from tests.support import jsonl, sentiment_rows, tunehouse
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    env = base_env(tmp_path / "data")
+    tunehouse("migrate", env=env)
+    key = tunehouse("keys", "create", "--organization", "acme", env=env).stdout.strip()
+    assert key.startswith("sk-th-") and len(key) > 40
+
+    settings = make_settings(tmp_path / "data")
+    with TestClient(create_app(settings)) as client:
+        headers = {"Authorization": f"Bearer {key}"}
+        assert client.get("/v1/files", headers=headers).status_code == 200
+
+        listing = tunehouse("keys", "list", "--organization", "acme", env=env).stdout
+        assert key[:12] in listing and key not in listing  # the prefix only, never the key
+        key_id = next(word for word in listing.split() if word.startswith("key-"))
+        tunehouse("keys", "revoke", key_id, env=env)
+
+        refused = client.get("/v1/files", headers=headers)
+        assert refused.status_code == 401
+        assert refused.json()["error"]["type"] == "authentication_error"
+
+
+def test_inference_role_serves_inference_routes_only(tmp_path: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path / "data"), role="inference")) as client:
+        paths = client.get("/openapi.json").json()["paths"]
+    assert "/v1/predictions" in paths and "/v1/models" in paths
+    assert "/v1/files" not in paths and "/v1/fine_tuning/jobs" not in paths
+
+
+def test_control_role_has_no_inference_routes(tmp_path: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path / "data"), role="control")) as client:
+        paths = client.get("/openapi.json").json()["paths"]
+    assert "/v1/fine_tuning/jobs" in paths and "/v1/predictions" not in paths
+
+
+def test_event_stream_follows_the_job_to_its_end(api) -> None:  # type: ignore[no-untyped-def]
+    file = api.client.post(
+        "/v1/files",
+        headers=api.headers(),
+        files={"file": ("t.jsonl", jsonl(sentiment_rows(20, seed=0)))},
+        data={"purpose": "fine-tune"},
+    ).json()
+    job = api.client.post(
+        "/v1/fine_tuning/jobs",
+        headers=api.headers(),
+        json={"model": "sentence-transformers/all-MiniLM-L6-v2", "training_file": file["id"]},
+    ).json()
+    api.client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=api.headers())
+    with api.client.stream(
+        "GET", f"/v1/fine_tuning/jobs/{job['id']}/events?stream=true", headers=api.headers()
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    import json
+
+    messages = [json.loads(line[len("data: ") :])["message"] for line in lines[:-1]]
+    assert messages[0].startswith("Created fine-tuning job")  # oldest first, as they happened
+    assert messages[-1] == "Fine-tuning job cancelled"
+
+
+def test_readyz_reports_an_unreachable_broker(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", broker_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["broker"].startswith("error")

@@ -1,0 +1,344 @@
+"""Leases and the reconciler (design rules 1 and 2), at the service level, on SQLite and on
+PostgreSQL: one claim wins, a redelivered wake-up does nothing, state changes are conditional,
+and what the broker loses the reconciler sends again from the database."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from app.core.db import get_engine, session_scope
+from app.core.ids import new_id
+from app.core.migrate import upgrade
+from app.core.queue import enqueue_job
+from app.core.settings import Settings
+from app.core.storage import Storage
+from app.models import File, Job, JobEvent, utcnow
+from app.schemas import JobCreate
+from app.services import jobs, keys
+from app.services.datasets import validate_dataset
+from tests.conftest import make_settings
+from tests.support import BASE_MODEL, jsonl, sentiment_rows, training_processes
+from worker import reconciler, supervisor
+
+
+@contextmanager
+def fresh_pg_database(postgres_url: str) -> Iterator[str]:
+    """A database of its own per test: the reconciler looks at every job in the database."""
+    import psycopg
+
+    admin_url = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    name = f"tunehouse_lease_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = f"{postgres_url.rsplit('/', 1)[0]}/{name}"
+    try:
+        yield url
+    finally:
+        get_engine(url).dispose()
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'leases.db'}"
+        upgrade(url)
+        yield url
+        get_engine(url).dispose()
+    else:
+        with fresh_pg_database(request.getfixturevalue("postgres_url")) as url:
+            upgrade(url)
+            yield url
+
+
+@dataclass
+class World:
+    settings: Settings
+    org_name: str
+
+    @property
+    def url(self) -> str:
+        return self.settings.sqlalchemy_url
+
+    def queue_files(self) -> list[Path]:
+        folder = self.settings.broker_dir / "queue"
+        return [p for p in folder.iterdir() if p.is_file()] if folder.exists() else []
+
+    def wakeups_for(self, job_id: str) -> int:
+        return sum(job_id in p.read_text(errors="replace") for p in self.queue_files())
+
+    def job(self, job_id: str) -> Job:
+        with session_scope(self.url) as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            return job
+
+    def events(self, job_id: str) -> list[JobEvent]:
+        with session_scope(self.url) as session:
+            return list(
+                session.scalars(
+                    select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)
+                )
+            )
+
+    def new_job(self) -> str:
+        """A job as the API leaves it: created, files validated, queued."""
+        storage = Storage(self.settings.storage_root)
+        file_id = new_id("file")
+        path = storage.file_path(file_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        content = jsonl(sentiment_rows(20, seed=1))
+        path.write_bytes(content)
+        info = validate_dataset(path)
+        with session_scope(self.url) as session:
+            org = keys.get_or_create_organization(session, self.org_name)
+            session.add(
+                File(
+                    id=file_id,
+                    organization_id=org.id,
+                    filename="train.jsonl",
+                    purpose="fine-tune",
+                    bytes=len(content),
+                    sha256="0" * 64,
+                    format=info.format,
+                    stats=info.stats,
+                    storage_path=storage.relative(path),
+                )
+            )
+            session.flush()
+            body = JobCreate(model=BASE_MODEL, training_file=file_id)
+            job, created = jobs.create_job(session, self.settings, org, body)
+            assert created
+            job_id = job.id
+        with session_scope(self.url) as session:
+            assert jobs.validate_job_files(session, self.settings, job_id)
+        assert self.job(job_id).status == jobs.QUEUED
+        return job_id
+
+    def claim(self, job_id: str, owner: str, lease_seconds: int = 60) -> bool:
+        with session_scope(self.url) as session:
+            return jobs.claim_job(session, job_id, owner, lease_seconds)
+
+    def expire_lease(self, job_id: str) -> None:
+        with session_scope(self.url) as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(lease_expires_at=utcnow() - timedelta(seconds=5))
+            )
+
+
+@pytest.fixture
+def world(database_url: str, tmp_path: Path) -> World:
+    settings = make_settings(
+        tmp_path / "data",
+        database_url=database_url,
+        requeue_after_seconds=0,
+        max_attempts=2,
+        lease_seconds=60,
+    )
+    return World(settings, f"org-{uuid.uuid4().hex[:8]}")
+
+
+def test_claim_wins_once(world: World) -> None:
+    job_id = world.new_job()
+    before = utcnow()
+    assert world.claim(job_id, "worker-a") is True
+    job = world.job(job_id)
+    assert job.status == jobs.RUNNING
+    assert job.lease_owner == "worker-a"
+    assert job.attempt == 1
+    assert job.started_at is not None
+    assert job.lease_expires_at is not None
+    assert before + timedelta(seconds=55) < job.lease_expires_at < utcnow() + timedelta(seconds=65)
+
+    # A redelivered wake-up, to this worker or another one, finds nothing to claim.
+    assert world.claim(job_id, "worker-b") is False
+    assert world.claim(job_id, "worker-a") is False
+    again = world.job(job_id)
+    assert (again.status, again.lease_owner, again.attempt) == (jobs.RUNNING, "worker-a", 1)
+    assert again.lease_expires_at == job.lease_expires_at
+    started = [e for e in world.events(job_id) if e.message == "Fine-tuning job started"]
+    assert len(started) == 1
+
+
+def test_renew_lease(world: World) -> None:
+    job_id = world.new_job()
+    assert world.claim(job_id, "worker-a", lease_seconds=10)
+    first = world.job(job_id).lease_expires_at
+    assert first is not None
+    with session_scope(world.url) as session:
+        assert jobs.renew_lease(session, job_id, "worker-b", 60) is False
+    assert world.job(job_id).lease_expires_at == first
+    with session_scope(world.url) as session:
+        assert jobs.renew_lease(session, job_id, "worker-a", 60) is True
+    renewed = world.job(job_id).lease_expires_at
+    assert renewed is not None and renewed > first + timedelta(seconds=40)
+
+    with session_scope(world.url) as session:
+        org = keys.get_or_create_organization(session, world.org_name)
+        assert jobs.cancel_job(session, org, job_id).status == jobs.CANCELLED
+    with session_scope(world.url) as session:
+        assert jobs.renew_lease(session, job_id, "worker-a", 60) is False
+    cancelled = world.job(job_id)
+    assert cancelled.status == jobs.CANCELLED
+    assert cancelled.lease_owner is None
+
+
+def test_transition_is_conditional(world: World) -> None:
+    job_id = world.new_job()
+    assert world.claim(job_id, "worker-a")
+    with session_scope(world.url) as session:
+        # Not the owner: nothing moves, no progress is recorded.
+        assert not jobs.transition(
+            session, job_id, to=jobs.SUCCEEDED, from_=(jobs.RUNNING,), owner="worker-b"
+        )
+        assert not jobs.record_progress(
+            session, job_id, "worker-b", steps_completed=5, total_steps=10, estimated_finish=None
+        )
+    assert world.job(job_id).status == jobs.RUNNING
+    assert world.job(job_id).steps_completed == 0
+
+    with session_scope(world.url) as session:
+        org = keys.get_or_create_organization(session, world.org_name)
+        jobs.cancel_job(session, org, job_id)
+    with session_scope(world.url) as session:
+        moved = jobs.transition(
+            session,
+            job_id,
+            to=jobs.SUCCEEDED,
+            from_=(jobs.RUNNING,),
+            owner="worker-a",
+            message="Fine-tuning job finished",
+        )
+        assert moved is False
+        assert not jobs.transition(session, job_id, to=jobs.SUCCEEDED, from_=jobs.ACTIVE)
+        assert not jobs.fail_job(session, job_id, code="x", message="too late")
+    job = world.job(job_id)
+    assert job.status == jobs.CANCELLED
+    assert job.error is None
+    messages = [e.message for e in world.events(job_id)]
+    assert "Fine-tuning job finished" not in messages
+    assert messages[-1] == "Fine-tuning job cancelled"
+
+
+def test_supervise_job_leased_by_another_worker_does_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = world.new_job()
+    assert world.claim(job_id, "someone-else")
+    before = world.job(job_id)
+    events_before = len(world.events(job_id))
+    started: list[object] = []
+
+    def no_process(*args: object, **kwargs: object) -> None:
+        started.append(args)
+        raise AssertionError("a training process was started for a job leased elsewhere")
+
+    monkeypatch.setattr(supervisor.subprocess, "Popen", no_process)
+    supervisor.supervise_job(world.settings, job_id)
+    assert started == []
+    assert training_processes(job_id) == []
+    after = world.job(job_id)
+    for field in ("status", "lease_owner", "lease_expires_at", "attempt", "updated_at", "error"):
+        assert getattr(after, field) == getattr(before, field), field
+    assert len(world.events(job_id)) == events_before
+
+
+def test_supervise_job_that_was_cancelled_does_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = world.new_job()
+    with session_scope(world.url) as session:
+        org = keys.get_or_create_organization(session, world.org_name)
+        jobs.cancel_job(session, org, job_id)
+    started: list[object] = []
+    monkeypatch.setattr(supervisor.subprocess, "Popen", lambda *a, **k: started.append(a))
+    supervisor.supervise_job(world.settings, job_id)
+    assert started == []
+    job = world.job(job_id)
+    assert (job.status, job.attempt, job.lease_owner) == (jobs.CANCELLED, 0, None)
+
+
+def test_reconciler_resends_a_lost_wakeup(world: World) -> None:
+    job_id = world.new_job()
+    assert enqueue_job(world.settings, job_id)
+    assert world.wakeups_for(job_id) == 1
+    for message in world.queue_files():  # the broker loses its contents
+        message.unlink()
+    assert world.wakeups_for(job_id) == 0
+
+    summary = reconciler.reconcile_once(world.settings)
+    assert summary["enqueued"] == 1
+    assert world.wakeups_for(job_id) == 1
+    job = world.job(job_id)
+    assert job.status == jobs.QUEUED
+    assert job.attempt == 0
+
+
+def test_reconciler_leaves_a_live_lease_alone(world: World) -> None:
+    job_id = world.new_job()
+    assert world.claim(job_id, "worker-a")
+    before = world.job(job_id)
+    summary = reconciler.reconcile_once(world.settings)
+    assert summary == {"enqueued": 0, "expired": 0, "failed": 0}
+    after = world.job(job_id)
+    assert (after.status, after.lease_owner, after.attempt) == (jobs.RUNNING, "worker-a", 1)
+    assert after.lease_expires_at == before.lease_expires_at
+    assert world.wakeups_for(job_id) == 0
+
+
+def test_reconciler_requeues_expired_lease_then_fails_after_max_attempts(world: World) -> None:
+    assert world.settings.max_attempts == 2
+    job_id = world.new_job()
+
+    # First attempt: the worker dies and its lease runs out.
+    assert world.claim(job_id, "worker-a")
+    world.expire_lease(job_id)
+    summary = reconciler.reconcile_once(world.settings)
+    assert summary["expired"] == 1 and summary["failed"] == 0
+    job = world.job(job_id)
+    assert job.status == jobs.QUEUED
+    assert job.attempt == 1  # kept: it counts how many times the job was started
+    assert job.lease_owner is None and job.lease_expires_at is None
+    assert job.finished_at is None
+    warn = world.events(job_id)[-1]
+    assert warn.level == "warn"
+    assert "stopped responding" in warn.message
+    assert "re-queued" in warn.message
+    assert world.wakeups_for(job_id) == 1
+    # The dead worker's lease is gone: it can neither renew nor finish the job.
+    with session_scope(world.url) as session:
+        assert not jobs.renew_lease(session, job_id, "worker-a", 60)
+
+    # Second attempt: the same again, and now the job has used max_attempts.
+    assert world.claim(job_id, "worker-b")
+    assert world.job(job_id).attempt == 2
+    world.expire_lease(job_id)
+    for message in world.queue_files():
+        message.unlink()
+    summary = reconciler.reconcile_once(world.settings)
+    assert summary["failed"] == 1 and summary["expired"] == 0
+    job = world.job(job_id)
+    assert job.status == jobs.FAILED
+    assert job.error is not None
+    assert job.error["code"] == "max_attempts_exceeded"
+    assert job.attempt == 2
+    assert job.finished_at is not None
+    assert job.lease_owner is None
+    last = world.events(job_id)[-1]
+    assert last.level == "error"
+    assert world.wakeups_for(job_id) == 0  # a failed job is not woken
+    # And it stays failed.
+    assert world.claim(job_id, "worker-c") is False
+    assert reconciler.reconcile_once(world.settings)["failed"] == 0
+    assert world.job(job_id).status == jobs.FAILED
