@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, InvalidRequest, NotFound
-from app.core.ids import new_id, random_token
+from app.core.ids import new_id
 from app.core.settings import Settings
 from app.core.storage import Storage
 from app.models import Checkpoint, File, Job, JobEvent, Organization, utcnow
@@ -261,7 +262,7 @@ def create_job(
     requested = method_hp or body.hyperparameters or Hyperparameters()
     rows = int((training.stats or {}).get("rows", 0))
     hyperparameters = resolve_hyperparameters(task, rows, requested)
-    seed = body.seed if body.seed is not None else int.from_bytes(random_token(4).encode()) % 2**31
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     job = Job(
         id=new_id("ftjob"),
         organization_id=org.id,

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
 from app.api.presenters import file_object, list_response
@@ -60,8 +61,9 @@ async def upload_file(
         tmp_dir=storage.tmp_dir,
         max_bytes=settings.max_upload_bytes,
     )
-    file = files.store_upload(session, storage, org, upload)
-    session.commit()
+    # Validation reads the whole file: keep it off the event loop.
+    file = await run_in_threadpool(files.store_upload, session, storage, org, upload)
+    await run_in_threadpool(session.commit)
     return file_object(file)
 
 

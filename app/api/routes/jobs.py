@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import OrgDep, SessionDep, SettingsDep
 from app.api.presenters import checkpoint_object, event_object, job_object, list_response
@@ -127,17 +128,24 @@ def list_events(
     return list_response(data, more)
 
 
+def _events_after(
+    settings: Settings, job_id: str, last_seq: int
+) -> tuple[list[JobEvent], str | None]:
+    with session_scope(settings.sqlalchemy_url) as session:
+        events = session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.seq > last_seq)
+            .order_by(JobEvent.seq)
+        ).all()
+        status = session.scalar(select(jobs.Job.status).where(jobs.Job.id == job_id))
+    return list(events), status
+
+
 async def _follow_events(settings: Settings, job_id: str) -> AsyncIterator[str]:
     """Every event of the job in order, then new ones as they come, until the job ends."""
     last_seq, idle = 0, 0.0
     while True:
-        with session_scope(settings.sqlalchemy_url) as session:
-            events = session.scalars(
-                select(JobEvent)
-                .where(JobEvent.job_id == job_id, JobEvent.seq > last_seq)
-                .order_by(JobEvent.seq)
-            ).all()
-            status = session.scalar(select(jobs.Job.status).where(jobs.Job.id == job_id))
+        events, status = await run_in_threadpool(_events_after, settings, job_id, last_seq)
         for event in events:
             last_seq = event.seq
             yield f"data: {event_object(event).model_dump_json()}\n\n"
