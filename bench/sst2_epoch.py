@@ -11,7 +11,6 @@ service's overhead) and the accuracy on all 872 rows of sst2/dev.tsv, against th
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import tempfile
@@ -24,19 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.stacks import embedded_stack  # noqa: E402
-from tests.support import BASE_MODEL, SHARED_DATA, jsonl, wait_until  # noqa: E402
-
-
-def read_sst2(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        return [
-            {
-                "text": r["sentence"].strip(),
-                "label": "positive" if r["label"] == "1" else "negative",
-            }
-            for r in reader
-        ]
+from tests.support import BASE_MODEL, SHARED_DATA, jsonl, read_sst2, wait_until  # noqa: E402
 
 
 def bare_loop(train_path: Path, valid_path: Path, hp: dict[str, object], tmp: Path) -> float:

@@ -5,7 +5,6 @@ public datasets in ../shared/data."""
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from app.core.migrate import upgrade
 from app.core.settings import Settings
 from app.main import create_app
 from app.services import keys
-from tests.support import SHARED_DATA
+from tests.support import SHARED_DATA, fresh_postgres_database
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,17 +37,12 @@ def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, dropped afterwards."""
     import psycopg
 
-    name = f"tunehouse_test_{uuid.uuid4().hex[:10]}"
     try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+        psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
     except psycopg.OperationalError:
         _missing("PostgreSQL at 127.0.0.1:5432")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    yield f"{base}/{name}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database(PG_ADMIN_URL) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -9,7 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -143,3 +146,38 @@ def training_processes(job_id: str) -> list[int]:
         if b"worker.runner" in cmdline and job_id.encode() in cmdline and not zombie:
             pids.append(int(entry.name))
     return pids
+
+
+def read_sst2(path: Path) -> list[dict[str, str]]:
+    """GLUE SST-2 TSV (`sentence<TAB>label`, 1 = positive) as classification rows."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        return [
+            {
+                "text": r["sentence"].strip(),
+                "label": "positive" if r["label"] == "1" else "negative",
+            }
+            for r in reader
+        ]
+
+
+@contextmanager
+def fresh_postgres_database(server_url: str, prefix: str = "tunehouse_test") -> Iterator[str]:
+    """A new database on the server of ``server_url`` (any SQLAlchemy psycopg URL), dropped
+    afterwards; yields its SQLAlchemy URL."""
+    import psycopg
+
+    from app.core.db import get_engine
+
+    admin_url = server_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    url = f"{base}/{name}"
+    try:
+        yield url
+    finally:
+        get_engine(url).dispose()
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,26 +24,14 @@ from app.schemas import JobCreate
 from app.services import jobs, keys
 from app.services.datasets import validate_dataset
 from tests.conftest import make_settings
-from tests.support import BASE_MODEL, jsonl, sentiment_rows, training_processes
+from tests.support import (
+    BASE_MODEL,
+    fresh_postgres_database,
+    jsonl,
+    sentiment_rows,
+    training_processes,
+)
 from worker import reconciler, supervisor
-
-
-@contextmanager
-def fresh_pg_database(postgres_url: str) -> Iterator[str]:
-    """A database of its own per test: the reconciler looks at every job in the database."""
-    import psycopg
-
-    admin_url = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    name = f"tunehouse_lease_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"{postgres_url.rsplit('/', 1)[0]}/{name}"
-    try:
-        yield url
-    finally:
-        get_engine(url).dispose()
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -55,7 +42,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield url
         get_engine(url).dispose()
     else:
-        with fresh_pg_database(request.getfixturevalue("postgres_url")) as url:
+        server = request.getfixturevalue("postgres_url")
+        with fresh_postgres_database(server, "tunehouse_lease") as url:
             upgrade(url)
             yield url
 

@@ -3,9 +3,6 @@ on SQLite and on PostgreSQL, and go down to nothing and back up again."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,24 +13,9 @@ from sqlalchemy import create_engine, inspect
 
 from app.core.migrate import alembic_config, upgrade
 from app.models import Base
+from tests.support import fresh_postgres_database
 
 TABLES = {"organizations", "api_keys", "files", "jobs", "job_events", "checkpoints", "models"}
-
-
-@contextmanager
-def fresh_pg_database(postgres_url: str) -> Iterator[str]:
-    """A database of its own on the test server, so going down to base touches no other test."""
-    import psycopg
-
-    admin_url = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    name = f"tunehouse_mig_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{postgres_url.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def schema_differences(url: str) -> list[object]:
@@ -74,5 +56,5 @@ def test_sqlite_migrations_match_models(tmp_path: Path) -> None:
 
 @pytest.mark.postgres
 def test_postgres_migrations_match_models(postgres_url: str) -> None:
-    with fresh_pg_database(postgres_url) as url:
+    with fresh_postgres_database(postgres_url, "tunehouse_mig") as url:
         check_round_trip(url)

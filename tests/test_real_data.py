@@ -3,7 +3,6 @@ whole service. Required in CI; skipped on a laptop without ../shared/data."""
 
 from __future__ import annotations
 
-import csv
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,21 +12,9 @@ import pytest
 from openai import OpenAI
 
 from tests.stacks import embedded_stack
-from tests.support import BASE_MODEL, jsonl, wait_until
+from tests.support import BASE_MODEL, jsonl, read_sst2, wait_until
 
 pytestmark = pytest.mark.realdata
-
-
-def read_sst2(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        return [
-            {
-                "text": row["sentence"].strip(),
-                "label": "positive" if row["label"] == "1" else "negative",
-            }
-            for row in reader
-        ]
 
 
 @pytest.fixture(scope="module")
