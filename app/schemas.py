@@ -72,6 +72,7 @@ class Hyperparameters(BaseModel):
     max_seq_length: int | None = Field(default=None, ge=8, le=8192)
     gradient_accumulation_steps: int | None = Field(default=None, ge=1, le=128)
     eval_every_steps: int | None = Field(default=None, ge=1)
+    checkpoint_every_steps: int | None = Field(default=None, ge=1)
     max_grad_norm: float | None = Field(default=None, gt=0)
 
     @field_validator("n_epochs")

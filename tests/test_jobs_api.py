@@ -327,3 +327,25 @@ def test_models(api) -> None:  # type: ignore[no-untyped-def]
     assert deleted.status_code == 400
     assert deleted.json()["error"]["param"] == "model"
     assert api.client.get(f"/v1/models/{BASE_MODEL}", headers=api.headers()).status_code == 200
+
+
+def test_checkpoint_every_steps_is_accepted_and_reported(api) -> None:  # type: ignore[no-untyped-def]
+    from tests.support import BASE_MODEL, jsonl, sentiment_rows
+
+    file = api.client.post(
+        "/v1/files",
+        headers=api.headers(),
+        files={"file": ("t.jsonl", jsonl(sentiment_rows(30, seed=0)))},
+        data={"purpose": "fine-tune"},
+    ).json()
+    response = api.client.post(
+        "/v1/fine_tuning/jobs",
+        headers=api.headers(),
+        json={
+            "model": BASE_MODEL,
+            "training_file": file["id"],
+            "hyperparameters": {"n_epochs": 1, "checkpoint_every_steps": 5},
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["hyperparameters"]["checkpoint_every_steps"] == 5

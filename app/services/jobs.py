@@ -42,6 +42,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_seq_length": 128,
         "gradient_accumulation_steps": 1,
         "eval_every_steps": None,
+        "checkpoint_every_steps": None,
         "max_grad_norm": 1.0,
     },
 }
