@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 T = TypeVar("T")
 
@@ -97,10 +97,53 @@ class Hyperparameters(BaseModel):
         return v
 
 
+class LoraAdapter(BaseModel):
+    """``method.supervised.adapter`` as a LoRA spec (the other choice is the string "full")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["lora"]
+    r: int = Field(default=8, ge=1, le=256)
+    alpha: float = Field(default=16.0, gt=0, le=4096)
+    dropout: float = Field(default=0.05, ge=0, le=1)
+    # None: the per-architecture default modules.
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        default=None, min_length=1, max_length=64
+    )
+    merge: bool = False
+
+
+def _full_is_no_adapter(value: Any) -> Any:
+    # "full" (the default) means no adapter; any other string is refused here so the error
+    # points at the field itself rather than at a member of a union.
+    if value == "full":
+        return None
+    if isinstance(value, str):
+        raise ValueError('adapter must be \'full\' or a LoRA spec ({"type": "lora", ...})')
+    return value
+
+
+Adapter = Annotated[LoraAdapter | None, BeforeValidator(_full_is_no_adapter)]
+
+
+class Architecture(BaseModel):
+    """``method.supervised.architecture``: the layers of a model designed from scratch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [256, 128], min_length=1, max_length=8
+    )
+    activation: Literal["relu", "gelu", "tanh"] = "relu"
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+
+
 class SupervisedMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hyperparameters: Hyperparameters | None = None
+    adapter: Adapter = Field(default=None, description='"full" (default) or a LoRA spec')
+    architecture: Architecture | None = None
 
 
 class Method(BaseModel):

@@ -1,14 +1,21 @@
 """Dataset validation and reading, shared by the upload route and the training process.
 
-Files are read line by line (never whole in memory). The first row decides the format; each
-format has one row checker that either normalises the row or says in words what is wrong.
-A problem is reported with the number of the first bad line. Pure Python: no torch here.
+Files are read row by row (never whole in memory). The first row decides the format; each
+format has one row checker that either normalises the row or says in words what is wrong, and
+one statistics accumulator. A problem is reported with the number of the first bad line (or
+"row N" for Parquet). Pure Python (pyarrow only for Parquet): no torch here.
+
+Sources: JSONL, CSV/TSV (a header line), Parquet (detected by its ``PAR1`` magic bytes), and
+plain text (a ``.txt`` upload, stored with format ``text``: every blank-line-separated paragraph
+is one ``{"text": ...}`` row). Plain text cannot be told from CSV by its content, so readers pass
+the stored format back: ``iter_examples(path, fmt=file.format)``.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,15 +25,167 @@ from typing import Any
 # Fields of a CSV cell are unbounded by default in spirit, but the csv module caps them.
 csv.field_size_limit(16 * 1024 * 1024)
 
+PARQUET_MAGIC = b"PAR1"
+PARQUET_BATCH_ROWS = 1024
+CHAT_ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = ("role", "content", "weight")
+
 
 class DatasetError(ValueError):
-    def __init__(self, message: str, line: int | None = None):
+    def __init__(self, message: str, line: int | None = None, unit: str = "line"):
         self.line = line
+        self.unit = unit  # "line" for text files, "row" for Parquet
         self.reason = message
-        super().__init__(f"line {line}: {message}" if line is not None else message)
+        super().__init__(f"{unit} {line}: {message}" if line is not None else message)
 
 
 RowChecker = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+# ---- statistics ---------------------------------------------------------------------------------
+
+
+class Summary:
+    """Min, mean and max of a series seen one value at a time."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0
+        self.low: int | None = None
+        self.high: int | None = None
+
+    def add(self, value: int) -> None:
+        self.count += 1
+        self.total += value
+        self.low = value if self.low is None else min(self.low, value)
+        self.high = value if self.high is None else max(self.high, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        mean = round(self.total / self.count, 1) if self.count else 0.0
+        return {"min": self.low or 0, "mean": mean, "max": self.high or 0}
+
+
+class FormatStats:
+    """Statistics of one file, fed its normalised rows in order. ``add`` may raise ValueError
+    for a row that disagrees with earlier ones (reported at that row); ``result`` may raise
+    ValueError for a problem of the whole file."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows += 1
+        self._add(row)
+
+    def result(self) -> dict[str, Any]:
+        return {"rows": self.rows, **self._result()}
+
+    def _add(self, row: dict[str, Any]) -> None:
+        pass
+
+    def _result(self) -> dict[str, Any]:
+        return {}
+
+
+def _require_two_labels(labels: Counter[str]) -> None:
+    if len(labels) < 2:
+        only = ", ".join(repr(label) for label in labels)
+        raise ValueError(
+            f"a classifier needs at least 2 distinct labels, found {len(labels)} ({only})"
+        )
+
+
+class ClassificationStats(FormatStats):
+    def __init__(self) -> None:
+        super().__init__()
+        self.labels: Counter[str] = Counter()
+        self.text_chars = Summary()
+
+    def _add(self, row: dict[str, Any]) -> None:
+        self.labels[row["label"]] += 1
+        self.text_chars.add(len(row["text"]))
+
+    def _result(self) -> dict[str, Any]:
+        _require_two_labels(self.labels)
+        return {
+            "label_counts": dict(sorted(self.labels.items())),
+            "text_chars": self.text_chars.as_dict(),
+        }
+
+
+class ChatStats(FormatStats):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages = Summary()
+        self.roles: Counter[str] = Counter()
+        self.trained_turns = 0
+        self.chars = Summary()
+
+    def _add(self, row: dict[str, Any]) -> None:
+        messages = row["messages"]
+        self.messages.add(len(messages))
+        self.roles.update(m["role"] for m in messages)
+        self.trained_turns += sum(m["role"] == "assistant" and m["weight"] == 1 for m in messages)
+        self.chars.add(sum(len(m["content"]) for m in messages))
+
+    def _result(self) -> dict[str, Any]:
+        return {
+            "messages_per_row": self.messages.as_dict(),
+            "role_counts": {role: self.roles[role] for role in CHAT_ROLES},
+            "trained_assistant_turns": self.trained_turns,
+            "text_chars": self.chars.as_dict(),
+        }
+
+
+class CompletionStats(FormatStats):
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompt_chars = Summary()
+        self.completion_chars = Summary()
+
+    def _add(self, row: dict[str, Any]) -> None:
+        self.prompt_chars.add(len(row["prompt"]))
+        self.completion_chars.add(len(row["completion"]))
+
+    def _result(self) -> dict[str, Any]:
+        return {
+            "prompt_chars": self.prompt_chars.as_dict(),
+            "completion_chars": self.completion_chars.as_dict(),
+        }
+
+
+class TextStats(FormatStats):
+    def __init__(self) -> None:
+        super().__init__()
+        self.text_chars = Summary()
+
+    def _add(self, row: dict[str, Any]) -> None:
+        self.text_chars.add(len(row["text"]))
+
+    def _result(self) -> dict[str, Any]:
+        return {"text_chars": self.text_chars.as_dict(), "total_chars": self.text_chars.total}
+
+
+class TabularStats(FormatStats):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features: int | None = None
+        self.labels: Counter[str] = Counter()
+
+    def _add(self, row: dict[str, Any]) -> None:
+        size = len(row["features"])
+        if self.features is None:
+            self.features = size
+        elif size != self.features:
+            raise ValueError(f"expected {self.features} features as in the first row, got {size}")
+        self.labels[row["label"]] += 1
+
+    def _result(self) -> dict[str, Any]:
+        _require_two_labels(self.labels)
+        return {"features": self.features, "label_counts": dict(sorted(self.labels.items()))}
+
+
+# ---- the formats -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -34,14 +193,17 @@ class RowFormat:
     name: str  # also the task kind that trains on it
     keys: frozenset[str]  # the keys that identify the format
     check: RowChecker  # returns the normalised row or raises ValueError(reason)
+    stats: Callable[[], FormatStats] = FormatStats
 
 
 FORMATS: dict[str, RowFormat] = {}
 
 
-def register_format(name: str, keys: set[str]) -> Callable[[RowChecker], RowChecker]:
+def register_format(
+    name: str, keys: set[str], stats: Callable[[], FormatStats] = FormatStats
+) -> Callable[[RowChecker], RowChecker]:
     def decorate(check: RowChecker) -> RowChecker:
-        FORMATS[name] = RowFormat(name, frozenset(keys), check)
+        FORMATS[name] = RowFormat(name, frozenset(keys), check, stats)
         return check
 
     return decorate
@@ -59,33 +221,161 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-@register_format("classification", {"text", "label"})
-def check_classification_row(row: dict[str, Any]) -> dict[str, Any]:
-    for key in ("text", "label"):
+def _require_keys(row: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
+    """Every one of ``keys`` present, and nothing else."""
+    for key in keys:
         if key not in row:
             raise ValueError(f"missing required field '{key}'")
-    unknown = sorted(set(row) - {"text", "label"})
+    unknown = sorted(set(row) - set(keys))
     if unknown:
-        raise ValueError(
-            f"unknown field '{unknown[0]}' (a classification row has only 'text' and 'label')"
-        )
-    text, label = row["text"], row["label"]
-    if not isinstance(text, str):
-        raise ValueError(f"field 'text' must be a string, got {_type_name(text)}")
-    if not text.strip():
-        raise ValueError("field 'text' is empty")
+        names = " and ".join(f"'{key}'" for key in keys)
+        raise ValueError(f"unknown field '{unknown[0]}' ({what} has only {names})")
+
+
+def _check_string(row: dict[str, Any], key: str, *, allow_empty: bool = False) -> str:
+    value = row[key]
+    if not isinstance(value, str):
+        raise ValueError(f"field '{key}' must be a string, got {_type_name(value)}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"field '{key}' is empty")
+    return value
+
+
+def _check_label(label: Any) -> str:
     if isinstance(label, bool) or not isinstance(label, str | int):
         raise ValueError(f"field 'label' must be a string or an integer, got {_type_name(label)}")
     if isinstance(label, str) and not label.strip():
         raise ValueError("field 'label' is empty")
-    return {"text": text, "label": str(label)}
+    return str(label)
+
+
+@register_format("classification", {"text", "label"}, ClassificationStats)
+def check_classification_row(row: dict[str, Any]) -> dict[str, Any]:
+    _require_keys(row, ("text", "label"), "a classification row")
+    return {"text": _check_string(row, "text"), "label": _check_label(row["label"])}
+
+
+def _check_message(index: int, message: Any) -> dict[str, Any]:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise ValueError(f"{where} must be an object, got {_type_name(message)}")
+    for key in ("role", "content"):
+        if key not in message:
+            raise ValueError(f"{where}: missing required field '{key}'")
+    unknown = sorted(set(message) - set(MESSAGE_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown field '{unknown[0]}' (a message has only 'role', 'content' "
+            "and 'weight')"
+        )
+    role, content = message["role"], message["content"]
+    if role not in CHAT_ROLES:
+        shown = repr(role) if isinstance(role, str) else _type_name(role)
+        raise ValueError(f"{where}: unknown role {shown} (use one of {', '.join(CHAT_ROLES)})")
+    if not isinstance(content, str):
+        raise ValueError(f"{where}: field 'content' must be a string, got {_type_name(content)}")
+    weight = message.get("weight", 1)
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise ValueError(f"{where}: field 'weight' must be 0 or 1, got {weight!r}")
+    return {"role": role, "content": content, "weight": int(weight)}
+
+
+@register_format("chat", {"messages"}, ChatStats)
+def check_chat_row(row: dict[str, Any]) -> dict[str, Any]:
+    _require_keys(row, ("messages",), "a chat row")
+    messages = row["messages"]
+    if not isinstance(messages, list):
+        raise ValueError(f"field 'messages' must be an array, got {_type_name(messages)}")
+    if not messages:
+        raise ValueError("field 'messages' is empty")
+    normalised = [_check_message(i, m) for i, m in enumerate(messages)]
+    assistant = [m for m in normalised if m["role"] == "assistant"]
+    if not assistant:
+        raise ValueError("no assistant message: a chat row needs one to learn from")
+    if not any(m["weight"] == 1 for m in assistant):
+        raise ValueError("every assistant message has weight 0: there is nothing to learn from")
+    return {"messages": normalised}
+
+
+@register_format("completion", {"prompt", "completion"}, CompletionStats)
+def check_completion_row(row: dict[str, Any]) -> dict[str, Any]:
+    _require_keys(row, ("prompt", "completion"), "a completion row")
+    prompt = _check_string(row, "prompt", allow_empty=True)
+    return {"prompt": prompt, "completion": _check_string(row, "completion")}
+
+
+@register_format("text", {"text"}, TextStats)
+def check_text_row(row: dict[str, Any]) -> dict[str, Any]:
+    _require_keys(row, ("text",), "a text row")
+    return {"text": _check_string(row, "text")}
+
+
+def _check_feature(index: int, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"features[{index}] must be a number, got {_type_name(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"features[{index}] must be a finite number, got {value!r}")
+    return number
+
+
+@register_format("tabular", {"features", "label"}, TabularStats)
+def check_tabular_row(row: dict[str, Any]) -> dict[str, Any]:
+    _require_keys(row, ("features", "label"), "a tabular row")
+    features = row["features"]
+    if not isinstance(features, list):
+        kind = _type_name(features)
+        raise ValueError(f"field 'features' must be an array of numbers, got {kind}")
+    if not features:
+        raise ValueError("field 'features' is empty")
+    values = [_check_feature(i, v) for i, v in enumerate(features)]
+    return {"features": values, "label": _check_label(row["label"])}
+
+
+def _format_named(name: str) -> RowFormat:
+    if name not in FORMATS:
+        raise DatasetError(f"unknown dataset format '{name}' (known: {', '.join(FORMATS)})")
+    return FORMATS[name]
+
+
+def _guess_format(row: dict[str, Any]) -> RowFormat | None:
+    """The format whose keys are exactly the row's; else the one sharing most keys with it (ties
+    go to the first registered); None when the row shares no key with any format."""
+    keys = set(row)
+    for fmt in FORMATS.values():
+        if fmt.keys == keys:
+            return fmt
+    best = max(FORMATS.values(), key=lambda fmt: len(fmt.keys & keys))
+    return best if best.keys & keys else None
 
 
 def _detect_format(row: dict[str, Any]) -> RowFormat:
+    fmt = _guess_format(row)
+    if fmt is None:
+        known = "; ".join(
+            f"{f.name} ({', '.join(repr(k) for k in sorted(f.keys))})" for f in FORMATS.values()
+        )
+        raise ValueError(f"cannot tell the format of this row; the formats' fields are: {known}")
+    return fmt
+
+
+def _check_same_format(row: dict[str, Any], fmt: RowFormat) -> None:
+    """Refuse a row that clearly belongs to another format (a row that merely lacks or adds a
+    field is left to the format's checker, which says which field)."""
+    other = _guess_format(row)
+    if other is None or other is fmt:
+        return
     keys = set(row)
-    # The format whose identifying keys overlap most with the row; ties go to the first one.
-    best = max(FORMATS.values(), key=lambda fmt: len(fmt.keys & keys))
-    return best
+    if not keys & fmt.keys or (keys == other.keys and not other.keys <= fmt.keys):
+        raise ValueError(
+            f"a {other.name} row in a file of {fmt.name} rows (a file holds one format)"
+        )
+
+
+# ---- sources: the raw rows of a file ------------------------------------------------------------
 
 
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -121,6 +411,13 @@ def _is_jsonl(first_line: str) -> bool:
     return True
 
 
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
     for number, line in _decoded_lines(path):
         if not line.strip():
@@ -131,6 +428,83 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
             raise DatasetError(
                 f"not valid JSON ({exc.msg} at column {exc.colno})", number
             ) from None
+
+
+def _paragraph_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Plain text: each run of non-blank lines is one row, numbered by its first line."""
+    start, lines = 0, []
+    for number, line in _decoded_lines(path):
+        if line.strip():
+            start = start or number
+            lines.append(line)
+        elif lines:
+            yield start, {"text": "\n".join(lines)}
+            start, lines = 0, []
+    if lines:
+        yield start, {"text": "\n".join(lines)}
+
+
+# Columns that mark a table as something other than numeric features plus a label.
+_NON_FEATURE_COLUMNS = {"text", "features", "messages", "prompt", "completion"}
+
+
+def _table_cell_number(column: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(
+                f"column '{column}' must be a number, got {value!r} (a table of features has "
+                "numeric columns and a 'label' column)"
+            ) from None
+    if value is None:
+        raise ValueError(f"column '{column}' is empty")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"column '{column}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _parse_features_cell(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise ValueError(
+            f"field 'features' must be a JSON array of numbers, got {value[:40]!r}"
+        ) from None
+
+
+def _is_number_cell(value: Any) -> bool:
+    try:
+        _table_cell_number("", value)
+    except ValueError:
+        return False
+    return True
+
+
+class TableShaper:
+    """How a CSV or Parquet row becomes a dataset row: a ``features`` column holding a (JSON)
+    array; or numeric columns gathered into ``features`` beside ``label`` (when the first row's
+    cells besides ``label`` are all numbers); otherwise the row as it is."""
+
+    def __init__(self, header: list[str]):
+        self.columns = [name for name in header if name != "label"]
+        self.has_array = "features" in header
+        # Only a table with a label and no column another format names can be numeric columns;
+        # for one that can, the first row decides (None until then).
+        possible = "label" in header and self.columns and not _NON_FEATURE_COLUMNS & set(header)
+        self.from_columns: bool | None = None if possible else False
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        if self.has_array:
+            return {**row, "features": _parse_features_cell(row["features"])}
+        if self.from_columns is None:
+            self.from_columns = all(_is_number_cell(row[name]) for name in self.columns)
+        if not self.from_columns:
+            return row
+        features = [_table_cell_number(name, row[name]) for name in self.columns]
+        return {"features": features, "label": row["label"]}
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -151,6 +525,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
     header = [name.strip() for name in header]
     if len(set(header)) != len(header):
         raise DatasetError("the header repeats a column name", numbers[-1])
+    shape = TableShaper(header)
     reader = csv.reader(texts(), delimiter=delimiter, strict=True)
     while True:
         try:
@@ -165,14 +540,70 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
             raise DatasetError(
                 f"expected {len(header)} columns as in the header, got {len(cells)}", numbers[-1]
             )
-        yield numbers[-1], dict(zip(header, cells, strict=True))
+        try:
+            row = shape(dict(zip(header, cells, strict=True)))
+        except ValueError as exc:
+            raise DatasetError(str(exc), numbers[-1]) from None
+        yield numbers[-1], row
 
 
-def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
+def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow is installed with the server
+        raise DatasetError("reading Parquet files needs pyarrow on the server") from None
+    try:
+        parquet = pq.ParquetFile(path)
+        shape = TableShaper(list(parquet.schema_arrow.names))
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise DatasetError(f"not a valid Parquet file ({exc})") from None
+    number = 0
+    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise DatasetError(f"not valid Parquet ({exc})", number + 1, "row") from None
+        for row in batch.to_pylist():
+            number += 1
+            try:
+                yield number, shape(row)
+            except ValueError as exc:
+                raise DatasetError(str(exc), number, "row") from None
+
+
+def _is_parquet(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+
+
+def _is_plain_text_name(filename: str | None) -> bool:
+    return bool(filename) and str(filename).lower().endswith(".txt")
+
+
+@dataclass(frozen=True)
+class _Source:
+    unit: str  # how a position is named in errors: "line" or "row"
+    rows: Iterator[tuple[int, Any]]
+
+
+def _open_source(path: Path, fmt: str | None, filename_hint: str | None) -> _Source:
+    if _is_parquet(path):
+        return _Source("row", _parquet_rows(path))
     first = _first_line(path)
     if first is None:
         raise DatasetError("the file is empty")
-    return _jsonl_rows(path) if _is_jsonl(first) else _csv_rows(path)
+    # A text dataset is plain text unless it is JSONL (its first line a JSON object).
+    plain = (fmt == "text" or _is_plain_text_name(filename_hint)) and not _is_json_object(first)
+    if plain:
+        return _Source("line", _paragraph_rows(path))
+    return _Source("line", _jsonl_rows(path) if _is_jsonl(first) else _csv_rows(path))
+
+
+# ---- reading and validating ---------------------------------------------------------------------
 
 
 @dataclass
@@ -186,50 +617,67 @@ class DatasetInfo:
         return sorted(self.stats.get("label_counts", {}))
 
 
-def _checked_rows(path: Path) -> Iterator[tuple[int, RowFormat, dict[str, Any]]]:
-    fmt: RowFormat | None = None
-    for number, row in _raw_rows(path):
-        if not isinstance(row, dict):
-            raise DatasetError(f"expected a JSON object, got {_type_name(row)}", number)
-        if fmt is None:
-            fmt = _detect_format(row)
+@dataclass(frozen=True)
+class _Checked:
+    number: int
+    unit: str
+    format: RowFormat
+    row: dict[str, Any]
+
+
+def _check_row(row: Any, fmt: RowFormat | None) -> tuple[RowFormat, dict[str, Any]]:
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {_type_name(row)}")
+    if fmt is None:
+        fmt = _detect_format(row)
+    else:
+        _check_same_format(row, fmt)
+    return fmt, fmt.check(row)
+
+
+def _checked_rows(
+    path: Path, fmt: str | None = None, filename_hint: str | None = None
+) -> Iterator[_Checked]:
+    expected = _format_named(fmt) if fmt else None
+    source = _open_source(path, fmt, filename_hint)
+    for number, raw in source.rows:
         try:
-            yield number, fmt, fmt.check(row)
+            expected, row = _check_row(raw, expected)
         except ValueError as exc:
-            raise DatasetError(str(exc), number) from None
+            raise DatasetError(str(exc), number, source.unit) from None
+        yield _Checked(number, source.unit, expected, row)
 
 
-def validate_dataset(path: Path) -> DatasetInfo:
-    """Read the whole file once; return its format and statistics or raise DatasetError."""
+def validate_dataset(
+    path: Path, filename_hint: str | None = None, *, fmt: str | None = None
+) -> DatasetInfo:
+    """Read the whole file once; return its format and statistics or raise DatasetError.
+
+    ``filename_hint`` is the name the user uploaded it under (only ``.txt`` matters: plain
+    text); ``fmt`` is the format stored for the file, when it is known already."""
+    stats: FormatStats | None = None
     fmt_name = ""
-    rows = 0
-    labels: Counter[str] = Counter()
-    lengths: list[int] = []
-    for _, fmt, row in _checked_rows(path):
-        fmt_name = fmt.name
-        rows += 1
-        if "label" in row:
-            labels[row["label"]] += 1
-        if "text" in row:
-            lengths.append(len(row["text"]))
-    if rows == 0:
+    for checked in _checked_rows(path, fmt, filename_hint):
+        if stats is None:
+            stats, fmt_name = checked.format.stats(), checked.format.name
+        try:
+            stats.add(checked.row)
+        except ValueError as exc:
+            raise DatasetError(str(exc), checked.number, checked.unit) from None
+    if stats is None:
         raise DatasetError("the file has no rows")
-    if fmt_name == "classification" and len(labels) < 2:
-        only = ", ".join(repr(label) for label in labels)
-        raise DatasetError(f"a classifier needs at least 2 distinct labels, found 1 ({only})")
-    stats: dict[str, Any] = {"rows": rows}
-    if labels:
-        stats["label_counts"] = dict(sorted(labels.items()))
-    if lengths:
-        stats["text_chars"] = {
-            "min": min(lengths),
-            "mean": round(sum(lengths) / len(lengths), 1),
-            "max": max(lengths),
-        }
-    return DatasetInfo(format=fmt_name, rows=rows, stats=stats)
+    try:
+        summary = stats.result()
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
+    return DatasetInfo(format=fmt_name, rows=stats.rows, stats=summary)
 
 
-def iter_examples(path: Path) -> Iterator[dict[str, Any]]:
-    """The normalised rows of a validated file (for classification: text and string label)."""
-    for _, _, row in _checked_rows(path):
-        yield row
+def iter_examples(path: Path, fmt: str | None = None) -> Iterator[dict[str, Any]]:
+    """The normalised rows of a validated file. Pass the file's stored ``format`` as ``fmt``
+    (needed for plain-text files, and it refuses rows of another format). Rows are:
+    classification ``{"text", "label": str}``; chat ``{"messages": [{"role", "content",
+    "weight": 0|1}]}``; completion ``{"prompt", "completion"}``; text ``{"text"}``; tabular
+    ``{"features": [float], "label": str}``."""
+    for checked in _checked_rows(path, fmt):
+        yield checked.row

@@ -57,7 +57,7 @@ def store_upload(session: Session, storage: Storage, org: Organization, upload: 
             )
         expires = _expiry_seconds(upload.fields)
         try:
-            info = validate_dataset(upload.path)
+            info = validate_dataset(upload.path, filename_hint=upload.filename)
         except DatasetError as exc:
             raise InvalidRequest(
                 f"Invalid file '{upload.filename}': {exc}", param="file", code="invalid_file"

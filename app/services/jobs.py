@@ -22,8 +22,9 @@ from app.core.ids import new_id
 from app.core.settings import Settings
 from app.core.storage import Storage
 from app.models import Checkpoint, File, Job, JobEvent, Organization, utcnow
-from app.schemas import Hyperparameters, JobCreate
-from app.services.datasets import DatasetError, validate_dataset
+from app.schemas import Architecture, Hyperparameters, JobCreate, SupervisedMethod
+from app.services.datasets import DatasetError, DatasetInfo, validate_dataset
+from app.services.models import CAUSAL_LM, ENCODER, MLP_MODEL, base_kind
 from app.services.pagination import page
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,23 @@ VALIDATING, QUEUED, RUNNING = "validating_files", "queued", "running"
 SUCCEEDED, FAILED, CANCELLED, PAUSED = "succeeded", "failed", "cancelled", "paused"
 ACTIVE = (VALIDATING, QUEUED, RUNNING, PAUSED)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+# Tasks (= training file formats) that fine-tune a causal language model.
+CAUSAL_TASKS = ("chat", "completion", "text")
+# Tasks whose validation rows must only hold labels the training rows have.
+LABELLED_TASKS = ("classification", "tabular")
+LORA_LEARNING_RATE = 2e-4
+
+_CAUSAL_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 5e-5,  # full fine-tuning; LORA_LEARNING_RATE with a LoRA adapter
+    "warmup_ratio": 0.03,
+    "weight_decay": 0.0,
+    "max_seq_length": 1024,
+    "gradient_accumulation_steps": 1,
+    "eval_every_steps": None,
+    "checkpoint_every_steps": None,
+    "max_grad_norm": 1.0,
+}
 
 # Per-task defaults for what "auto" and unset hyperparameters resolve to.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -45,28 +63,51 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "checkpoint_every_steps": None,
         "max_grad_norm": 1.0,
     },
+    **{task: dict(_CAUSAL_DEFAULTS) for task in CAUSAL_TASKS},
+    "tabular": {
+        "learning_rate": 1e-3,
+        "batch_size": 64,  # what "auto" resolves to: rows are tiny
+        "warmup_ratio": 0.0,
+        "weight_decay": 1e-4,
+        "gradient_accumulation_steps": 1,
+        "eval_every_steps": None,
+        "checkpoint_every_steps": None,
+        "max_grad_norm": 1.0,
+    },
 }
 
 
-def resolve_hyperparameters(task: str, rows: int, requested: Hyperparameters) -> dict[str, Any]:
+def _auto_epochs(task: str, rows: int) -> int:
+    rows = max(rows, 1)
+    if task == "tabular":
+        # Small networks on small tables: about 50k examples seen, 5 to 50 epochs.
+        return max(5, min(50, math.ceil(50_000 / rows)))
+    # Three epochs, stretched so tiny files see ~100 examples, capped near 25k for big ones.
+    if rows * 3 < 100:
+        return min(25, math.ceil(100 / rows))
+    if rows * 3 > 25_000:
+        return max(1, 25_000 // rows)
+    return 3
+
+
+def resolve_hyperparameters(
+    task: str, rows: int, requested: Hyperparameters, *, lora: bool = False
+) -> dict[str, Any]:
     """Turn "auto" and missing values into numbers, the way OpenAI sizes its defaults."""
     given = requested.model_dump(exclude_none=True)
-    resolved = dict(TASK_DEFAULTS[task])
+    defaults = dict(TASK_DEFAULTS[task])
+    if lora:
+        defaults["learning_rate"] = LORA_LEARNING_RATE
+    resolved = dict(defaults)
     resolved.update({k: v for k, v in given.items() if v != "auto"})
     if "n_epochs" not in resolved:
-        # Three epochs, stretched so tiny files see ~100 examples, capped near 25k for big ones.
-        n_epochs = 3
-        if rows * n_epochs < 100:
-            n_epochs = min(25, math.ceil(100 / max(rows, 1)))
-        elif rows * n_epochs > 25_000:
-            n_epochs = max(1, 25_000 // rows)
-        resolved["n_epochs"] = n_epochs
+        resolved["n_epochs"] = _auto_epochs(task, rows)
     if "batch_size" not in resolved:
         resolved["batch_size"] = 8 if rows < 500 else 16 if rows < 5000 else 32
     multiplier = resolved.get("learning_rate_multiplier", 1.0)
     resolved["learning_rate_multiplier"] = float(multiplier)
     if "learning_rate" not in given:
-        resolved["learning_rate"] = TASK_DEFAULTS[task]["learning_rate"] * multiplier
+        resolved["learning_rate"] = defaults["learning_rate"] * multiplier
     return resolved
 
 
@@ -220,6 +261,80 @@ def _fine_tuning_file(session: Session, org: Organization, file_id: str, param: 
     return file
 
 
+def _base_model_kind(settings: Settings, model_id: str) -> str:
+    kind = base_kind(settings, model_id)
+    if kind is None:
+        raise InvalidRequest(
+            f"Model '{model_id}' is not available for fine-tuning on this server; "
+            "GET /v1/models lists the base models.",
+            param="model",
+            code="model_not_available",
+        )
+    return kind
+
+
+def _check_model_for_task(model: str, kind: str, task: str) -> None:
+    """Refuse a base model that cannot learn the training file's task."""
+    if task == "tabular" and model != MLP_MODEL:
+        raise InvalidRequest(
+            f"The training file holds tabular rows, which train '{MLP_MODEL}' (a network "
+            f"designed from scratch), not '{model}'.",
+            param="model",
+        )
+    if model == MLP_MODEL and task != "tabular":
+        raise InvalidRequest(
+            f'\'{MLP_MODEL}\' trains on tabular rows ({{"features", "label"}}); the training '
+            f"file holds {task} rows.",
+            param="training_file",
+        )
+    if task in CAUSAL_TASKS and kind != CAUSAL_LM:
+        raise InvalidRequest(
+            f"Model '{model}' is an {kind} model; {task} fine-tuning needs a causal language "
+            "model (GET /v1/models gives each base model's task).",
+            param="model",
+        )
+    if task == "classification" and kind not in (ENCODER, CAUSAL_LM):
+        raise InvalidRequest(
+            f"Model '{model}' cannot be fine-tuned as a classifier.", param="model"
+        )
+
+
+def _check_method_options(model: str, task: str, supervised: SupervisedMethod) -> None:
+    """Refuse an adapter or an architecture where it does not apply."""
+    if supervised.adapter is not None and task not in CAUSAL_TASKS:
+        raise InvalidRequest(
+            f"A LoRA adapter applies to chat, completion and text fine-tuning, not to {task}; "
+            "use adapter 'full'.",
+            param="method.supervised.adapter",
+        )
+    if supervised.architecture is not None and model != MLP_MODEL:
+        raise InvalidRequest(
+            f"An architecture is designed only for model '{MLP_MODEL}'; '{model}' has its own.",
+            param="method.supervised.architecture",
+        )
+
+
+def normalised_method(
+    model: str, supervised: SupervisedMethod, hyperparameters: dict[str, Any]
+) -> dict[str, Any]:
+    """The method as stored on the job: resolved hyperparameters, the adapter ("full" or a
+    complete LoRA spec) and, for tunehouse/mlp, the complete architecture."""
+    adapter: Any = "full"
+    if supervised.adapter is not None:
+        adapter = supervised.adapter.model_dump()
+    architecture = None
+    if model == MLP_MODEL:
+        architecture = (supervised.architecture or Architecture()).model_dump()
+    return {
+        "type": "supervised",
+        "supervised": {
+            "hyperparameters": hyperparameters,
+            "adapter": adapter,
+            "architecture": architecture,
+        },
+    }
+
+
 def create_job(
     session: Session,
     settings: Settings,
@@ -235,13 +350,7 @@ def create_job(
         )
         if existing is not None:
             return existing, False
-    if body.model not in settings.registered_base_models():
-        raise InvalidRequest(
-            f"Model '{body.model}' is not available for fine-tuning on this server; "
-            "GET /v1/models lists the base models.",
-            param="model",
-            code="model_not_available",
-        )
+    model_kind = _base_model_kind(settings, body.model)
     training = _fine_tuning_file(session, org, body.training_file, "training_file")
     validation = None
     if body.validation_file:
@@ -257,12 +366,15 @@ def create_job(
         raise InvalidRequest(
             f"Files of format '{task}' cannot be trained yet.", param="training_file"
         )
-    method_hp = (
-        body.method.supervised.hyperparameters if body.method and body.method.supervised else None
-    )
-    requested = method_hp or body.hyperparameters or Hyperparameters()
+    supervised = body.method.supervised if body.method else None
+    supervised = supervised or SupervisedMethod()
+    _check_model_for_task(body.model, model_kind, task)
+    _check_method_options(body.model, task, supervised)
+    requested = supervised.hyperparameters or body.hyperparameters or Hyperparameters()
     rows = int((training.stats or {}).get("rows", 0))
-    hyperparameters = resolve_hyperparameters(task, rows, requested)
+    lora = supervised.adapter is not None
+    hyperparameters = resolve_hyperparameters(task, rows, requested, lora=lora)
+    method = normalised_method(body.model, supervised, hyperparameters)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     job = Job(
         id=new_id("ftjob"),
@@ -273,7 +385,7 @@ def create_job(
         validation_file=validation.id if validation else None,
         status=VALIDATING,
         hyperparameters=hyperparameters,
-        method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        method=method,
         suffix=body.suffix,
         seed=seed,
         metadata_=body.metadata,
@@ -302,6 +414,40 @@ def create_job(
     return job, True
 
 
+class _FileProblem(Exception):
+    """A job's file that cannot be trained on: fails the job with ``code`` and ``param``."""
+
+    def __init__(self, message: str, param: str, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code or f"invalid_{param}"
+
+
+def _revalidate(session: Session, storage: Storage, file_id: str, param: str) -> DatasetInfo:
+    file = session.get(File, file_id)
+    if file is None:
+        raise _FileProblem(f"File '{file_id}' was deleted before the job started.", param)
+    try:
+        return validate_dataset(storage.resolve(file.storage_path), fmt=file.format)
+    except (DatasetError, OSError) as exc:
+        raise _FileProblem(f"File '{file_id}' is not valid: {exc}", param) from None
+
+
+def _check_validation_matches(task: str, training: DatasetInfo, validation: DatasetInfo) -> None:
+    if task in LABELLED_TASKS and not set(validation.labels) <= set(training.labels):
+        unseen = sorted(set(validation.labels) - set(training.labels))
+        raise _FileProblem(
+            f"The validation file has labels the training file lacks: {unseen}",
+            "validation_file",
+        )
+    features = training.stats.get("features")
+    if task == "tabular" and validation.stats.get("features") != features:
+        raise _FileProblem(
+            f"The validation rows have {validation.stats.get('features')} features; the "
+            f"training rows have {features}.",
+            "validation_file",
+        )
+
+
 def validate_job_files(session: Session, settings: Settings, job_id: str) -> bool:
     """Read the job's files again, as the trainer will, and move the job to ``queued``; a file
     that no longer validates fails the job with ``invalid_training_file``. True when queued."""
@@ -309,47 +455,21 @@ def validate_job_files(session: Session, settings: Settings, job_id: str) -> boo
     if job is None or job.status != VALIDATING:
         return False
     storage = Storage(settings.storage_root)
-    labels: list[str] | None = None
-    for param in ("training_file", "validation_file"):
-        file_id = getattr(job, param)
-        if file_id is None:
-            continue
-        file = session.get(File, file_id)
-        if file is None:
-            fail_job(
-                session,
-                job_id,
-                code=f"invalid_{param}",
-                message=f"File '{file_id}' was deleted before the job started.",
-                param=param,
-                from_=(VALIDATING,),
-            )
-            return False
-        try:
-            info = validate_dataset(storage.resolve(file.storage_path))
-        except (DatasetError, OSError) as exc:
-            fail_job(
-                session,
-                job_id,
-                code=f"invalid_{param}",
-                message=f"File '{file_id}' is not valid: {exc}",
-                param=param,
-                from_=(VALIDATING,),
-            )
-            return False
-        if labels is None:
-            labels = info.labels
-        elif job.task == "classification" and not set(info.labels) <= set(labels):
-            unseen = sorted(set(info.labels) - set(labels))
-            fail_job(
-                session,
-                job_id,
-                code="invalid_validation_file",
-                message=f"The validation file has labels the training file lacks: {unseen}",
-                param="validation_file",
-                from_=(VALIDATING,),
-            )
-            return False
+    try:
+        training = _revalidate(session, storage, job.training_file, "training_file")
+        if job.validation_file is not None:
+            validation = _revalidate(session, storage, job.validation_file, "validation_file")
+            _check_validation_matches(job.task, training, validation)
+    except _FileProblem as problem:
+        fail_job(
+            session,
+            job_id,
+            code=problem.code,
+            message=problem.message,
+            param=problem.param,
+            from_=(VALIDATING,),
+        )
+        return False
     return transition(
         session,
         job_id,

@@ -1,22 +1,45 @@
-"""Models: the base models this server may fine-tune, and each organization's fine-tuned ones."""
+"""Models: the base models this server may fine-tune, and each organization's fine-tuned ones.
+
+Model kinds (docs/model-kinds.md): ``encoder``, ``classification``, ``causal-lm`` (optionally a
+LoRA adapter over a registered base) and ``tabular``. No torch here: a base model's kind is read
+from its ``config.json``.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core.errors import NotFound
+from app.core.errors import InvalidRequest, NotFound
 from app.core.settings import Settings
 from app.core.storage import Storage
 from app.models import Checkpoint, FineTunedModel, Job, Organization
 
 _CHECKPOINT_SUFFIX = re.compile(r"^(?P<model>.+):ckpt-step-(?P<step>\d+)$")
 _SERVER_START = datetime.now().astimezone()
+
+# The architecture designed from scratch: listed as a base model, with no directory.
+MLP_MODEL = "tunehouse/mlp"
+ADAPTER_CONFIG = "adapter_config.json"
+
+ENCODER, CLASSIFICATION, CAUSAL_LM, TABULAR = "encoder", "classification", "causal-lm", "tabular"
+BaseKind = Literal["causal-lm", "encoder"]
+# Dataset formats (= Job.task) and the kind of model each one trains.
+_TASK_KINDS = {
+    "classification": CLASSIFICATION,
+    "chat": CAUSAL_LM,
+    "completion": CAUSAL_LM,
+    "text": CAUSAL_LM,
+    "tabular": TABULAR,
+}
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 @dataclass(frozen=True)
@@ -32,17 +55,73 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class LoadableModel:
-    """What an inference process needs to load and serve a model."""
+    """What an inference process needs to load and serve a model.
+
+    ``task`` is the model kind (``encoder``, ``classification``, ``causal-lm``, ``tabular``);
+    ``base_path`` is set for a LoRA adapter (``path`` holds ``adapter_config.json``): the
+    directory of the registered base model it applies to."""
 
     id: str
     task: str
     path: Path
     labels: list[str] | None
+    base_path: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.task
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base_path is not None
 
 
-def _base_info(model_id: str) -> ModelInfo:
+def model_kind(task: str) -> str:
+    """The model kind a job task (a dataset format) trains; a kind maps to itself."""
+    return _TASK_KINDS.get(task, task)
+
+
+def base_model_kind(path: Path) -> BaseKind:
+    """``causal-lm`` when config.json's ``architectures`` name a causal LM head, else
+    ``encoder``. Raises OSError or ValueError when config.json cannot be read."""
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}/config.json is not a JSON object")
+    architectures = config.get("architectures") or []
+    if any(str(name).endswith(_CAUSAL_SUFFIXES) for name in architectures):
+        return "causal-lm"
+    return "encoder"
+
+
+def base_kind(settings: Settings, model_id: str) -> str | None:
+    """The kind of a base model (``tabular`` for tunehouse/mlp); None when ``model_id`` is not
+    a base model. Raises InvalidRequest when a registered base has no readable config.json."""
+    if model_id == MLP_MODEL:
+        return TABULAR
+    path = settings.registered_base_models().get(model_id)
+    if path is None:
+        return None
+    try:
+        return base_model_kind(path)
+    except (OSError, ValueError):
+        raise InvalidRequest(
+            f"Base model '{model_id}' is registered but its directory has no readable config.json.",
+            param="model",
+            code="model_not_available",
+        ) from None
+
+
+def is_base_model(settings: Settings, model_id: str) -> bool:
+    return model_id == MLP_MODEL or model_id in settings.registered_base_models()
+
+
+def _base_info(settings: Settings, model_id: str) -> ModelInfo:
+    try:
+        kind = base_kind(settings, model_id)
+    except InvalidRequest:
+        kind = None  # listed, but not usable until its directory is fixed
     return ModelInfo(
-        id=model_id, created=int(_SERVER_START.timestamp()), owned_by="system", task="encoder"
+        id=model_id, created=int(_SERVER_START.timestamp()), owned_by="system", task=kind
     )
 
 
@@ -51,7 +130,7 @@ def _fine_tuned_info(model: FineTunedModel, org: Organization) -> ModelInfo:
         id=model.id,
         created=int(model.created_at.timestamp()),
         owned_by=org.name,
-        task=model.task,
+        task=model_kind(model.task),
         base_model=model.base_model,
         job_id=model.job_id,
         labels=model.labels,
@@ -59,7 +138,8 @@ def _fine_tuned_info(model: FineTunedModel, org: Organization) -> ModelInfo:
 
 
 def list_models(session: Session, settings: Settings, org: Organization) -> list[ModelInfo]:
-    models = [_base_info(model_id) for model_id in settings.registered_base_models()]
+    base_ids = [*settings.registered_base_models(), MLP_MODEL]
+    models = [_base_info(settings, model_id) for model_id in base_ids]
     rows = session.scalars(
         select(FineTunedModel)
         .where(FineTunedModel.organization_id == org.id)
@@ -85,8 +165,8 @@ def _not_found(model_id: str) -> NotFound:
 
 
 def get_model(session: Session, settings: Settings, org: Organization, model_id: str) -> ModelInfo:
-    if model_id in settings.registered_base_models():
-        return _base_info(model_id)
+    if is_base_model(settings, model_id):
+        return _base_info(settings, model_id)
     row = _fine_tuned(session, org, model_id)
     if row is None:
         raise _not_found(model_id)
@@ -104,30 +184,64 @@ def delete_model(session: Session, storage: Storage, org: Organization, model_id
     return path
 
 
+def _adapter_base(settings: Settings, row: FineTunedModel, path: Path) -> Path | None:
+    """The base directory of a LoRA adapter stored at ``path``; None for a standalone model."""
+    if not (path / ADAPTER_CONFIG).is_file():
+        return None
+    base = settings.registered_base_models().get(row.base_model)
+    if base is None:
+        raise NotFound(
+            f"Model '{row.id}' is a LoRA adapter of '{row.base_model}', which is no longer "
+            "registered on this server.",
+            param="model",
+            code="base_model_not_found",
+        )
+    return base
+
+
+def _loadable(settings: Settings, row: FineTunedModel, model_id: str, path: Path) -> LoadableModel:
+    base_path = _adapter_base(settings, row, path)
+    return LoadableModel(model_id, model_kind(row.task), path, row.labels, base_path)
+
+
+def _checkpoint_path(
+    session: Session, storage: Storage, org: Organization, parent: FineTunedModel, step: int
+) -> Path | None:
+    checkpoint = session.scalar(
+        select(Checkpoint)
+        .join(Job, Job.id == Checkpoint.job_id)
+        .where(
+            Job.id == parent.job_id,
+            Job.organization_id == org.id,
+            Checkpoint.step_number == step,
+        )
+    )
+    return storage.resolve(checkpoint.storage_path) if checkpoint is not None else None
+
+
 def resolve_loadable(
     session: Session, settings: Settings, storage: Storage, org: Organization, model_id: str
 ) -> LoadableModel:
-    """Find a servable model: a fine-tuned model, one of its checkpoints, or a base model."""
+    """Find a servable model: a fine-tuned model, one of its checkpoints, or a base model
+    (``encoder`` or ``causal-lm``)."""
     row = _fine_tuned(session, org, model_id)
     if row is not None:
-        return LoadableModel(row.id, row.task, storage.resolve(row.storage_path), row.labels)
+        return _loadable(settings, row, row.id, storage.resolve(row.storage_path))
     match = _CHECKPOINT_SUFFIX.match(model_id)
     if match:
         parent = _fine_tuned(session, org, match["model"])
         if parent is not None:
-            checkpoint = session.scalar(
-                select(Checkpoint)
-                .join(Job, Job.id == Checkpoint.job_id)
-                .where(
-                    Job.id == parent.job_id,
-                    Job.organization_id == org.id,
-                    Checkpoint.step_number == int(match["step"]),
-                )
-            )
-            if checkpoint is not None:
-                path = storage.resolve(checkpoint.storage_path)
-                return LoadableModel(model_id, parent.task, path, parent.labels)
+            path = _checkpoint_path(session, storage, org, parent, int(match["step"]))
+            if path is not None:
+                return _loadable(settings, parent, model_id, path)
+    if model_id == MLP_MODEL:
+        raise InvalidRequest(
+            f"'{MLP_MODEL}' is an architecture to fine-tune on a tabular file, not a trained "
+            "model; use the model a tabular job created.",
+            param="model",
+        )
     base = settings.registered_base_models().get(model_id)
     if base is not None:
-        return LoadableModel(model_id, "encoder", base, None)
+        kind = base_kind(settings, model_id) or ENCODER
+        return LoadableModel(model_id, kind, base, None)
     raise _not_found(model_id)

@@ -48,7 +48,7 @@ def delete_model(
     settings: SettingsDep,
     storage: StorageDep,
 ) -> DeletedResponse:
-    if model in settings.registered_base_models():
+    if models.is_base_model(settings, model):
         raise InvalidRequest(
             "Base models belong to the server and cannot be deleted.", param="model"
         )
