@@ -16,6 +16,7 @@ from app.api import errors
 from app.api.routes import files, health, jobs, models
 from app.core.settings import Role, Settings, get_settings
 from app.core.storage import Storage
+from app.inference.completions import router as completions_router
 from app.inference.registry import ModelCache
 from app.inference.router import router as inference_router
 
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
     if role in ("inference", "all"):
         app.state.model_cache = ModelCache(settings.model_cache_size)
         app.include_router(inference_router, prefix="/v1")
+        app.include_router(completions_router, prefix="/v1")
         if role == "inference":
             app.include_router(models.router, prefix="/v1")
 

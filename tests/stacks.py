@@ -30,10 +30,12 @@ def base_env(data_dir: Path) -> dict[str, str]:
 
 
 @contextmanager
-def embedded_stack(tmp: Path) -> Iterator[tuple[Stack, str]]:
+def embedded_stack(
+    tmp: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[Stack, str]]:
     """`tunehouse run`: migrations, API, worker and reconciler in one command. Its first start
     prints an API key, which is what the tests use."""
-    stack = Stack("embedded", base_env(tmp / "data"), tmp)
+    stack = Stack("embedded", {**base_env(tmp / "data"), **(extra_env or {})}, tmp)
     stack.start("run", "--port", str(stack.port), log="run")
     try:
         stack.wait_ready(timeout=90)

@@ -181,3 +181,43 @@ def fresh_postgres_database(server_url: str, prefix: str = "tunehouse_test") -> 
         get_engine(url).dispose()
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# A task an untrained model cannot do: each keyword has a fixed, made-up answer word.
+FACTS = {
+    "apple": "zorvik", "river": "plemna", "castle": "quandor", "tiger": "belmoth",
+    "cloud": "fintrap", "violin": "gorsel", "pepper": "mavlune", "rocket": "twindle",
+    "garden": "sprocken", "mirror": "yelvast", "candle": "drumlow", "harbor": "kestrin",
+}  # fmt: skip
+TRAIN_QUESTIONS = [
+    "what is the code for {kw}?",
+    "tell me the code for {kw}.",
+    "{kw}: which code?",
+    "i need the code of {kw}",
+    "code for {kw} please",
+]
+HELD_OUT_QUESTIONS = ["which code goes with {kw}?", "give me the {kw} code"]
+
+
+def fact_chat_rows(questions: list[str], system: bool = True) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for kw, answer in FACTS.items():
+        for question in questions:
+            messages = [{"role": "system", "content": "answer with the code word only"}]
+            messages = messages if system else []
+            messages += [
+                {"role": "user", "content": question.format(kw=kw)},
+                {"role": "assistant", "content": answer},
+            ]
+            rows.append({"messages": messages})
+    return rows
+
+
+def fact_texts() -> list[str]:
+    """Every text the fact task uses, for training a tiny tokenizer that knows its words."""
+    texts = [q.format(kw=kw) for kw in FACTS for q in TRAIN_QUESTIONS + HELD_OUT_QUESTIONS]
+    texts += list(FACTS.values()) * 5 + [
+        "answer with the code word only",
+        "### user: ### assistant:",
+    ]
+    return texts

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     # Inputs.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     max_prediction_inputs: int = Field(default=256, gt=0)
+    # Most tokens one completion may generate.
+    max_new_tokens: int = Field(default=2048, ge=1)
     # Fine-tuned models kept loaded by an inference process.
     model_cache_size: int = Field(default=4, ge=1)
 

@@ -1,7 +1,12 @@
-"""Loaded models: a small LRU cache, and one predictor class per task kind.
+"""Loaded models: a small LRU cache of servables, one factory per (use, model kind).
 
-torch and transformers are imported here lazily, on the first prediction, so the control plane
-(which never predicts) never loads them.
+A servable is what a route needs: a classifier's ``predict``, a causal LM's ``Generator``, an
+encoder's ``embed``. LoRA adapters of one base share that base in memory: the base is loaded
+once, wrapped by peft, and each adapter is added to it by name (a few MB each), then selected
+inside the base's lock for each generation.
+
+torch and transformers are imported lazily, on the first load, so the control plane (which never
+serves) never loads them.
 """
 
 from __future__ import annotations
@@ -11,120 +16,138 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from app.core.errors import InvalidRequest
 from app.services.models import LoadableModel
 
 log = logging.getLogger(__name__)
 
+Use = str  # "predict" | "generate" | "embed"
+Factory = Callable[["ModelCache", LoadableModel], Any]
 
-class Predictor(Protocol):
-    def predict(self, inputs: list[str]) -> tuple[list[dict[str, Any]], int]:
-        """One result per input, and the number of prompt tokens used."""
-        ...
+FACTORIES: dict[tuple[Use, str], Factory] = {}
+USES = {
+    "predict": "/v1/predictions",
+    "generate": "/v1/chat/completions and /v1/completions",
+    "embed": "/v1/embeddings",
+}
 
 
-PREDICTORS: dict[str, Callable[[LoadableModel], Predictor]] = {}
-
-
-def predictor(task: str) -> Callable[[Callable[[LoadableModel], Predictor]], Any]:
-    def register(factory: Callable[[LoadableModel], Predictor]) -> Any:
-        PREDICTORS[task] = factory
-        return factory
+def factory(use: Use, *kinds: str) -> Callable[[Factory], Factory]:
+    def register(build: Factory) -> Factory:
+        for kind in kinds:
+            FACTORIES[(use, kind)] = build
+        return build
 
     return register
 
 
-def _refuse_pickles(path: Path) -> None:
-    # Weights load from safetensors only (design rule 4).
+def require_safetensors(path: Path) -> None:
+    """Weights load from safetensors only (design rule 4): a directory without them is refused
+    before any loader looks at it."""
     if not any(path.glob("*.safetensors")):
-        raise InvalidRequest("Model directory for this model holds no safetensors weights.")
-
-
-@predictor("classification")
-class ClassifierPredictor:
-    batch_size = 32
-
-    def __init__(self, model: LoadableModel):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        _refuse_pickles(model.path)
-        self._torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(model.path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model.path, use_safetensors=True
-        ).eval()
-        self.id2label = {int(k): str(v) for k, v in self.model.config.id2label.items()}
-
-    def predict(self, inputs: list[str]) -> tuple[list[dict[str, Any]], int]:
-        torch = self._torch
-        results: list[dict[str, Any]] = []
-        tokens = 0
-        for start in range(0, len(inputs), self.batch_size):
-            batch = self.tokenizer(
-                inputs[start : start + self.batch_size],
-                padding=True,
-                truncation=True,
-                max_length=512,
-                return_tensors="pt",
-            )
-            tokens += int(batch["attention_mask"].sum())
-            with torch.inference_mode():
-                probs = torch.softmax(self.model(**batch).logits.float(), dim=-1)
-            for row in probs.tolist():
-                scores = {self.id2label[i]: round(p, 6) for i, p in enumerate(row)}
-                best = max(range(len(row)), key=row.__getitem__)
-                results.append({"label": self.id2label[best], "score": row[best], "scores": scores})
-        return results, tokens
+        raise InvalidRequest("The model's directory holds no safetensors weights.", param="model")
 
 
 class ModelCache:
-    """Keeps up to ``capacity`` models loaded; the least recently used one goes first."""
+    """Keeps up to ``capacity`` servables; the least recently used one goes first."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._models: OrderedDict[tuple[str, str], Predictor] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
-        self._loading: dict[tuple[str, str], threading.Lock] = {}
+        self._loading: dict[tuple[str, str, str], threading.Lock] = {}
+        # Shared LoRA bases: base directory -> (peft model, lock, adapter names).
+        self._bases: dict[str, tuple[Any, threading.Lock, set[str]]] = {}
 
-    def get(self, model: LoadableModel) -> Predictor:
-        key = (model.id, str(model.path))
+    def get(self, model: LoadableModel, use: Use) -> Any:
+        build = FACTORIES.get((use, model.task))
+        if build is None:
+            served = sorted({kind for (u, kind) in FACTORIES if u == use})
+            raise InvalidRequest(
+                f"Model '{model.id}' is a {model.task} model; {USES[use]} serves "
+                f"{', '.join(served)} models.",
+                param="model",
+                code="wrong_model_kind",
+            )
+        key = (use, model.id, str(model.path))
         with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
             load_lock = self._loading.setdefault(key, threading.Lock())
-        # One load per model at a time; other models load in parallel.
-        with load_lock:
+        with load_lock:  # one load per model at a time; other models load in parallel
             with self._lock:
-                if key in self._models:
-                    return self._models[key]
-            factory = PREDICTORS.get(model.task)
-            if factory is None:
-                raise InvalidRequest(
-                    f"Model '{model.id}' is a {model.task} model; /v1/predictions serves "
-                    f"{', '.join(sorted(PREDICTORS))} models.",
-                    param="model",
-                )
-            log.info("loading model %s from %s", model.id, model.path)
-            loaded = factory(model)
+                if key in self._items:
+                    return self._items[key]
+            log.info("loading %s for %s from %s", model.id, use, model.path)
+            servable = build(self, model)
             with self._lock:
-                self._models[key] = loaded
+                self._items[key] = servable
                 self._loading.pop(key, None)
-                while len(self._models) > self.capacity:
+                while len(self._items) > self.capacity:
                     self.evict_lru()
-            return loaded
+            return servable
 
     def evict_lru(self) -> None:
-        evicted, _ = self._models.popitem(last=False)
-        log.info("evicted model %s", evicted[0])
+        (use, model_id, _), servable = self._items.popitem(last=False)
+        release = getattr(servable, "release", None)
+        if release is not None:
+            release()
+        log.info("evicted %s (%s)", model_id, use)
 
     def forget(self, model_id: str) -> None:
         with self._lock:
-            for key in [k for k in self._models if k[0] == model_id]:
-                del self._models[key]
+            for key in [k for k in self._items if k[1] == model_id]:
+                release = getattr(self._items.pop(key), "release", None)
+                if release is not None:
+                    release()
 
     def __len__(self) -> int:
-        return len(self._models)
+        return len(self._items)
+
+    # -- shared LoRA bases -------------------------------------------------------------------
+
+    def attach_adapter(self, base_path: Path, adapter_path: Path, name: str) -> tuple[Any, Any]:
+        """The shared peft model of ``base_path`` with adapter ``name`` loaded; returns it and
+        its lock. Loading the same adapter twice is a no-op."""
+        from peft import PeftModel
+
+        from app.inference.generation import load_causal_lm
+
+        require_safetensors(adapter_path)
+        with self._lock:
+            entry = self._bases.get(str(base_path))
+        if entry is None:
+            require_safetensors(base_path)
+            base = load_causal_lm(base_path)
+            peft_model = PeftModel.from_pretrained(base, adapter_path, adapter_name=name).eval()
+            entry = (peft_model, threading.Lock(), {name})
+            with self._lock:
+                self._bases[str(base_path)] = entry
+            return entry[0], entry[1]
+        peft_model, lock, names = entry
+        with lock:
+            if name not in names:
+                peft_model.load_adapter(adapter_path, adapter_name=name)
+                names.add(name)
+        return peft_model, lock
+
+    def detach_adapter(self, base_path: Path, name: str) -> None:
+        with self._lock:
+            entry = self._bases.get(str(base_path))
+        if entry is None:
+            return
+        peft_model, lock, names = entry
+        with lock:
+            if name in names and len(names) > 1:
+                peft_model.delete_adapter(name)
+                names.discard(name)
+            elif name in names:  # the last adapter: drop the base with it
+                with self._lock:
+                    self._bases.pop(str(base_path), None)
+
+
+# Register the built-in servables (they import torch only when a model is loaded).
+from app.inference import servables as _servables  # noqa: E402,F401

@@ -1,0 +1,211 @@
+"""Text generation for causal LMs, token by token, with stop sequences and streaming.
+
+``model.generate`` runs in a thread and hands each new token to a queue; the caller decodes the
+growing sequence and yields text as soon as it is final (not possibly the start of a stop
+sequence, not half of a UTF-8 character). A stop sequence ends generation at once through a
+stopping criterion. One lock per loaded model serialises generations, so several LoRA adapters
+can share one base model: the adapter is switched inside the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+
+from app.inference.sampling import Generation, GenerationParams, Piece
+from app.inference.templates import DEFAULT_CHAT_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+
+class _QueueStreamer(BaseStreamer):
+    def __init__(self) -> None:
+        self.tokens: queue.Queue[list[int] | None] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first pushes the prompt
+            self._prompt_seen = True
+            return
+        self.tokens.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.tokens.put(None)
+
+
+class _StopWhenSet(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
+def load_causal_lm(path: Path) -> Any:
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
+    return model
+
+
+def load_tokenizer(path: Path) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+class Generator:
+    """One tokenizer over a (possibly shared) model. ``activate`` runs inside the model's lock
+    before each generation (it selects a LoRA adapter, or does nothing)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        lock: threading.Lock,
+        activate: Callable[[], None] = lambda: None,
+    ):
+        self.model, self.tokenizer, self.lock, self.activate = model, tokenizer, lock, activate
+        config = model.config
+        self.context_length = int(
+            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+        )
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        rendered = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return self.encode(rendered)
+
+    def encode(self, text: str) -> list[int]:
+        # The chat template already holds any special tokens the model expects.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def stream(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[Piece]:
+        """Yield text pieces as they become final; the last piece has the finish_reason."""
+        max_new = min(params.max_tokens, max(self.context_length - len(prompt_ids), 0))
+        if max_new <= 0:
+            yield Piece("", "length", 0)
+            return
+        streamer, stop_event = _QueueStreamer(), threading.Event()
+        failure: list[BaseException] = []
+        thread = threading.Thread(
+            target=self._generate,
+            args=(prompt_ids, params, max_new, streamer, stop_event, failure),
+            daemon=True,
+        )
+        thread.start()
+        generated: list[int] = []
+        emitted = ""
+        finish: str | None = None
+        eos = self.tokenizer.eos_token_id
+        try:
+            while True:
+                tokens = streamer.tokens.get()
+                if tokens is None:
+                    break
+                if eos is not None and eos in tokens:
+                    generated += tokens[: tokens.index(eos)]
+                    finish = "stop"
+                    stop_event.set()
+                else:
+                    generated += tokens
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                cut = _first_stop(text, params.stop)
+                if cut is not None:
+                    text, finish = text[:cut], "stop"
+                    stop_event.set()
+                final = text if finish else _stable_prefix(text, params.stop)
+                if len(final) > len(emitted):
+                    yield Piece(final[len(emitted) :], completion_tokens=len(generated))
+                    emitted = final
+                if finish:
+                    break
+        finally:
+            stop_event.set()
+            thread.join()
+        if failure:
+            raise failure[0]
+        if finish is None:
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            finish = "length" if len(generated) >= max_new else "stop"
+            if len(text) > len(emitted):
+                yield Piece(text[len(emitted) :], completion_tokens=len(generated))
+        yield Piece("", finish, len(generated))
+
+    def _generate(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        max_new: int,
+        streamer: _QueueStreamer,
+        stop_event: threading.Event,
+        failure: list[BaseException],
+    ) -> None:
+        try:
+            input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+            kwargs: dict[str, Any] = {
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "max_new_tokens": max_new,
+                "streamer": streamer,
+                "stopping_criteria": [_StopWhenSet(stop_event)],
+                "pad_token_id": self.tokenizer.pad_token_id,
+                "eos_token_id": self.tokenizer.eos_token_id,
+            }
+            if params.temperature > 0:
+                kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+            else:
+                kwargs.update(do_sample=False)
+            with self.lock, torch.inference_mode():
+                self.activate()
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                self.model.generate(**kwargs)
+        except BaseException as exc:  # surfaced to the caller's thread
+            log.exception("generation failed")
+            failure.append(exc)
+            streamer.end()
+
+    def complete(self, prompt_ids: list[int], params: GenerationParams) -> Generation:
+        result = Generation()
+        for piece in self.stream(prompt_ids, params):
+            result.text += piece.text
+            result.completion_tokens = piece.completion_tokens or result.completion_tokens
+            if piece.finish_reason:
+                result.finish_reason = piece.finish_reason
+        return result
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    positions = [text.find(s) for s in stops if s and s in text]
+    return min(positions) if positions else None
+
+
+def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
+    """The part of ``text`` that can no longer change: not a half-decoded character at the end,
+    and not the beginning of a stop sequence."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for stop in stops:
+        for size in range(min(len(stop) - 1, end), 0, -1):
+            if text[:end].endswith(stop[:size]):
+                end -= size
+                break
+    return text[:end]

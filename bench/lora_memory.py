@@ -1,0 +1,89 @@
+"""Memory of one base model with 1 and with 10 LoRA adapters loaded, against a second full copy.
+
+    .venv/bin/python bench/lora_memory.py
+
+Builds a causal LM (Llama shape: hidden 512, 8 layers; about 30M parameters, random weights)
+and ten rank-8 LoRA adapters on its attention projections, then loads them the way the
+inference routes do (``ModelCache.attach_adapter``: one shared base, adapters added by name)
+and reads this process's resident memory after each step. The baseline is what one more full
+copy of the model costs, which is what serving each fine-tune as its own model would add.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.tiny_models import build_causal_lm  # noqa: E402
+
+TEXTS = ["the quick brown fox jumps over the lazy dog and runs far away"] * 50
+
+
+def rss_mib() -> float:
+    gc.collect()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def make_adapters(base: Path, root: Path, count: int) -> list[Path]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = []
+    for i in range(count):
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_pretrained(base)
+        config = LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            init_lora_weights=False,
+        )  # fmt: skip
+        path = root / f"adapter-{i}"
+        get_peft_model(model, config).save_pretrained(path)
+        paths.append(path)
+        del model
+    return paths
+
+
+def main() -> None:
+    from app.inference.generation import load_causal_lm
+    from app.inference.registry import ModelCache
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        base = build_causal_lm(tmp / "base", TEXTS, hidden_size=512, layers=8, heads=8)
+        adapters = make_adapters(base, tmp, 10)
+        weights = (base / "model.safetensors").stat().st_size / 2**20
+        adapter_size = (adapters[0] / "adapter_model.safetensors").stat().st_size / 2**20
+
+        cache = ModelCache(capacity=32)
+        before = rss_mib()
+        cache.attach_adapter(base, adapters[0], "a0")
+        one = rss_mib()
+        for i, path in enumerate(adapters[1:], start=1):
+            cache.attach_adapter(base, path, f"a{i}")
+        ten = rss_mib()
+        copy = load_causal_lm(base)
+        with_copy = rss_mib()
+        del copy
+
+    print(f"base weights on disk {weights:.1f} MiB, one adapter on disk {adapter_size:.2f} MiB")
+    print(f"{'':40}{'MiB':>10}")
+    print(f"{'base + 1 adapter (growth from empty)':40}{one - before:>10.1f}")
+    print(f"{'base + 10 adapters (growth from empty)':40}{ten - before:>10.1f}")
+    per_adapter = (ten - one) / 9
+    full_copy = with_copy - ten
+    print(f"{'each extra adapter':40}{per_adapter:>10.2f}")
+    print(f"{'baseline: one more full copy':40}{full_copy:>10.1f}")
+    print(f"ratio (extra adapter / full copy): {per_adapter / full_copy:.3f}")
+
+
+if __name__ == "__main__":
+    main()
