@@ -229,7 +229,7 @@ class CheckpointObject(BaseModel):
     metrics: dict[str, Any]
 
 
-# ---- models and inference --------------------------------------------------------------------
+# ---- models --------------------------------------------------------------------
 
 
 class ModelObject(BaseModel):
@@ -242,29 +242,3 @@ class ModelObject(BaseModel):
     base_model: str | None = None
     job_id: str | None = None
     labels: list[str] | None = None
-
-
-class PredictionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(min_length=1, max_length=320)
-    input: str | list[str] = Field(description="one text or a list of texts")
-
-
-class Prediction(BaseModel):
-    index: int
-    label: str
-    score: float
-    scores: dict[str, float]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-
-
-class PredictionResponse(BaseModel):
-    object: Literal["list"] = "list"
-    model: str
-    data: list[Prediction]
-    usage: Usage
