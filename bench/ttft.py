@@ -33,14 +33,17 @@ TEXTS = ["the quick brown fox jumps over the lazy dog and runs far away"] * 50
 
 
 def first_token_seconds(client: httpx.Client, body: dict[str, object]) -> float:
-    started = time.perf_counter()
+    """Read the whole stream, as a chat client does, and note when text first arrived."""
+    started, first = time.perf_counter(), None
     with client.stream("POST", "/chat/completions", json={**body, "stream": True}) as response:
         for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
+            if first is None and line.startswith("data: ") and line != "data: [DONE]":
                 choices = json.loads(line[6:]).get("choices") or [{}]
                 if choices[0].get("delta", {}).get("content"):
-                    return time.perf_counter() - started
-    raise RuntimeError("no content arrived")
+                    first = time.perf_counter() - started
+    if first is None:
+        raise RuntimeError("no content arrived")
+    return first
 
 
 def whole_answer_seconds(client: httpx.Client, body: dict[str, object]) -> float:

@@ -28,6 +28,7 @@ from app.core.storage import Storage
 from app.models import Checkpoint, File, FineTunedModel, Job, Organization, utcnow
 from app.services import jobs
 from app.services.files import store_result_file
+from app.services.models import MLP_MODEL
 
 log = logging.getLogger("tunehouse.training")
 
@@ -112,6 +113,7 @@ class DatabaseReporter:
             ("train_loss", "training loss"),
             ("valid_loss", "validation loss"),
             ("valid_accuracy", "validation accuracy"),
+            ("valid_mean_token_accuracy", "validation token accuracy"),
         ):
             if key in data:
                 parts.append(f"{label}={float(data[key]):.4f}")
@@ -180,14 +182,15 @@ def _finish(reporter: DatabaseReporter, job_id: str, output_dir: Path, result: A
                 FineTunedModel(
                     id=name,
                     organization_id=org.id,
-                    task=job.task,
-                    base_model=job.model,
+                    task=result.model_kind,  # the model kind, not the dataset format
+                    base_model=job.model,  # for a LoRA adapter: the base it applies to
                     job_id=job.id,
                     storage_path=storage.relative(model_dir),
-                    labels=list(result.labels),
+                    labels=list(result.labels) or None,  # generative models have none
                 )
             )
-            jobs.add_event(session, job_id, f"New fine-tuned model created: {name}")
+            adapter = f" (a LoRA adapter of {job.model})" if result.adapter else ""
+            jobs.add_event(session, job_id, f"New fine-tuned model created: {name}{adapter}")
             if not jobs.transition(
                 session,
                 job_id,
@@ -230,13 +233,18 @@ def _spec(settings: Settings, job_id: str) -> Any:
         return TrainingSpec(
             job_id=job.id,
             task=job.task,
-            base_model_dir=settings.registered_base_models()[job.model],
+            # A model designed from scratch has no base directory: its architecture is in the
+            # method.
+            base_model_dir=(
+                None if job.model == MLP_MODEL else settings.registered_base_models()[job.model]
+            ),
             training_file=path_of(job.training_file),
             validation_file=path_of(job.validation_file),
             output_dir=storage.job_dir(job.id) / "final",
             checkpoints_dir=storage.checkpoints_dir(job.id),
             hyperparameters=dict(job.hyperparameters),
             seed=job.seed,
+            method=dict(job.method or {}),
             # A job restarted after its worker died goes on from its newest complete checkpoint.
             resume_from=latest_complete_checkpoint(storage.checkpoints_dir(job.id)),
         )

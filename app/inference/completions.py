@@ -4,12 +4,14 @@ when asked: the first token leaves as soon as it exists."""
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
 from app.core.errors import InvalidRequest, TunehouseError
@@ -65,14 +67,40 @@ def _stream_events(
     include_usage: bool,
     usage_chunk: Any,
     first_chunk: Any = None,
+) -> StreamingResponse:
+    cancel = threading.Event()
+    events = _events(make_chunk, runs, generator, include_usage, usage_chunk, first_chunk, cancel)
+    return StreamingResponse(_relay(events, cancel), media_type="text/event-stream")
+
+
+async def _relay(events: Iterator[str], cancel: threading.Event) -> AsyncIterator[str]:
+    """Send each event as it comes; if the client goes away, stop the generation at once (it
+    holds the model's lock, which the next request is waiting for)."""
+    try:
+        while (event := await run_in_threadpool(next, events, None)) is not None:
+            yield event
+    finally:
+        cancel.set()
+
+
+def _events(
+    make_chunk: Any,
+    runs: list[tuple[list[int], GenerationParams]],
+    generator: Generator,
+    include_usage: bool,
+    usage_chunk: Any,
+    first_chunk: Any,
+    cancel: threading.Event,
 ) -> Iterator[str]:
     prompt_tokens = completion_tokens = 0
     try:
         for index, (prompt, params) in enumerate(runs):
+            if cancel.is_set():
+                return
             prompt_tokens += len(prompt)
             if first_chunk is not None:
                 yield _sse(first_chunk(index))
-            for piece in generator.stream(prompt, params):
+            for piece in generator.stream(prompt, params, cancel):
                 if piece.text or piece.finish_reason:
                     yield _sse(make_chunk(index, piece.text, piece.finish_reason))
                 if piece.finish_reason:
@@ -158,7 +186,7 @@ def chat_completions(
             }
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream_events(
+        return _stream_events(
             chunk,
             runs,
             generator,
@@ -166,7 +194,6 @@ def chat_completions(
             lambda usage: {**head, "choices": [], "usage": usage},
             first,
         )
-        return StreamingResponse(events, media_type="text/event-stream")
 
     choices, completion_tokens = [], 0
     for index, (ids, params) in enumerate(runs):
@@ -241,14 +268,13 @@ def completions(
             }
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream_events(
+        return _stream_events(
             chunk,
             runs,
             generator,
             include_usage,
             lambda usage: {**head, "choices": [], "usage": usage},
         )
-        return StreamingResponse(events, media_type="text/event-stream")
 
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for index, (ids, params) in enumerate(runs):

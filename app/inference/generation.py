@@ -96,13 +96,19 @@ class Generator:
 
     # -- generation ------------------------------------------------------------------------------
 
-    def stream(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[Piece]:
-        """Yield text pieces as they become final; the last piece has the finish_reason."""
+    def stream(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Piece]:
+        """Yield text pieces as they become final; the last piece has the finish_reason.
+        Setting ``cancel`` (a client went away) stops the generation at the next token."""
         max_new = min(params.max_tokens, max(self.context_length - len(prompt_ids), 0))
         if max_new <= 0:
             yield Piece("", "length", 0)
             return
-        streamer, stop_event = _QueueStreamer(), threading.Event()
+        streamer, stop_event = _QueueStreamer(), cancel or threading.Event()
         failure: list[BaseException] = []
         thread = threading.Thread(
             target=self._generate,

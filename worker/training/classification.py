@@ -15,38 +15,36 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from worker.training.registry import Batch, Collate, Example, Features, TaskKind, register
+from worker.training.registry import (
+    Batch,
+    Collate,
+    Example,
+    Features,
+    TaskKind,
+    Warn,
+    label_list,
+    no_warning,
+    register,
+)
 from worker.training.spec import Hyperparameters, TrainingSpec
-
-
-def label_list(train_rows: Sequence[Example], valid_rows: Sequence[Example]) -> list[str]:
-    """Sorted distinct training labels; every validation label must be one of them, since a
-    class never seen in training cannot be predicted."""
-    labels = sorted({str(row["label"]) for row in train_rows})
-    unseen = sorted({str(row["label"]) for row in valid_rows} - set(labels))
-    if unseen:
-        raise ValueError(
-            f"the validation file has labels that are not in the training file: {unseen[:10]}"
-        )
-    if len(labels) < 2:
-        raise ValueError(f"a classifier needs at least 2 distinct labels, got {labels}")
-    return labels
 
 
 @register("classification")
 class Classification(TaskKind):
+    model_kind = "classification"
+
     def labels(self, train_rows: Sequence[Example], valid_rows: Sequence[Example]) -> list[str]:
         return label_list(train_rows, valid_rows)
 
     def load_tokenizer(self, spec: TrainingSpec) -> PreTrainedTokenizerBase:
-        return AutoTokenizer.from_pretrained(spec.base_model_dir, local_files_only=True)
+        return AutoTokenizer.from_pretrained(spec.require_base_model_dir(), local_files_only=True)
 
     def load_model(
         self, spec: TrainingSpec, labels: list[str], weights_dir: Path | None = None
     ) -> torch.nn.Module:
         # Labels go into config.json so the saved model predicts names, not ids.
         return AutoModelForSequenceClassification.from_pretrained(
-            weights_dir or spec.base_model_dir,
+            weights_dir or spec.require_base_model_dir(),
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
@@ -60,6 +58,7 @@ class Classification(TaskKind):
         tokenizer: Any | None,
         labels: list[str],
         hp: Hyperparameters,
+        warn: Warn = no_warning,
     ) -> list[Features]:
         assert tokenizer is not None
         label_ids = {label: i for i, label in enumerate(labels)}

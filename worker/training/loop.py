@@ -32,7 +32,15 @@ from worker.training.checkpoint import (
     restore_rng_state,
     write_checkpoint,
 )
-from worker.training.registry import Batch, Collate, Example, Features, TaskKind, get_task_kind
+from worker.training.registry import (
+    Batch,
+    Collate,
+    Example,
+    Features,
+    TaskKind,
+    Warn,
+    get_task_kind,
+)
 from worker.training.spec import (
     Hyperparameters,
     Reporter,
@@ -79,9 +87,10 @@ def split_holdout(rows: Sequence[Example], seed: int) -> tuple[list[Example], li
 
 def load_rows(spec: TrainingSpec, kind: TaskKind) -> tuple[list[Example], list[Example], list[str]]:
     """Training rows, validation rows and the label list."""
-    train_rows = list(iter_examples(spec.training_file))
+    # The task is the dataset format; passing it reads a plain-text file as paragraphs.
+    train_rows = list(iter_examples(spec.training_file, fmt=spec.task))
     if spec.validation_file is not None:
-        valid_rows = list(iter_examples(spec.validation_file))
+        valid_rows = list(iter_examples(spec.validation_file, fmt=spec.task))
         labels = kind.labels(train_rows, valid_rows)
     else:
         # Labels come from the whole file, so a class that lands only in the held-out rows
@@ -97,13 +106,9 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def epoch_batches(
-    n_rows: int, batch_size: int, seed: int, generator: torch.Generator
-) -> list[list[int]]:
-    """The row indices of each micro-batch of one epoch, in a seeded random order."""
-    generator.manual_seed(seed)
-    order = torch.randperm(n_rows, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+def data_warning(reporter: Reporter, which: str) -> Warn:
+    """A Warn that reports a warning event naming the data it is about."""
+    return lambda text: reporter.message(f"{text} ({which} data)", level="warn")
 
 
 def eval_batches(
@@ -153,9 +158,16 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
 
     # Data: rows are encoded once; each batch is padded only to its own longest row.
     train_rows, valid_rows, labels = load_rows(spec, kind)
+    kind.prepare(spec, train_rows, labels)
     tokenizer = kind.load_tokenizer(spec)
-    train_features = kind.encode_examples(train_rows, tokenizer, labels, hp)
-    valid_features = kind.encode_examples(valid_rows, tokenizer, labels, hp)
+    train_features = kind.encode_examples(
+        train_rows, tokenizer, labels, hp, warn=data_warning(reporter, "training")
+    )
+    valid_features = kind.encode_examples(
+        valid_rows, tokenizer, labels, hp, warn=data_warning(reporter, "validation")
+    )
+    if not train_features:
+        raise ValueError("the training file has no row left to train on")
     collate = kind.make_collate(tokenizer, hp.max_seq_length)
 
     # Schedule: the last accumulation group of an epoch may be short, but still makes a step.
@@ -197,7 +209,8 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
 
     for epoch in range(run.epoch, hp.n_epochs):
         run.epoch = epoch
-        batches = epoch_batches(len(train_features), hp.batch_size, spec.seed + epoch, generator)
+        generator.manual_seed(spec.seed + epoch)  # the same batches again after a resume
+        batches = kind.epoch_batches(train_features, hp.batch_size, generator)
         while run.batch_in_epoch < len(batches):
             if reporter.should_stop():
                 raise TrainingStopped(f"stopped at step {run.step} of {total_steps}")
@@ -266,7 +279,7 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
 
     # The final model, in Hugging Face format, ready to serve.
     spec.output_dir.mkdir(parents=True, exist_ok=True)
-    kind.save_model(model, tokenizer, spec.output_dir)
+    kind.save_final_model(model, tokenizer, spec.output_dir)
     reporter.message(f"training finished after {run.step} steps")
     return TrainingResult(
         labels=labels,
@@ -274,6 +287,8 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
         final_metrics=dict(run.last_eval),
         trained_tokens=run.trained_tokens,
         steps=run.step,
+        model_kind=kind.model_kind,
+        adapter=kind.stores_adapter(spec),
     )
 
 

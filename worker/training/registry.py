@@ -2,8 +2,9 @@
 built from scratch. Everything else (the loop, checkpoints, metrics) is shared.
 
 A kind is a class registered under the name the dataset format uses (`"classification"`,
-later `"chat"`, `"completion"`, `"tabular"`). The built-in kinds are imported on first use so
-importing this module never loads torch.
+`"chat"`, `"completion"`, `"text"`, `"tabular"`). The built-in kinds are imported on first use
+so importing this module never loads torch. An instance lives for one run, so a kind may keep
+what `prepare` learns (the base model's context length, the feature statistics) between calls.
 """
 
 from __future__ import annotations
@@ -23,16 +24,41 @@ Example = dict[str, Any]  # one normalised dataset row, as iter_examples yields 
 Features = dict[str, Any]  # one encoded row, ready for the collate function
 Batch = dict[str, "torch.Tensor"]  # what the model's forward takes
 Collate = Callable[[list[Features]], Batch]
+Warn = Callable[[str], None]  # reports a warning event about the data
+
+
+def no_warning(text: str) -> None:
+    """The default Warn: the warning is dropped (tests and tools that call a kind directly)."""
+
+
+def label_list(train_rows: Sequence[Example], valid_rows: Sequence[Example]) -> list[str]:
+    """Sorted distinct training labels; every validation label must be one of them, since a
+    class never seen in training cannot be predicted."""
+    labels = sorted({str(row["label"]) for row in train_rows})
+    unseen = sorted({str(row["label"]) for row in valid_rows} - set(labels))
+    if unseen:
+        raise ValueError(
+            f"the validation file has labels that are not in the training file: {unseen[:10]}"
+        )
+    if len(labels) < 2:
+        raise ValueError(f"a classifier needs at least 2 distinct labels, got {labels}")
+    return labels
 
 
 class TaskKind(ABC):
     """How one kind of task loads its model, turns rows into batches and scores the model."""
 
     name: str = ""  # set by @register
+    model_kind: str = ""  # what the stored model is: "classification" | "causal-lm" | "tabular"
 
     def labels(self, train_rows: Sequence[Example], valid_rows: Sequence[Example]) -> list[str]:
         """The class names, in id order; generative kinds have none."""
         return []
+
+    def prepare(self, spec: TrainingSpec, train_rows: Sequence[Example], labels: list[str]) -> None:
+        """Learn what encoding and saving need before any row is encoded: called once per run
+        (again on resume, with the same rows), before load_tokenizer. Default: nothing."""
+        return None
 
     def load_tokenizer(self, spec: TrainingSpec) -> Any | None:
         """The tokenizer (or other preprocessor) saved beside the model; None when there is none."""
@@ -52,12 +78,25 @@ class TaskKind(ABC):
         tokenizer: Any | None,
         labels: list[str],
         hp: Hyperparameters,
+        warn: Warn = no_warning,
     ) -> list[Features]:
-        """Rows to unpadded features, once, before training."""
+        """Rows to unpadded features, once, before training; `warn` reports what the user
+        should know about the data (rows cut to max_seq_length)."""
 
     @abstractmethod
     def make_collate(self, tokenizer: Any | None, max_seq_length: int) -> Collate:
         """A function that pads a list of features into one batch of tensors."""
+
+    def epoch_batches(
+        self, features: Sequence[Features], batch_size: int, generator: torch.Generator
+    ) -> list[list[int]]:
+        """The row indices of each micro-batch of one epoch, drawn from `generator` (seeded
+        for this epoch by the loop, so a resumed run sees the same batches). Default: a
+        random order."""
+        import torch
+
+        order = torch.randperm(len(features), generator=generator).tolist()
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
     def training_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """The mean loss of a batch; Hugging Face models compute it when given `labels`."""
@@ -79,12 +118,24 @@ class TaskKind(ABC):
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
 
+    def save_final_model(self, model: torch.nn.Module, tokenizer: Any | None, path: Path) -> None:
+        """Write the model the job hands to the user (checkpoints use save_model)."""
+        self.save_model(model, tokenizer, path)
+
+    def stores_adapter(self, spec: TrainingSpec) -> bool:
+        """True when save_final_model writes an adapter that needs its base model."""
+        return False
+
 
 _KINDS: dict[str, type[TaskKind]] = {}
 
 # Modules that register the built-in kinds; imported lazily by get_task_kind.
 _BUILTIN_MODULES: dict[str, str] = {
     "classification": "worker.training.classification",
+    "chat": "worker.training.causal_lm",
+    "completion": "worker.training.causal_lm",
+    "text": "worker.training.causal_lm",
+    "tabular": "worker.training.tabular",
 }
 
 K = TypeVar("K", bound=type[TaskKind])

@@ -3,7 +3,7 @@ process and the tests build these without loading PyTorch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -11,8 +11,8 @@ from typing import Any, Protocol
 @dataclass(frozen=True)
 class TrainingSpec:
     job_id: str
-    task: str  # task-kind name in the registry, e.g. "classification"
-    base_model_dir: Path
+    task: str  # task-kind name in the registry (= the dataset format), e.g. "chat"
+    base_model_dir: Path | None  # a registered base model; None for a model built from scratch
     training_file: Path  # stored, already-validated dataset file
     validation_file: Path | None
     output_dir: Path  # final model (HF format) is written here
@@ -22,6 +22,20 @@ class TrainingSpec:
     # eval_every_steps (int|None), max_grad_norm
     seed: int
     resume_from: Path | None = None
+    # The job's method: {"type": "supervised", "supervised": {"adapter": "full" | {"type":
+    # "lora", ...}, "architecture": {...}}}; see docs/model-kinds.md.
+    method: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def supervised(self) -> dict[str, Any]:
+        """The method's supervised settings ({} when the job gave none)."""
+        settings = self.method.get("supervised") if isinstance(self.method, dict) else None
+        return settings if isinstance(settings, dict) else {}
+
+    def require_base_model_dir(self) -> Path:
+        if self.base_model_dir is None:
+            raise ValueError(f"task {self.task!r} needs a base model directory")
+        return self.base_model_dir
 
 
 class Reporter(Protocol):
@@ -40,11 +54,13 @@ class Reporter(Protocol):
 
 @dataclass
 class TrainingResult:
-    labels: list[str]
+    labels: list[str]  # class names in id order; [] for generative kinds
     metrics_history: list[dict[str, float | int]]  # one dict per metrics event, for the result CSV
     final_metrics: dict[str, float]  # last evaluation (valid_loss, valid_accuracy, ...)  # noqa: E501
-    trained_tokens: int  # non-padding tokens seen in training, all epochs  # noqa: E501
+    trained_tokens: int  # non-padding tokens seen in training, all epochs (rows for tabular)
     steps: int
+    model_kind: str  # "classification" | "causal-lm" | "tabular"
+    adapter: bool  # the stored model is a LoRA adapter of the base, not a full model
 
 
 class TrainingStopped(Exception):

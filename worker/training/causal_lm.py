@@ -1,0 +1,403 @@
+"""The generative kinds: "chat", "completion" and "text" fine-tune a causal language model.
+
+They share everything but how a row becomes tokens and labels:
+- chat: the conversation rendered with the tokenizer's chat template (or Tunehouse's default,
+  saved with the model); loss only on assistant turns with weight 1;
+- completion: the prompt followed by the completion and EOS; loss on the completion and EOS;
+- text: every row followed by EOS, all of it concatenated and cut into max_seq_length blocks
+  (packing); loss on every token.
+
+Labels are -100 where no loss is taken. The model shifts labels itself (position i predicts
+token i+1), so the first answer token is learnt from the last prompt token.
+
+LoRA (method.supervised.adapter = {"type": "lora", ...}) wraps the base with peft: only the
+adapter trains, checkpoints hold only the adapter, and the job stores only the adapter (or,
+with "merge": true, the merged standalone model).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from app.inference.templates import ensure_chat_template
+from worker.training.registry import (
+    Batch,
+    Collate,
+    Example,
+    Features,
+    TaskKind,
+    Warn,
+    no_warning,
+    register,
+)
+from worker.training.spec import Hyperparameters, TrainingSpec
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of a token that takes no loss (PyTorch's cross_entropy default)
+LENGTH_GROUP_BATCHES = 50  # rows are sorted by length within windows of this many batches
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# LoRA on the attention projections, where each architecture names them; other architectures
+# get peft's own per-model-type defaults.
+LORA_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+}
+# Architectures whose linear layers are transposed (GPT-2's Conv1D): peft must know.
+FAN_IN_FAN_OUT = {"gpt2"}
+
+Span = tuple[int, int]  # [start, end) character offsets of text that takes loss
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: the per-architecture default
+    merge: bool = False  # store the merged standalone model instead of the adapter
+
+
+def lora_settings(spec: TrainingSpec) -> LoraSettings | None:
+    """The job's LoRA settings; None for full fine-tuning (adapter "full" or absent)."""
+    adapter = spec.supervised.get("adapter", "full")
+    if adapter in (None, "full"):
+        return None
+    if not isinstance(adapter, dict) or adapter.get("type") != "lora":
+        raise ValueError(
+            f'method.supervised.adapter must be "full" or a LoRA spec, got {adapter!r}'
+        )
+    defaults = LoraSettings()
+
+    def given(key: str, default: Any) -> Any:  # a key that is absent or null takes the default
+        value = adapter.get(key)
+        return default if value is None else value
+
+    targets = adapter.get("target_modules")
+    return LoraSettings(
+        r=int(given("r", defaults.r)),
+        alpha=float(given("alpha", defaults.alpha)),
+        dropout=float(given("dropout", defaults.dropout)),
+        target_modules=[str(name) for name in targets] if targets else None,
+        merge=bool(given("merge", defaults.merge)),
+    )
+
+
+def context_length(config: Any) -> int | None:
+    """The most positions the model was built for (GPT-2 calls it n_positions)."""
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(value) if value else None
+
+
+def load_base_model(path: Path) -> torch.nn.Module:
+    # Weights are trained in float32 whatever the checkpoint's dtype: AdamW updates to bf16
+    # weights are mostly rounded away. Never trust_remote_code: the architecture must be one
+    # transformers ships.
+    return AutoModelForCausalLM.from_pretrained(
+        path, use_safetensors=True, local_files_only=True, dtype=torch.float32
+    )
+
+
+def encode_spans(
+    tokenizer: PreTrainedTokenizerBase, text: str, spans: Sequence[Span]
+) -> tuple[list[int], list[int]]:
+    """Token ids of `text` (tokenized whole, as inference sees it) and their labels: a token
+    takes loss when it starts inside one of `spans`."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    labels = [
+        token if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX
+        for token, offset in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
+    return ids, labels
+
+
+class CausalLM(TaskKind):
+    """What the generative kinds share: model, tokenizer, truncation, batching, scoring."""
+
+    model_kind = "causal-lm"
+
+    def __init__(self) -> None:
+        self.context_length: int | None = None  # from the base config, in prepare
+        self.lora: LoraSettings | None = None
+
+    # -- model and tokenizer -----------------------------------------------------------------
+
+    def prepare(self, spec: TrainingSpec, train_rows: Sequence[Example], labels: list[str]) -> None:
+        config = AutoConfig.from_pretrained(spec.require_base_model_dir(), local_files_only=True)
+        self.context_length = context_length(config)
+        self.lora = lora_settings(spec)
+
+    def load_tokenizer(self, spec: TrainingSpec) -> PreTrainedTokenizerBase:
+        tokenizer = AutoTokenizer.from_pretrained(
+            spec.require_base_model_dir(), local_files_only=True
+        )
+        if not tokenizer.is_fast:  # offsets map rendered text back to messages
+            raise ValueError("fine-tuning a causal LM needs a fast tokenizer (tokenizer.json)")
+        if tokenizer.pad_token is None:  # padding is masked out; any token will do
+            tokenizer.pad_token = tokenizer.eos_token
+        # Saved with the model, so inference renders prompts exactly as training did.
+        if ensure_chat_template(tokenizer):
+            logger.info("the base tokenizer has no chat template; using Tunehouse's default")
+        return tokenizer
+
+    def load_model(
+        self, spec: TrainingSpec, labels: list[str], weights_dir: Path | None = None
+    ) -> torch.nn.Module:
+        lora = lora_settings(spec)
+        if lora is None:
+            return load_base_model(weights_dir or spec.require_base_model_dir())
+        from peft import get_peft_model, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        base = load_base_model(spec.require_base_model_dir())
+        model = get_peft_model(base, self._lora_config(base, lora))
+        if weights_dir is not None:  # a checkpoint holds the adapter only
+            result = set_peft_model_state_dict(model, load_file(weights_dir / ADAPTER_WEIGHTS))
+            if result.unexpected_keys:
+                raise ValueError(f"the checkpoint's adapter does not fit: {result.unexpected_keys}")
+        return model
+
+    @staticmethod
+    def _lora_config(base: torch.nn.Module, lora: LoraSettings) -> Any:
+        from peft import LoraConfig, TaskType
+
+        model_type = getattr(base.config, "model_type", "")
+        return LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules or LORA_TARGET_MODULES.get(model_type),
+            fan_in_fan_out=model_type in FAN_IN_FAN_OUT,
+            task_type=TaskType.CAUSAL_LM,
+        )
+
+    def save_final_model(self, model: torch.nn.Module, tokenizer: Any | None, path: Path) -> None:
+        if self.lora is not None and self.lora.merge:
+            # The adapter folded into the base weights: a standalone model, served alone.
+            model = model.merge_and_unload()  # type: ignore[operator]
+        self.save_model(model, tokenizer, path)
+
+    def stores_adapter(self, spec: TrainingSpec) -> bool:
+        lora = lora_settings(spec)
+        return lora is not None and not lora.merge
+
+    # -- rows to features --------------------------------------------------------------------
+
+    def max_length(self, hp: Hyperparameters) -> int:
+        if self.context_length is not None and hp.max_seq_length > self.context_length:
+            logger.info(
+                "max_seq_length %d capped at the model's %d", hp.max_seq_length, self.context_length
+            )
+            return self.context_length
+        return hp.max_seq_length
+
+    def encode_row(
+        self, row: Example, tokenizer: PreTrainedTokenizerBase
+    ) -> tuple[list[int], list[int]]:
+        """One row's token ids and labels, before truncation."""
+        raise NotImplementedError
+
+    def encode_examples(
+        self,
+        rows: Sequence[Example],
+        tokenizer: Any | None,
+        labels: list[str],
+        hp: Hyperparameters,
+        warn: Warn = no_warning,
+    ) -> list[Features]:
+        assert tokenizer is not None
+        limit = self.max_length(hp)
+        features: list[Features] = []
+        truncated = skipped = 0
+        for row in rows:
+            ids, row_labels = self.encode_row(row, tokenizer)
+            if len(ids) > limit:
+                truncated += 1
+                ids, row_labels = ids[:limit], row_labels[:limit]
+            # A label on the first token is never used (nothing predicts it), so a row needs
+            # one after it to teach anything.
+            if all(label == IGNORE_INDEX for label in row_labels[1:]):
+                skipped += 1
+                continue
+            features.append({"input_ids": ids, "labels": row_labels})
+        if truncated:
+            note = (
+                f"{truncated} of {len(rows)} rows were longer than max_seq_length={limit} "
+                "and were truncated"
+            )
+            if skipped:
+                note += f"; {skipped} of them had nothing left to learn from and were skipped"
+            warn(note)
+        return features
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def make_collate(self, tokenizer: Any | None, max_seq_length: int) -> Collate:
+        assert tokenizer is not None
+        return padding_collate(int(tokenizer.pad_token_id))
+
+    def epoch_batches(
+        self, features: Sequence[Features], batch_size: int, generator: torch.Generator
+    ) -> list[list[int]]:
+        # Rows of similar length share a batch, so little of it is padding. Sorting only within
+        # windows of a random order, and shuffling the batches, keeps the epoch random (the
+        # recipe of transformers' LengthGroupedSampler).
+        order = torch.randperm(len(features), generator=generator).tolist()
+        window = batch_size * LENGTH_GROUP_BATCHES
+        batches: list[list[int]] = []
+        for start in range(0, len(order), window):
+            group = sorted(
+                order[start : start + window],
+                key=lambda i: len(features[i]["input_ids"]),
+                reverse=True,
+            )
+            batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in shuffled]
+
+    # -- scores ------------------------------------------------------------------------------
+
+    def eval_metrics(self, model: torch.nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        # Summed over tokens, not averaged per batch: every scored token counts the same.
+        loss_sum, correct, count = 0.0, 0, 0
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            predicted = logits.logits[:, :-1].float()
+            targets = batch["labels"][:, 1:]
+            scored = targets != IGNORE_INDEX
+            loss_sum += float(
+                F.cross_entropy(
+                    predicted.reshape(-1, predicted.shape[-1]),
+                    targets.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+            )
+            correct += int(((predicted.argmax(dim=-1) == targets) & scored).sum())
+            count += int(scored.sum())
+        if count == 0:
+            return {}
+        return {"valid_loss": loss_sum / count, "valid_mean_token_accuracy": correct / count}
+
+
+def padding_collate(pad_id: int) -> Callable[[list[Features]], Batch]:
+    """Pad a batch to its own longest row (on the right): ids with the pad token, labels with
+    -100, attention mask 0."""
+
+    def collate(features: list[Features]) -> Batch:
+        width = max(len(f["input_ids"]) for f in features)
+        shape = (len(features), width)
+        input_ids = torch.full(shape, pad_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[i, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
+            labels[i, :n] = torch.tensor(f["labels"], dtype=torch.long)
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    return collate
+
+
+# --- the three kinds --------------------------------------------------------------------------
+
+
+def chat_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]
+) -> tuple[str, list[Span]]:
+    """The rendered conversation and the character spans of its trained assistant turns
+    (role "assistant", weight 1 or absent).
+
+    The conversation is rendered again up to each message, so any template works: a turn's
+    span runs from the end of the prompt that asks for it (the history plus the generation
+    prompt, exactly what inference renders) to the end of the history that includes it,
+    trailing whitespace left out (nothing generates it)."""
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    def render(upto: int, generation_prompt: bool) -> str:
+        if upto == 0 and generation_prompt:
+            return ""  # an assistant turn opening the conversation: nothing before it
+        return str(
+            tokenizer.apply_chat_template(
+                plain[:upto], tokenize=False, add_generation_prompt=generation_prompt
+            )
+        )
+
+    text = render(len(messages), False)
+    spans: list[Span] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:
+            continue
+        prompt, through = render(i, True), render(i + 1, False)
+        if not (
+            text.startswith(prompt) and text.startswith(through) and through.startswith(prompt)
+        ):
+            raise ValueError(
+                "the model's chat template does not render a conversation turn by turn "
+                "(an earlier turn changes when a later one is added); it cannot be used to "
+                "mask the prompt"
+            )
+        spans.append((len(prompt), len(through.rstrip())))
+    return text, spans
+
+
+@register("chat")
+class Chat(CausalLM):
+    def encode_row(
+        self, row: Example, tokenizer: PreTrainedTokenizerBase
+    ) -> tuple[list[int], list[int]]:
+        text, spans = chat_spans(tokenizer, row["messages"])
+        return encode_spans(tokenizer, text, spans)
+
+
+@register("completion")
+class Completion(CausalLM):
+    def encode_row(
+        self, row: Example, tokenizer: PreTrainedTokenizerBase
+    ) -> tuple[list[int], list[int]]:
+        prompt, completion = row["prompt"], row["completion"]
+        ids, labels = encode_spans(
+            tokenizer, prompt + completion, [(len(prompt), len(prompt) + len(completion))]
+        )
+        # EOS ends a completion, so the model learns where to stop.
+        eos = int(tokenizer.eos_token_id)
+        return ids + [eos], labels + [eos]
+
+
+@register("text")
+class Text(CausalLM):
+    def encode_row(
+        self, row: Example, tokenizer: PreTrainedTokenizerBase
+    ) -> tuple[list[int], list[int]]:
+        ids = list(tokenizer(row["text"], add_special_tokens=False)["input_ids"])
+        ids.append(int(tokenizer.eos_token_id))  # marks where one document ends
+        return ids, list(ids)
+
+    def encode_examples(
+        self,
+        rows: Sequence[Example],
+        tokenizer: Any | None,
+        labels: list[str],
+        hp: Hyperparameters,
+        warn: Warn = no_warning,
+    ) -> list[Features]:
+        # Packing: no row is truncated and no position is padding. Documents follow each other
+        # in one stream, EOS between them, cut into blocks of max_seq_length tokens.
+        assert tokenizer is not None
+        limit = self.max_length(hp)
+        stream: list[int] = []
+        for row in rows:
+            stream += self.encode_row(row, tokenizer)[0]
+        blocks = [stream[i : i + limit] for i in range(0, len(stream), limit)]
+        # A last block of one token has nothing to predict.
+        return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) > 1]

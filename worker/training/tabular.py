@@ -1,0 +1,157 @@
+"""The "tabular" kind: rows of {"features": [numbers], "label"} train `tunehouse/mlp`, a
+multilayer perceptron designed from scratch (app/inference/architectures.py), with its layers
+set in the job's method.supervised.architecture.
+
+Features are standardised with the mean and standard deviation of the training rows; both are
+saved in the model's config.json (and in every checkpoint), so inference scales its inputs
+exactly as training did. There is no tokenizer: the kind's "preprocessor" is that scaling, and
+trained_tokens counts rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from app.inference.architectures import ACTIVATIONS, MLP_ARCHITECTURE, build_mlp, load_mlp, save_mlp
+from worker.training.registry import (
+    Batch,
+    Collate,
+    Example,
+    Features,
+    TaskKind,
+    Warn,
+    label_list,
+    no_warning,
+    register,
+)
+from worker.training.spec import Hyperparameters, TrainingSpec
+
+DEFAULT_ARCHITECTURE: dict[str, Any] = {
+    "hidden_sizes": [256, 128],
+    "activation": "relu",
+    "dropout": 0.1,
+}
+
+
+def architecture(spec: TrainingSpec) -> dict[str, Any]:
+    """The job's architecture over the defaults, checked."""
+    chosen = {**DEFAULT_ARCHITECTURE, **(spec.supervised.get("architecture") or {})}
+    sizes = chosen["hidden_sizes"]
+    if not isinstance(sizes, list) or not all(isinstance(s, int) and s >= 1 for s in sizes):
+        raise ValueError(
+            f"architecture.hidden_sizes must be a list of positive integers, got {sizes!r}"
+        )
+    if chosen["activation"] not in ACTIVATIONS:
+        raise ValueError(f"architecture.activation must be one of {sorted(ACTIVATIONS)}")
+    if not 0 <= float(chosen["dropout"]) < 1:
+        raise ValueError("architecture.dropout must be at least 0 and below 1")
+    return {
+        "hidden_sizes": list(sizes),
+        "activation": str(chosen["activation"]),
+        "dropout": float(chosen["dropout"]),
+    }
+
+
+def feature_statistics(rows: Sequence[Example]) -> tuple[list[float], list[float]]:
+    """Per-feature mean and standard deviation of `rows`; a constant feature gets std 1, so it
+    scales to 0 instead of dividing by zero. Rounded to float32, the precision inference uses."""
+    features = torch.tensor([row["features"] for row in rows], dtype=torch.float64)
+    mean = features.mean(dim=0)
+    std = features.std(dim=0, unbiased=False)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return mean.float().tolist(), std.float().tolist()
+
+
+@register("tabular")
+class Tabular(TaskKind):
+    model_kind = "tabular"
+
+    def __init__(self) -> None:
+        self.config: dict[str, Any] = {}  # config.json of the model, set by prepare
+
+    def labels(self, train_rows: Sequence[Example], valid_rows: Sequence[Example]) -> list[str]:
+        return label_list(train_rows, valid_rows)
+
+    def prepare(self, spec: TrainingSpec, train_rows: Sequence[Example], labels: list[str]) -> None:
+        # Statistics of the training rows only: validation data must not leak into the model.
+        mean, std = feature_statistics(train_rows)
+        self.config = {
+            "architecture": MLP_ARCHITECTURE,
+            "input_size": len(mean),
+            **architecture(spec),
+            "labels": list(labels),
+            "feature_mean": mean,
+            "feature_std": std,
+        }
+
+    def load_model(
+        self, spec: TrainingSpec, labels: list[str], weights_dir: Path | None = None
+    ) -> torch.nn.Module:
+        if weights_dir is None:
+            return build_mlp(self.config)  # initialised from the torch seed the loop set
+        model, saved = load_mlp(weights_dir)
+        if saved != self.config:
+            raise ValueError(
+                "the checkpoint's model does not match this job's data or architecture"
+            )
+        return model
+
+    def encode_examples(
+        self,
+        rows: Sequence[Example],
+        tokenizer: Any | None,
+        labels: list[str],
+        hp: Hyperparameters,
+        warn: Warn = no_warning,
+    ) -> list[Features]:
+        size = self.config["input_size"]
+        wrong = next((row for row in rows if len(row["features"]) != size), None)
+        if wrong is not None:
+            found = len(wrong["features"])
+            raise ValueError(
+                f"every row needs {size} features, as in the training file; got {found}"
+            )
+        label_ids = {label: i for i, label in enumerate(labels)}
+        mean = torch.tensor(self.config["feature_mean"], dtype=torch.float32)
+        std = torch.tensor(self.config["feature_std"], dtype=torch.float32)
+        # Scaled as the predictions route scales inputs: in float32, with the saved statistics.
+        scaled = (torch.tensor([row["features"] for row in rows], dtype=torch.float32) - mean) / std
+        return [
+            {"features": scaled[i], "labels": label_ids[str(row["label"])]}
+            for i, row in enumerate(rows)
+        ]
+
+    def make_collate(self, tokenizer: Any | None, max_seq_length: int) -> Collate:
+        def collate(features: list[Features]) -> Batch:
+            return {
+                "features": torch.stack([f["features"] for f in features]),
+                "labels": torch.tensor([f["labels"] for f in features], dtype=torch.long),
+            }
+
+        return collate
+
+    def training_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        # The model returns logits; cross_entropy applies the (log-)softmax once, itself.
+        return F.cross_entropy(model(batch["features"]), batch["labels"])
+
+    def count_tokens(self, batch: Batch) -> int:
+        return int(batch["labels"].shape[0])
+
+    def eval_metrics(self, model: torch.nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
+        loss_sum, correct, count = 0.0, 0, 0
+        for batch in batches:
+            logits = model(batch["features"])
+            loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+            correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
+            count += int(batch["labels"].shape[0])
+        if count == 0:
+            return {}
+        return {"valid_loss": loss_sum / count, "valid_accuracy": correct / count}
+
+    def save_model(self, model: torch.nn.Module, tokenizer: Any | None, path: Path) -> None:
+        save_mlp(model, self.config, path)  # type: ignore[arg-type]
