@@ -32,6 +32,27 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS")
 
 
+def tensor_mib(model: object) -> float:
+    """Bytes held by the model's parameters and buffers (each storage counted once)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:  # type: ignore[attr-defined]
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total / 2**20
+
+
+def touch(model: object, adapter: str | None = None) -> None:
+    """One forward pass, so every weight is really in memory (safetensors maps files lazily)."""
+    import torch
+
+    if adapter is not None:
+        model.set_adapter(adapter)  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[1, 2, 3]]))  # type: ignore[operator]
+
+
 def make_adapters(base: Path, root: Path, count: int) -> list[Path]:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -65,24 +86,27 @@ def main() -> None:
 
         cache = ModelCache(capacity=32)
         before = rss_mib()
-        cache.attach_adapter(base, adapters[0], "a0")
-        one = rss_mib()
+        shared, _ = cache.attach_adapter(base, adapters[0], "a0")
+        touch(shared, "a0")
+        one, one_bytes = rss_mib(), tensor_mib(shared)
         for i, path in enumerate(adapters[1:], start=1):
             cache.attach_adapter(base, path, f"a{i}")
-        ten = rss_mib()
+            touch(shared, f"a{i}")
+        ten, ten_bytes = rss_mib(), tensor_mib(shared)
         copy = load_causal_lm(base)
-        with_copy = rss_mib()
+        touch(copy)
+        with_copy, copy_bytes = rss_mib(), tensor_mib(copy)
         del copy
 
     print(f"base weights on disk {weights:.1f} MiB, one adapter on disk {adapter_size:.2f} MiB")
-    print(f"{'':40}{'MiB':>10}")
-    print(f"{'base + 1 adapter (growth from empty)':40}{one - before:>10.1f}")
-    print(f"{'base + 10 adapters (growth from empty)':40}{ten - before:>10.1f}")
+    print(f"{'':40}{'RSS growth MiB':>16}{'tensors MiB':>14}")
+    print(f"{'base + 1 adapter':40}{one - before:>16.1f}{one_bytes:>14.1f}")
+    print(f"{'base + 10 adapters':40}{ten - before:>16.1f}{ten_bytes:>14.1f}")
     per_adapter = (ten - one) / 9
     full_copy = with_copy - ten
-    print(f"{'each extra adapter':40}{per_adapter:>10.2f}")
-    print(f"{'baseline: one more full copy':40}{full_copy:>10.1f}")
-    print(f"ratio (extra adapter / full copy): {per_adapter / full_copy:.3f}")
+    print(f"{'each extra adapter':40}{per_adapter:>16.2f}{(ten_bytes - one_bytes) / 9:>14.2f}")
+    print(f"{'baseline: one more full copy':40}{full_copy:>16.1f}{copy_bytes:>14.1f}")
+    print(f"ratio (extra adapter / full copy, RSS): {per_adapter / full_copy:.3f}")
 
 
 if __name__ == "__main__":
