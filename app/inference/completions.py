@@ -56,6 +56,12 @@ def _params(body: Any, settings: Settings, max_tokens: int | None, index: int) -
     )
 
 
+def _chunk(head: dict[str, Any], index: int, finish: str | None, **fields: Any) -> dict[str, Any]:
+    """One streamed chunk of one choice (chat chunks carry a delta, text chunks text)."""
+    choice = {"index": index, **fields, "finish_reason": finish, "logprobs": None}
+    return {**head, "choices": [choice]}
+
+
 def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
@@ -168,22 +174,10 @@ def chat_completions(
     if body.stream:
 
         def first(index: int) -> dict[str, Any]:
-            delta = {"role": "assistant", "content": ""}
-            return {
-                **head,
-                "choices": [
-                    {"index": index, "delta": delta, "finish_reason": None, "logprobs": None}
-                ],
-            }
+            return _chunk(head, index, None, delta={"role": "assistant", "content": ""})
 
         def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
-            delta = {"content": text} if text else {}
-            return {
-                **head,
-                "choices": [
-                    {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
-                ],
-            }
+            return _chunk(head, index, finish, delta={"content": text} if text else {})
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _stream_events(
@@ -260,12 +254,7 @@ def completions(
     if body.stream:
 
         def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
-            return {
-                **head,
-                "choices": [
-                    {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
-                ],
-            }
+            return _chunk(head, index, finish, text=text)
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _stream_events(
