@@ -62,6 +62,14 @@ def _chunk(head: dict[str, Any], index: int, finish: str | None, **fields: Any) 
     return {**head, "choices": [choice]}
 
 
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
 def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
@@ -112,15 +120,7 @@ def _events(
                 if piece.finish_reason:
                     completion_tokens += piece.completion_tokens
         if include_usage:
-            yield _sse(
-                usage_chunk(
-                    Usage(
-                        prompt_tokens=prompt_tokens,
-                        completion_tokens=completion_tokens,
-                        total_tokens=prompt_tokens + completion_tokens,
-                    ).model_dump()
-                )
-            )
+            yield _sse(usage_chunk(_usage(prompt_tokens, completion_tokens).model_dump()))
     except TunehouseError as exc:
         yield _sse(
             {
@@ -205,11 +205,7 @@ def chat_completions(
         created=created,
         model=body.model,
         choices=choices,
-        usage=Usage(
-            prompt_tokens=len(prompt),
-            completion_tokens=completion_tokens,
-            total_tokens=len(prompt) + completion_tokens,
-        ),
+        usage=_usage(len(prompt), completion_tokens),
     )
 
 
@@ -282,9 +278,5 @@ def completions(
         created=created,
         model=body.model,
         choices=choices,
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
+        usage=_usage(prompt_tokens, completion_tokens),
     )

@@ -3,7 +3,7 @@ before any model is loaded)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -29,4 +29,3 @@ class Generation:
     text: str = ""
     finish_reason: str = "stop"
     completion_tokens: int = 0
-    pieces: list[str] = field(default_factory=list)

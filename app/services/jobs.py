@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -579,7 +579,3 @@ def touch(session: Session, job_ids: Sequence[str]) -> None:
             .values(updated_at=utcnow())
             .execution_options(synchronize_session=False)
         )
-
-
-def count_jobs(session: Session) -> int:
-    return int(session.scalar(select(func.count()).select_from(Job)) or 0)

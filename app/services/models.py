@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -71,10 +72,6 @@ class LoadableModel:
     def kind(self) -> str:
         return self.task
 
-    @property
-    def is_adapter(self) -> bool:
-        return self.base_path is not None
-
 
 def model_kind(task: str) -> str:
     """The model kind a job task (a dataset format) trains; a kind maps to itself."""
@@ -84,9 +81,17 @@ def model_kind(task: str) -> str:
 def base_model_kind(path: Path) -> BaseKind:
     """``causal-lm`` when config.json's ``architectures`` name a causal LM head, else
     ``encoder``. Raises OSError or ValueError when config.json cannot be read."""
-    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    config = Path(path) / "config.json"
+    stat = config.stat()
+    # Read once per version of the file: listings and job creation ask on every request.
+    return _kind_from_config(config, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=64)
+def _kind_from_config(config_path: Path, _mtime_ns: int, _size: int) -> BaseKind:
+    config = json.loads(config_path.read_text(encoding="utf-8"))
     if not isinstance(config, dict):
-        raise ValueError(f"{path}/config.json is not a JSON object")
+        raise ValueError(f"{config_path} is not a JSON object")
     architectures = config.get("architectures") or []
     if any(str(name).endswith(_CAUSAL_SUFFIXES) for name in architectures):
         return "causal-lm"
