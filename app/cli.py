@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from app.core.process import die_with_parent
 from app.core.settings import Role, Settings, get_settings
 
 cli = typer.Typer(help="Tunehouse: self-hosted fine-tuning and inference.", no_args_is_help=True)
@@ -103,7 +104,11 @@ def run(host: Host = None, port: Port = None) -> None:
     settings = _settings()
     _migrate(settings)
     _first_key(settings)
-    worker_process = subprocess.Popen(_worker_command(settings, 1, beat=True))
+    # The worker stops (warm shutdown) whenever this command goes, however it goes.
+    worker_process = subprocess.Popen(
+        _worker_command(settings, 1, beat=True),
+        preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+    )
     try:
         _serve(settings, host, port, "all")
     finally:

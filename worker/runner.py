@@ -8,7 +8,6 @@ job itself, every write conditional on the job still being leased to it.
 from __future__ import annotations
 
 import csv
-import ctypes
 import io
 import logging
 import os
@@ -23,6 +22,7 @@ from sqlalchemy import select
 
 from app.core.db import session_scope
 from app.core.ids import new_id
+from app.core.process import die_with_parent
 from app.core.settings import Settings, get_settings
 from app.core.storage import Storage
 from app.models import Checkpoint, File, FineTunedModel, Job, Organization, utcnow
@@ -31,17 +31,6 @@ from app.services.files import store_result_file
 from app.services.models import MLP_MODEL
 
 log = logging.getLogger("tunehouse.training")
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this process when the worker that started it dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux; the lease still stops an orphan
-        pass
 
 
 class DatabaseReporter:
@@ -264,7 +253,7 @@ def _fail(reporter: DatabaseReporter, code: str, message: str) -> None:
 
 def run_training_process(job_id: str, owner: str) -> None:
     """Entry point of the spawned training process (its own session and process group)."""
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() == 1:  # the worker died before the line above took effect
         return
     settings = get_settings()
