@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import Counter, Histogram
 
 from app import __version__
-from app.api import errors
+from app.api import errors, openapi
 from app.api.routes import files, health, jobs, models
 from app.core.settings import Role, Settings, get_settings
 from app.core.storage import Storage
@@ -62,6 +62,9 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
         REQUESTS.labels(request.method, template, str(response.status_code)).inc()
         return response
 
+    # Added last, so outermost: it sees every response and every escaped exception.
+    app.add_middleware(errors.ErrorBoundary)
+    openapi.install(app)
     logging.getLogger("tunehouse").setLevel(settings.log_level)
     return app
 

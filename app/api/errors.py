@@ -1,13 +1,17 @@
-"""The one error boundary: every failure leaves as OpenAI's error envelope."""
+"""The one error boundary: every failure leaves as OpenAI's error envelope, and every response
+carries the request id that the logs name."""
 
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import TunehouseError
 
@@ -85,7 +89,64 @@ def install(app: FastAPI) -> None:
             message = "Unknown URL: no such route."
         return envelope(exc.status_code, message)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return envelope(500, "The server had an error processing your request.", type="api_error")
+
+REQUEST_ID_HEADER = "x-request-id"
+# An incoming id is kept if it is short and printable ASCII without spaces; else we make one.
+_SANE_REQUEST_ID = re.compile(r"[!-~]{1,128}")
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name.lower() == REQUEST_ID_HEADER.encode():
+            text = value.decode("latin-1")
+            if _SANE_REQUEST_ID.fullmatch(text):
+                return text
+            break
+    return f"req_{uuid.uuid4().hex}"
+
+
+class ErrorBoundary:
+    """The outermost middleware (pure ASGI). It gives every response an ``x-request-id`` and
+    turns any exception the app lets out into a 500 envelope, logged with its traceback and the
+    request id, without internals in the body.
+
+    It must not re-raise: Starlette's ServerErrorMiddleware (which runs an ``Exception``
+    handler) renders its 500 and then raises again, and uvicorn answers that by closing the
+    keep-alive connection under the client."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                header = (REQUEST_ID_HEADER.encode(), request_id.encode())
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception(
+                "unhandled error on %s %s (request %s)",
+                scope.get("method"),
+                scope.get("path"),
+                request_id,
+                extra={"request_id": request_id},
+            )
+            if started:
+                # Mid-stream the status is gone: the response just ends, as it must.
+                return
+            response = envelope(
+                500, "The server had an error while processing your request.", type="server_error"
+            )
+            await response(scope, receive, send_with_id)

@@ -1,0 +1,76 @@
+"""The OpenAPI document says every status a route can answer.
+
+Routes name their own errors (404 for an unknown object, 409 for a state conflict, 413 for a
+large file, ...). The errors every route shares are added here, once, from what the route takes:
+400 where it has parameters or a body (validation errors are 400, never FastAPI's 422), 401 and
+429 where it needs an API key, 404 where its path names an object, 500 everywhere. Every
+response documents the ``x-request-id`` header."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from app.schemas import ErrorResponse
+
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+_REQUEST_ID = {
+    "description": "The request's id, as the server logs name it",
+    "schema": {"type": "string"},
+}
+_SHARED = {
+    "400": "Invalid request: a parameter or the body is malformed or out of bounds",
+    "401": "Missing or wrong API key",
+    "404": "No such object in this organization",
+    "429": "Rate limit reached for this API key",
+    "500": "The server had an error (details are in its log, under the x-request-id)",
+}
+_METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}
+
+
+def install(app: FastAPI) -> None:
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document_errors(build())  # build() keeps its result in app.openapi_schema
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR_REF}}}
+
+
+def _shared_codes(operation: dict[str, Any]) -> list[str]:
+    parameters = operation.get("parameters", [])
+    codes = ["500"]
+    if parameters or "requestBody" in operation:
+        codes.append("400")
+    if operation.get("security"):
+        codes += ["401", "429"]
+    if any(p.get("in") == "path" for p in parameters):
+        codes.append("404")
+    return codes
+
+
+def document_errors(schema: dict[str, Any]) -> None:
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(error_schema.pop("$defs", {}))
+    components.setdefault("ErrorResponse", error_schema)
+    for item in schema.get("paths", {}).values():
+        for method, operation in item.items():
+            if method not in _METHODS:
+                continue
+            responses = operation.setdefault("responses", {})
+            # Validation errors leave as a 400 envelope (app/api/errors.py), never as a 422.
+            responses.pop("422", None)
+            for code in _shared_codes(operation):
+                responses.setdefault(code, _error(_SHARED[code]))
+            for response in responses.values():
+                response.setdefault("headers", {})["x-request-id"] = _REQUEST_ID
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
