@@ -58,6 +58,14 @@ class Settings(BaseSettings):
 
     # Inputs.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    # Datasets: the longest line a text file may hold (1 MiB), and the fewest rows an uploaded
+    # file needs.
+    max_dataset_line_bytes: int = Field(default=1024 * 1024, gt=0)
+    min_dataset_rows: int = Field(default=2, ge=1)
+    # The fewest examples of each label an uploaded classification or tabular file needs. 2
+    # refuses a label seen only once; it stays 1 by default because an upload may be a small
+    # validation file, where one example of a label is fine.
+    min_examples_per_label: int = Field(default=1, ge=1)
     max_prediction_inputs: int = Field(default=256, gt=0)
     # Most tokens one completion may generate.
     max_new_tokens: int = Field(default=2048, ge=1)

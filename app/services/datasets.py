@@ -5,6 +5,12 @@ format has one row checker that either normalises the row or says in words what 
 one statistics accumulator. A problem is reported with the number of the first bad line (or
 "row N" for Parquet). Pure Python (pyarrow only for Parquet): no torch here.
 
+Encoding: UTF-8, with or without a byte-order mark (stripped, like CRLF line ends); a UTF-16 or
+UTF-32 file is refused with a message that says so. No line may be longer than
+``DatasetLimits.max_line_bytes`` (lines are read at most that long, so one huge line never fills
+the memory). ``DatasetLimits`` also holds the fewest rows a file needs and the fewest examples a
+label needs; the upload route fills it from the settings, other readers keep the defaults.
+
 Sources: JSONL, CSV/TSV (a header line), Parquet (detected by its ``PAR1`` magic bytes), and
 plain text (a ``.txt`` upload, stored with format ``text``: every blank-line-separated paragraph
 is one ``{"text": ...}`` row). Plain text cannot be told from CSV by its content, so readers pass
@@ -22,10 +28,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.core.settings import Settings
+
 # Fields of a CSV cell are unbounded by default in spirit, but the csv module caps them.
 csv.field_size_limit(16 * 1024 * 1024)
 
 PARQUET_MAGIC = b"PAR1"
+UTF8_BOM = b"\xef\xbb\xbf"
+# Byte-order marks of encodings that are not UTF-8 (UTF-32 first: it starts like UTF-16).
+OTHER_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
+DEFAULT_MAX_LINE_BYTES = 1024 * 1024
 PARQUET_BATCH_ROWS = 1024
 CHAT_ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = ("role", "content", "weight")
@@ -40,6 +57,25 @@ class DatasetError(ValueError):
 
 
 RowChecker = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class DatasetLimits:
+    """What a file must keep to. The defaults accept any non-empty file with lines up to 1 MiB;
+    the upload route passes the server's settings (``max_dataset_line_bytes``,
+    ``min_dataset_rows``, ``min_examples_per_label``)."""
+
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    min_rows: int = 1
+    min_examples_per_label: int = 1
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DatasetLimits:
+        return cls(
+            max_line_bytes=settings.max_dataset_line_bytes,
+            min_rows=settings.min_dataset_rows,
+            min_examples_per_label=settings.min_examples_per_label,
+        )
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -66,49 +102,74 @@ class Summary:
 
 
 class FormatStats:
-    """Statistics of one file, fed its normalised rows in order. ``add`` may raise ValueError
-    for a row that disagrees with earlier ones (reported at that row); ``result`` may raise
-    ValueError for a problem of the whole file."""
+    """Statistics of one file, fed its normalised rows in order with their line (or row)
+    numbers. ``add`` may raise ValueError for a row that disagrees with earlier ones (reported
+    at that row); ``result`` may raise ValueError for a problem of the whole file, or
+    DatasetError for one it can place at a line."""
 
     def __init__(self) -> None:
         self.rows = 0
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: dict[str, Any], number: int) -> None:
         self.rows += 1
-        self._add(row)
+        self._add(row, number)
 
-    def result(self) -> dict[str, Any]:
-        return {"rows": self.rows, **self._result()}
+    def result(self, limits: DatasetLimits) -> dict[str, Any]:
+        return {"rows": self.rows, **self._result(limits)}
 
-    def _add(self, row: dict[str, Any]) -> None:
+    def _add(self, row: dict[str, Any], number: int) -> None:
         pass
 
-    def _result(self) -> dict[str, Any]:
+    def _result(self, limits: DatasetLimits) -> dict[str, Any]:
         return {}
 
 
-def _require_two_labels(labels: Counter[str]) -> None:
-    if len(labels) < 2:
-        only = ", ".join(repr(label) for label in labels)
-        raise ValueError(
-            f"a classifier needs at least 2 distinct labels, found {len(labels)} ({only})"
-        )
+class LabelCounts:
+    """How often each label occurs, and the line where it first does."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.first_seen: dict[str, int] = {}
+
+    def add(self, label: str, number: int) -> None:
+        self.counts[label] += 1
+        self.first_seen.setdefault(label, number)
+
+    def check(self, limits: DatasetLimits) -> dict[str, int]:
+        """The counts, sorted by label; raises when fewer than 2 labels, or a label with fewer
+        examples than ``limits.min_examples_per_label`` (at the line it first occurs)."""
+        if len(self.counts) < 2:
+            only = ", ".join(repr(label) for label in self.counts)
+            raise ValueError(
+                f"a classifier needs at least 2 distinct labels, found {len(self.counts)} ({only})"
+            )
+        needed = limits.min_examples_per_label
+        rare = [label for label, count in self.counts.items() if count < needed]
+        if rare:
+            label = min(rare, key=self.first_seen.__getitem__)
+            count = self.counts[label]
+            seen = "only once" if count == 1 else f"only {count} times"
+            raise DatasetError(
+                f"label {label!r} is seen {seen} in the file; each label needs at least "
+                f"{needed} examples (min_examples_per_label)",
+                self.first_seen[label],
+            )
+        return dict(sorted(self.counts.items()))
 
 
 class ClassificationStats(FormatStats):
     def __init__(self) -> None:
         super().__init__()
-        self.labels: Counter[str] = Counter()
+        self.labels = LabelCounts()
         self.text_chars = Summary()
 
-    def _add(self, row: dict[str, Any]) -> None:
-        self.labels[row["label"]] += 1
+    def _add(self, row: dict[str, Any], number: int) -> None:
+        self.labels.add(row["label"], number)
         self.text_chars.add(len(row["text"]))
 
-    def _result(self) -> dict[str, Any]:
-        _require_two_labels(self.labels)
+    def _result(self, limits: DatasetLimits) -> dict[str, Any]:
         return {
-            "label_counts": dict(sorted(self.labels.items())),
+            "label_counts": self.labels.check(limits),
             "text_chars": self.text_chars.as_dict(),
         }
 
@@ -121,14 +182,14 @@ class ChatStats(FormatStats):
         self.trained_turns = 0
         self.chars = Summary()
 
-    def _add(self, row: dict[str, Any]) -> None:
+    def _add(self, row: dict[str, Any], number: int) -> None:
         messages = row["messages"]
         self.messages.add(len(messages))
         self.roles.update(m["role"] for m in messages)
         self.trained_turns += sum(m["role"] == "assistant" and m["weight"] == 1 for m in messages)
         self.chars.add(sum(len(m["content"]) for m in messages))
 
-    def _result(self) -> dict[str, Any]:
+    def _result(self, limits: DatasetLimits) -> dict[str, Any]:
         return {
             "messages_per_row": self.messages.as_dict(),
             "role_counts": {role: self.roles[role] for role in CHAT_ROLES},
@@ -143,11 +204,11 @@ class CompletionStats(FormatStats):
         self.prompt_chars = Summary()
         self.completion_chars = Summary()
 
-    def _add(self, row: dict[str, Any]) -> None:
+    def _add(self, row: dict[str, Any], number: int) -> None:
         self.prompt_chars.add(len(row["prompt"]))
         self.completion_chars.add(len(row["completion"]))
 
-    def _result(self) -> dict[str, Any]:
+    def _result(self, limits: DatasetLimits) -> dict[str, Any]:
         return {
             "prompt_chars": self.prompt_chars.as_dict(),
             "completion_chars": self.completion_chars.as_dict(),
@@ -159,10 +220,10 @@ class TextStats(FormatStats):
         super().__init__()
         self.text_chars = Summary()
 
-    def _add(self, row: dict[str, Any]) -> None:
+    def _add(self, row: dict[str, Any], number: int) -> None:
         self.text_chars.add(len(row["text"]))
 
-    def _result(self) -> dict[str, Any]:
+    def _result(self, limits: DatasetLimits) -> dict[str, Any]:
         return {"text_chars": self.text_chars.as_dict(), "total_chars": self.text_chars.total}
 
 
@@ -170,19 +231,18 @@ class TabularStats(FormatStats):
     def __init__(self) -> None:
         super().__init__()
         self.features: int | None = None
-        self.labels: Counter[str] = Counter()
+        self.labels = LabelCounts()
 
-    def _add(self, row: dict[str, Any]) -> None:
+    def _add(self, row: dict[str, Any], number: int) -> None:
         size = len(row["features"])
         if self.features is None:
             self.features = size
         elif size != self.features:
             raise ValueError(f"expected {self.features} features as in the first row, got {size}")
-        self.labels[row["label"]] += 1
+        self.labels.add(row["label"], number)
 
-    def _result(self) -> dict[str, Any]:
-        _require_two_labels(self.labels)
-        return {"features": self.features, "label_counts": dict(sorted(self.labels.items()))}
+    def _result(self, limits: DatasetLimits) -> dict[str, Any]:
+        return {"features": self.features, "label_counts": self.labels.check(limits)}
 
 
 # ---- the formats -------------------------------------------------------------------------------
@@ -378,20 +438,43 @@ def _check_same_format(row: dict[str, Any], fmt: RowFormat) -> None:
 # ---- sources: the raw rows of a file ------------------------------------------------------------
 
 
-def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+def _refuse_other_encodings(head: bytes) -> None:
+    for bom, encoding in OTHER_BOMS.items():
+        if head.startswith(bom):
+            raise DatasetError(
+                f"the file is {encoding} (it starts with a {encoding} byte-order mark); "
+                "save it as UTF-8",
+                1,
+            )
+
+
+def _decoded_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, str]]:
+    """The lines of a UTF-8 text file without their ends (LF or CRLF), numbered from 1. A
+    UTF-8 byte-order mark is dropped; no line is read past ``max_line_bytes``."""
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
+        number = 0
+        # Room for the longest allowed line and its CRLF: anything longer is too long.
+        while raw := handle.readline(max_line_bytes + 2):
+            number += 1
+            if number == 1:
+                _refuse_other_encodings(raw)
+                raw = raw.removeprefix(UTF8_BOM)
+            raw = raw.rstrip(b"\r\n")
+            if len(raw) > max_line_bytes:
+                raise DatasetError(
+                    f"the line is longer than {max_line_bytes} bytes, this server's limit "
+                    "(max_dataset_line_bytes)",
+                    number,
+                )
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise DatasetError(f"not valid UTF-8 (byte {exc.start + 1})", number) from None
-            yield number, text.rstrip("\r\n")
+            yield number, text
 
 
-def _first_line(path: Path) -> str | None:
-    for _, line in _decoded_lines(path):
+def _first_line(path: Path, max_line_bytes: int) -> str | None:
+    for _, line in _decoded_lines(path, max_line_bytes):
         stripped = line.strip()
         if stripped:
             return stripped
@@ -418,8 +501,8 @@ def _is_json_object(line: str) -> bool:
         return False
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    for number, line in _decoded_lines(path):
+def _jsonl_rows(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
+    for number, line in _decoded_lines(path, max_line_bytes):
         if not line.strip():
             continue
         try:
@@ -430,10 +513,10 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
             ) from None
 
 
-def _paragraph_rows(path: Path) -> Iterator[tuple[int, Any]]:
+def _paragraph_rows(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
     """Plain text: each run of non-blank lines is one row, numbered by its first line."""
     start, lines = 0, []
-    for number, line in _decoded_lines(path):
+    for number, line in _decoded_lines(path, max_line_bytes):
         if line.strip():
             start = start or number
             lines.append(line)
@@ -507,8 +590,8 @@ class TableShaper:
         return {"features": features, "label": row["label"]}
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    lines = _decoded_lines(path)
+def _csv_rows(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
+    lines = _decoded_lines(path, max_line_bytes)
     numbers: list[int] = []
 
     def texts() -> Iterator[str]:
@@ -590,17 +673,23 @@ class _Source:
     rows: Iterator[tuple[int, Any]]
 
 
-def _open_source(path: Path, fmt: str | None, filename_hint: str | None) -> _Source:
+def _open_source(
+    path: Path, fmt: str | None, filename_hint: str | None, max_line_bytes: int
+) -> _Source:
     if _is_parquet(path):
         return _Source("row", _parquet_rows(path))
-    first = _first_line(path)
+    first = _first_line(path, max_line_bytes)
     if first is None:
         raise DatasetError("the file is empty")
     # A text dataset is plain text unless it is JSONL (its first line a JSON object).
     plain = (fmt == "text" or _is_plain_text_name(filename_hint)) and not _is_json_object(first)
     if plain:
-        return _Source("line", _paragraph_rows(path))
-    return _Source("line", _jsonl_rows(path) if _is_jsonl(first) else _csv_rows(path))
+        rows = _paragraph_rows(path, max_line_bytes)
+    elif _is_jsonl(first):
+        rows = _jsonl_rows(path, max_line_bytes)
+    else:
+        rows = _csv_rows(path, max_line_bytes)
+    return _Source("line", rows)
 
 
 # ---- reading and validating ---------------------------------------------------------------------
@@ -636,10 +725,10 @@ def _check_row(row: Any, fmt: RowFormat | None) -> tuple[RowFormat, dict[str, An
 
 
 def _checked_rows(
-    path: Path, fmt: str | None = None, filename_hint: str | None = None
+    path: Path, fmt: str | None, filename_hint: str | None, limits: DatasetLimits
 ) -> Iterator[_Checked]:
     expected = _format_named(fmt) if fmt else None
-    source = _open_source(path, fmt, filename_hint)
+    source = _open_source(path, fmt, filename_hint, limits.max_line_bytes)
     for number, raw in source.rows:
         try:
             expected, row = _check_row(raw, expected)
@@ -649,35 +738,49 @@ def _checked_rows(
 
 
 def validate_dataset(
-    path: Path, filename_hint: str | None = None, *, fmt: str | None = None
+    path: Path,
+    filename_hint: str | None = None,
+    *,
+    fmt: str | None = None,
+    limits: DatasetLimits | None = None,
 ) -> DatasetInfo:
     """Read the whole file once; return its format and statistics or raise DatasetError.
 
     ``filename_hint`` is the name the user uploaded it under (only ``.txt`` matters: plain
     text); ``fmt`` is the format stored for the file, when it is known already."""
+    limits = limits or DatasetLimits()
     stats: FormatStats | None = None
-    fmt_name = ""
-    for checked in _checked_rows(path, fmt, filename_hint):
+    fmt_name, unit = "", "line"
+    for checked in _checked_rows(path, fmt, filename_hint, limits):
         if stats is None:
-            stats, fmt_name = checked.format.stats(), checked.format.name
+            stats, fmt_name, unit = checked.format.stats(), checked.format.name, checked.unit
         try:
-            stats.add(checked.row)
+            stats.add(checked.row, checked.number)
         except ValueError as exc:
             raise DatasetError(str(exc), checked.number, checked.unit) from None
     if stats is None:
         raise DatasetError("the file has no rows")
+    if stats.rows < limits.min_rows:
+        raise DatasetError(
+            f"too few rows: the file has {stats.rows}, a training file needs at least "
+            f"{limits.min_rows} (min_dataset_rows)"
+        )
     try:
-        summary = stats.result()
+        summary = stats.result(limits)
+    except DatasetError as exc:
+        raise DatasetError(exc.reason, exc.line, unit) from None
     except ValueError as exc:
         raise DatasetError(str(exc)) from None
     return DatasetInfo(format=fmt_name, rows=stats.rows, stats=summary)
 
 
-def iter_examples(path: Path, fmt: str | None = None) -> Iterator[dict[str, Any]]:
+def iter_examples(
+    path: Path, fmt: str | None = None, *, limits: DatasetLimits | None = None
+) -> Iterator[dict[str, Any]]:
     """The normalised rows of a validated file. Pass the file's stored ``format`` as ``fmt``
     (needed for plain-text files, and it refuses rows of another format). Rows are:
     classification ``{"text", "label": str}``; chat ``{"messages": [{"role", "content",
     "weight": 0|1}]}``; completion ``{"prompt", "completion"}``; text ``{"text"}``; tabular
     ``{"features": [float], "label": str}``."""
-    for checked in _checked_rows(path, fmt):
+    for checked in _checked_rows(path, fmt, None, limits or DatasetLimits()):
         yield checked.row

@@ -15,7 +15,7 @@ from app.core.errors import InvalidRequest, NotFound
 from app.core.ids import new_id
 from app.core.storage import Storage
 from app.models import File, Organization, utcnow
-from app.services.datasets import DatasetError, validate_dataset
+from app.services.datasets import DatasetError, DatasetLimits, validate_dataset
 from app.services.pagination import page
 from app.services.uploads import Upload
 
@@ -43,7 +43,13 @@ def _expiry_seconds(fields: dict[str, str]) -> int | None:
     return value
 
 
-def store_upload(session: Session, storage: Storage, org: Organization, upload: Upload) -> File:
+def store_upload(
+    session: Session,
+    storage: Storage,
+    org: Organization,
+    upload: Upload,
+    limits: DatasetLimits | None = None,
+) -> File:
     """Validate an uploaded temporary file and keep it, or raise and keep nothing."""
     assert upload.path is not None
     try:
@@ -57,7 +63,7 @@ def store_upload(session: Session, storage: Storage, org: Organization, upload: 
             )
         expires = _expiry_seconds(upload.fields)
         try:
-            info = validate_dataset(upload.path, filename_hint=upload.filename)
+            info = validate_dataset(upload.path, filename_hint=upload.filename, limits=limits)
         except DatasetError as exc:
             raise InvalidRequest(
                 f"Invalid file '{upload.filename}': {exc}", param="file", code="invalid_file"

@@ -1,11 +1,14 @@
 """Streaming multipart uploads: the file part goes straight to a temporary file on disk while
 its sha256 and size are counted, so a large upload is never held in memory and an oversized
-one is refused before the rest of the body is read."""
+one is refused before the rest of the body is read: at once when its Content-Length says so,
+otherwise as soon as the count passes the limit. The client's filename is a label only (control
+characters dropped, at most 255 characters); the file is stored under a server-made name."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from app.core.errors import InvalidRequest, TooLarge
 
 MAX_FIELD_BYTES = 4096
+# A form's parts besides the file (boundaries, part headers, short fields) fit in this much.
+FORM_OVERHEAD_BYTES = 64 * 1024
+MAX_FILENAME_CHARS = 255
 
 
 @dataclass
@@ -80,8 +86,7 @@ class _Receiver:
         if name == "file":
             if self._file is not None:
                 raise InvalidRequest("Send exactly one 'file' part.", param="file")
-            raw_name = params.get(b"filename", b"")
-            self.upload.filename = raw_name.decode("utf-8", "replace")[:512] or "upload"
+            self.upload.filename = filename_label(params.get(b"filename", b""))
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = _mkstemp(self.tmp_dir)
             self.upload.path = Path(tmp)
@@ -97,11 +102,7 @@ class _Receiver:
             assert self._file is not None
             self.upload.size += len(chunk)
             if self.upload.size > self.max_bytes:
-                raise TooLarge(
-                    f"The file is larger than this server's limit of {self.max_bytes} bytes.",
-                    param="file",
-                    code="file_too_large",
-                )
+                raise _too_large(f"The file is larger than this server's limit of {self.max_bytes}")
             self._hash.update(chunk)
             self._file.write(chunk)
         else:
@@ -128,6 +129,32 @@ class _Receiver:
         self.upload.sha256 = self._hash.hexdigest()
 
 
+def filename_label(raw: bytes) -> str:
+    """The client's filename as a label to show: decoded, without control characters (a NUL or
+    a newline would break a database column or a response header), at most 255 characters.
+    Never used as a path."""
+    name = raw.decode("utf-8", "replace")
+    name = "".join(ch for ch in name if unicodedata.category(ch) != "Cc").strip()
+    return name[:MAX_FILENAME_CHARS] or "upload"
+
+
+def _too_large(what: str) -> TooLarge:
+    return TooLarge(f"{what} bytes (max_upload_bytes).", param="file", code="file_too_large")
+
+
+def _refuse_declared_size(content_length: str | None, max_bytes: int) -> None:
+    """Refuse a body whose declared size cannot hold a file within the limit, unread."""
+    try:
+        declared = int(content_length) if content_length else None
+    except ValueError:
+        raise InvalidRequest("The Content-Length header is not a number.") from None
+    if declared is not None and declared > max_bytes + FORM_OVERHEAD_BYTES:
+        raise _too_large(
+            f"The request body is {declared} bytes, more than this server's upload limit of "
+            f"{max_bytes}"
+        )
+
+
 def _mkstemp(directory: Path) -> tuple[int, str]:
     import tempfile
 
@@ -135,9 +162,15 @@ def _mkstemp(directory: Path) -> tuple[int, str]:
 
 
 async def receive_upload(
-    content_type: str | None, body: AsyncIterator[bytes], *, tmp_dir: Path, max_bytes: int
+    content_type: str | None,
+    body: AsyncIterator[bytes],
+    *,
+    tmp_dir: Path,
+    max_bytes: int,
+    content_length: str | None = None,
 ) -> Upload:
     """Parse a multipart body as it arrives. On any error the temporary file is removed."""
+    _refuse_declared_size(content_length, max_bytes)
     mime, params = parse_options_header(content_type or "")
     boundary = params.get(b"boundary")
     if mime != b"multipart/form-data" or not boundary:

@@ -12,6 +12,7 @@ from app.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
 from app.api.presenters import file_object, list_response
 from app.schemas import DeletedResponse, ErrorResponse, FileObject, ListResponse
 from app.services import files
+from app.services.datasets import DatasetLimits
 from app.services.uploads import receive_upload
 
 router = APIRouter(prefix="/files", tags=["files"])
@@ -60,9 +61,11 @@ async def upload_file(
         request.stream(),
         tmp_dir=storage.tmp_dir,
         max_bytes=settings.max_upload_bytes,
+        content_length=request.headers.get("content-length"),
     )
     # Validation reads the whole file: keep it off the event loop.
-    file = await run_in_threadpool(files.store_upload, session, storage, org, upload)
+    limits = DatasetLimits.from_settings(settings)
+    file = await run_in_threadpool(files.store_upload, session, storage, org, upload, limits)
     await run_in_threadpool(session.commit)
     return file_object(file)
 
