@@ -3,8 +3,8 @@
 Routes name their own errors (404 for an unknown object, 409 for a state conflict, 413 for a
 large file, ...). The errors every route shares are added here, once, from what the route takes:
 400 where it has parameters or a body (validation errors are 400, never FastAPI's 422), 401 and
-429 where it needs an API key, 404 where its path names an object, 500 everywhere. Every
-response documents the ``x-request-id`` header."""
+429 where it needs an API key, 404 where its path or its ``after`` cursor names an object,
+500 everywhere. Every response documents the ``x-request-id`` header."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def _shared_codes(operation: dict[str, Any]) -> list[str]:
         codes.append("400")
     if operation.get("security"):
         codes += ["401", "429"]
-    if any(p.get("in") == "path" for p in parameters):
+    # A path names an object; an ``after`` cursor names one too (an unknown one is a 404).
+    if any(p.get("in") == "path" or p.get("name") == "after" for p in parameters):
         codes.append("404")
     return codes
 
