@@ -137,6 +137,9 @@ def _first_key(settings: Settings) -> None:
 def keys_create(
     organization: Annotated[str, typer.Option(help="Organization the key belongs to")] = "default",
     name: Annotated[str | None, typer.Option(help="A label for the key")] = None,
+    admin: Annotated[
+        bool, typer.Option(help="May also manage the organization's keys over HTTP")
+    ] = False,
 ) -> None:
     """Create an API key and print it (it is not shown again)."""
     from app.core.db import session_scope
@@ -145,11 +148,12 @@ def keys_create(
     settings = _settings()
     _migrate(settings)
     with session_scope(settings.sqlalchemy_url) as session:
-        new = keys.create_key(session, organization, name=name)
+        new = keys.create_key(session, organization, name=name, admin=admin)
     # The key alone on stdout, so `KEY=$(tunehouse keys create)` works.
     print(new.key)
+    kind = "admin key" if admin else "key"
     Console(stderr=True).print(
-        f"[dim]key {new.record.id} for organization '{new.organization.name}'[/]"
+        f"[dim]{kind} {new.record.id} for organization '{new.organization.name}'[/]"
     )
 
 
@@ -165,7 +169,7 @@ def keys_list(
     from app.models import ApiKey, Organization
 
     settings = _settings()
-    table = Table("organization", "name", "created", "revoked")
+    table = Table("organization", "name", "admin", "created", "revoked")
     # Ids and prefixes are copied into other commands: never wrap or truncate them.
     table.columns.insert(0, Column("id", no_wrap=True, min_width=28))
     table.columns.insert(2, Column("prefix", no_wrap=True, min_width=13))
@@ -175,23 +179,30 @@ def keys_list(
             stmt = stmt.where(Organization.name == organization)
         for key, org in session.execute(stmt):
             table.add_row(
-                key.id, org.name, key.prefix + "…", key.name or "",
+                key.id, org.name, key.prefix + "…", key.name or "", "yes" if key.admin else "",
                 key.created_at.isoformat(timespec="seconds"),
                 key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "",
             )  # fmt: skip
-    console.print(table)
+    # Piped output keeps whole rows: a terminal's width only limits a terminal.
+    (console if console.is_terminal else Console(width=200)).print(table)
 
 
 @keys_cli.command("revoke")
-def keys_revoke(key_id: str) -> None:
+def keys_revoke(
+    key_id: str,
+    organization: Annotated[
+        str | None, typer.Option(help="Only revoke it if it belongs to this organization")
+    ] = None,
+) -> None:
     """Revoke an API key by its id (refused from the next request on)."""
     from app.core.db import session_scope
     from app.services import keys
 
     with session_scope(_settings().sqlalchemy_url) as session:
-        revoked = keys.revoke_key(session, key_id)
+        revoked = keys.revoke_key(session, key_id, organization)
     if not revoked:
-        console.print(f"[red]No active key {key_id}[/]")
+        where = f" in organization '{organization}'" if organization else ""
+        console.print(f"[red]No active key {key_id}{where}[/]")
         raise typer.Exit(1)
     console.print(f"Revoked {key_id}")
 

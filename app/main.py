@@ -13,7 +13,7 @@ from prometheus_client import Counter, Histogram
 
 from app import __version__
 from app.api import errors, openapi
-from app.api.routes import files, health, jobs, models
+from app.api.routes import files, health, jobs, keys, models
 from app.core.settings import Role, Settings, get_settings
 from app.core.storage import Storage
 from app.inference.completions import router as completions_router
@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
     errors.install(app)
     app.include_router(health.router)
     if role in ("control", "all"):
-        for router in (files.router, jobs.router, models.router):
+        for router in (files.router, jobs.router, models.router, keys.router):
             app.include_router(router, prefix="/v1")
     if role in ("inference", "all"):
         app.state.model_cache = ModelCache(settings.model_cache_size)

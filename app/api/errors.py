@@ -39,8 +39,11 @@ def envelope(
     param: str | None = None,
     code: str | None = None,
     retry: bool = True,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    headers = {} if retry else {"x-should-retry": "false"}
+    headers = dict(headers or {})
+    if not retry:
+        headers["x-should-retry"] = "false"
     body = {
         "error": {
             "message": message,
@@ -68,6 +71,7 @@ def install(app: FastAPI) -> None:
             param=exc.param,
             code=exc.code,
             retry=exc.retryable,
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)

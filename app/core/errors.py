@@ -8,6 +8,8 @@ class TunehouseError(Exception):
     error_type = "invalid_request_error"
     # Deterministic failures tell the SDK not to retry (it retries 409 and 5xx by default).
     retryable = True
+    # Extra response headers (Retry-After for a rate limit).
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -23,6 +25,12 @@ class InvalidRequest(TunehouseError):
 class Unauthorized(TunehouseError):
     status_code = 401
     error_type = "authentication_error"
+
+
+class Forbidden(TunehouseError):
+    status_code = 403
+    error_type = "permission_error"
+    retryable = False
 
 
 class NotFound(TunehouseError):
@@ -44,3 +52,12 @@ class TooLarge(TunehouseError):
 class ServiceUnavailable(TunehouseError):
     status_code = 503
     error_type = "service_unavailable"
+
+
+class RateLimited(TunehouseError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: int, code: str = "rate_limit_exceeded"):
+        super().__init__(message, code=code)
+        self.headers = {"Retry-After": str(retry_after)}

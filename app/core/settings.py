@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(default=2048, ge=1)
     # Fine-tuned models kept loaded by an inference process.
     model_cache_size: int = Field(default=4, ge=1)
+    # Requests one API key may make per minute (0: no limit); counted in Redis when Redis is
+    # the broker, so all API processes share it, and per process otherwise.
+    rate_limit_per_minute: int = Field(default=0, ge=0)
 
     @field_validator("base_models", mode="before")
     @classmethod
