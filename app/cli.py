@@ -51,7 +51,8 @@ def _serve(settings: Settings, host: str | None, port: int | None, role: Role) -
 def _worker_command(settings: Settings, concurrency: int, beat: bool) -> list[str]:
     command = [
         sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
-        "--concurrency", str(concurrency), "--loglevel", settings.log_level, "-Q", "tunehouse",
+        "--pool", "threads", "--concurrency", str(concurrency),
+        "--loglevel", settings.log_level, "-Q", "tunehouse",
     ]  # fmt: skip
     if beat:
         # Beat sends the reconciler's periodic wake-up; its schedule file lives with the data.
@@ -112,9 +113,10 @@ def run(host: Host = None, port: Port = None) -> None:
     try:
         _serve(settings, host, port, "all")
     finally:
+        # Warm shutdown: a running job checkpoints and goes back to the queue first.
         worker_process.send_signal(signal.SIGTERM)
         try:
-            worker_process.wait(timeout=30)
+            worker_process.wait(timeout=settings.shutdown_grace_seconds + 15)
         except subprocess.TimeoutExpired:
             worker_process.kill()
 

@@ -130,7 +130,9 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     # Lease: the worker that owns a running job renews lease_expires_at with heartbeats.
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)  # starts, pauses' resumes included
+    # Starts that ended in a crash (the process died, or its lease ran out); max_attempts caps it.
+    crash_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None]
 

@@ -4,6 +4,8 @@ and what the broker loses the reconciler sends again from the database."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +17,9 @@ from sqlalchemy import select, update
 
 from app.core.db import get_engine, session_scope
 from app.core.ids import new_id
+from app.core.errors import Conflict
 from app.core.migrate import upgrade
+from app.core.process import process_identity
 from app.core.queue import enqueue_job
 from app.core.settings import Settings
 from app.core.storage import Storage
@@ -165,10 +169,10 @@ def test_renew_lease(world: World) -> None:
     first = world.job(job_id).lease_expires_at
     assert first is not None
     with session_scope(world.url) as session:
-        assert jobs.renew_lease(session, job_id, "worker-b", 60) is False
+        assert jobs.renew_lease(session, job_id, "worker-b", 60) is None
     assert world.job(job_id).lease_expires_at == first
     with session_scope(world.url) as session:
-        assert jobs.renew_lease(session, job_id, "worker-a", 60) is True
+        assert jobs.renew_lease(session, job_id, "worker-a", 60) == jobs.RUNNING
     renewed = world.job(job_id).lease_expires_at
     assert renewed is not None and renewed > first + timedelta(seconds=40)
 
@@ -176,7 +180,7 @@ def test_renew_lease(world: World) -> None:
         org = keys.get_or_create_organization(session, world.org_name)
         assert jobs.cancel_job(session, org, job_id).status == jobs.CANCELLED
     with session_scope(world.url) as session:
-        assert jobs.renew_lease(session, job_id, "worker-a", 60) is False
+        assert jobs.renew_lease(session, job_id, "worker-a", 60) is None
     cancelled = world.job(job_id)
     assert cancelled.status == jobs.CANCELLED
     assert cancelled.lease_owner is None
@@ -301,8 +305,9 @@ def test_reconciler_requeues_expired_lease_then_fails_after_max_attempts(world: 
     assert job.finished_at is None
     warn = world.events(job_id)[-1]
     assert warn.level == "warn"
-    assert "stopped responding" in warn.message
-    assert "re-queued" in warn.message
+    assert "stopped renewing its lease" in warn.message
+    assert "queued again" in warn.message and "crash 1 of at most 2" in warn.message
+    assert job.crash_count == 1
     assert world.wakeups_for(job_id) == 1
     # The dead worker's lease is gone: it can neither renew nor finish the job.
     with session_scope(world.url) as session:
@@ -320,7 +325,8 @@ def test_reconciler_requeues_expired_lease_then_fails_after_max_attempts(world: 
     assert job.status == jobs.FAILED
     assert job.error is not None
     assert job.error["code"] == "max_attempts_exceeded"
-    assert job.attempt == 2
+    assert "crashed 2 times" in job.error["message"]
+    assert job.attempt == 2 and job.crash_count == 2
     assert job.finished_at is not None
     assert job.lease_owner is None
     last = world.events(job_id)[-1]
@@ -330,3 +336,69 @@ def test_reconciler_requeues_expired_lease_then_fails_after_max_attempts(world: 
     assert world.claim(job_id, "worker-c") is False
     assert reconciler.reconcile_once(world.settings)["failed"] == 0
     assert world.job(job_id).status == jobs.FAILED
+
+
+def test_pause_keeps_the_lease_until_the_trainer_has_checkpointed(world: World) -> None:
+    job_id = world.new_job()
+    assert world.claim(job_id, "worker-a")
+    with session_scope(world.url) as session:
+        org = keys.get_or_create_organization(session, world.org_name)
+        assert jobs.pause_job(session, org, job_id).status == jobs.PAUSED
+        assert jobs.pause_job(session, org, job_id).status == jobs.PAUSED  # a no-op
+    # The trainer keeps its lease while it writes the checkpoint, and hears it must stop.
+    with session_scope(world.url) as session:
+        assert jobs.renew_lease(session, job_id, "worker-a", 60) == jobs.PAUSED
+    # Resumed before the trainer has gone: queued, but nobody may start it yet.
+    with session_scope(world.url) as session:
+        org = keys.get_or_create_organization(session, world.org_name)
+        assert jobs.resume_job(session, org, job_id).status == jobs.QUEUED
+        assert jobs.resume_job(session, org, job_id).status == jobs.QUEUED  # a no-op
+    assert world.claim(job_id, "worker-b") is False
+    # The trainer exits; its worker lets go, and the next claim wins.
+    with session_scope(world.url) as session:
+        assert jobs.release_lease(session, job_id, "worker-a") == jobs.QUEUED
+        assert jobs.release_lease(session, job_id, "worker-a") is None
+    assert world.claim(job_id, "worker-b") is True
+    job = world.job(job_id)
+    assert job.attempt == 2 and job.crash_count == 0  # a pause is not a crash
+    messages = [e.message for e in world.events(job_id)]
+    assert any("Pause requested" in m for m in messages)
+    assert any("resumed; it goes on from step" in m for m in messages)
+
+
+def test_pause_and_resume_refuse_finished_jobs(world: World) -> None:
+    job_id = world.new_job()
+    with session_scope(world.url) as session:
+        org = keys.get_or_create_organization(session, world.org_name)
+        assert jobs.resume_job(session, org, job_id).status == jobs.QUEUED  # already: a no-op
+    with session_scope(world.url) as session:
+        org = keys.get_or_create_organization(session, world.org_name)
+        jobs.cancel_job(session, org, job_id)
+    with session_scope(world.url) as session:
+        org = keys.get_or_create_organization(session, world.org_name)
+        with pytest.raises(Conflict):
+            jobs.pause_job(session, org, job_id)
+        with pytest.raises(Conflict):
+            jobs.resume_job(session, org, job_id)
+    assert world.job(job_id).status == jobs.CANCELLED
+
+
+def test_a_lease_whose_holder_is_gone_from_this_machine_is_not_waited_out(
+    world: World,
+) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    job_id = world.new_job()
+    host, namespace, _, _ = process_identity("x").split(":")
+    assert world.claim(job_id, f"{host}:{namespace}:{dead.pid}:abcdef", lease_seconds=600)
+    alive = world.new_job()
+    assert world.claim(alive, process_identity("abcdef"), lease_seconds=600)
+    elsewhere = world.new_job()
+    assert world.claim(elsewhere, f"other-host:{namespace}:{dead.pid}:abcdef", lease_seconds=600)
+
+    summary = reconciler.reconcile_once(world.settings)
+    assert summary["expired"] == 1
+    assert world.job(job_id).status == jobs.QUEUED
+    assert "lost its worker" in world.events(job_id)[-1].message
+    assert world.job(alive).status == jobs.RUNNING  # our own process: alive
+    assert world.job(elsewhere).status == jobs.RUNNING  # another machine: wait for the lease

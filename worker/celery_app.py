@@ -1,4 +1,10 @@
-"""The Celery worker app: `celery -A worker.celery_app worker`, or `tunehouse worker`."""
+"""The Celery worker app: `celery -A worker.celery_app worker`, or `tunehouse worker`.
+
+The pool is threads: a task only watches its training process (the training runs in a
+spawned process of its own), so the worker stays one process. Killing it (even with -9)
+takes its training processes with it, and a SIGTERM reaches the code that hands its jobs
+back to the queue.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,13 @@ import logging
 import threading
 from typing import Any
 
-from celery.signals import worker_ready
+from celery.signals import beat_init, worker_ready, worker_shutting_down
 
 from app.core.queue import make_celery
 from app.core.settings import get_settings
 
 celery_app = make_celery(get_settings())
-celery_app.conf.update(include=["worker.tasks"], worker_concurrency=1)
+celery_app.conf.update(include=["worker.tasks"], worker_concurrency=1, worker_pool="threads")
 
 log = logging.getLogger(__name__)
 
@@ -30,3 +36,21 @@ def _sweep_at_start(**_: Any) -> None:
             log.exception("start-up reconcile failed")
 
     threading.Thread(target=sweep, name="tunehouse-start-sweep", daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _drain(sig: str = "", how: str = "", **_: Any) -> None:
+    """Warm shutdown: each running job checkpoints and goes back to the queue, instead of the
+    worker waiting for it to finish."""
+    from worker.supervisor import DRAINING
+
+    log.info("%s received (%s shutdown): handing running jobs back to the queue", sig, how)
+    DRAINING.set()
+
+
+@beat_init.connect
+def _beat_dies_with_worker(**_: Any) -> None:
+    """An embedded beat (`worker --beat`) is a child process: it goes when its worker goes."""
+    from app.core.process import die_with_parent
+
+    die_with_parent()

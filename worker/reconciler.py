@@ -4,7 +4,8 @@
 - ``queued`` jobs idle for a while get their wake-up sent again (a duplicate is harmless:
   only one delivery can claim the job);
 - ``running`` jobs whose lease expired (their worker died) go back to ``queued``, or fail once
-  they have used ``max_attempts``.
+  they have crashed ``max_attempts`` times. A lease held by a process of this machine that no
+  longer exists is not waited out: a restarted worker takes its job back at once.
 One reconciler acts at a time: on PostgreSQL an advisory lock decides; SQLite serialises
 writers itself.
 """
@@ -18,6 +19,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from app.core.db import session_scope
+from app.core.process import holder_is_gone
 from app.core.queue import enqueue_job
 from app.core.settings import Settings
 from app.models import Job, utcnow
@@ -35,38 +37,26 @@ def _take_lock(session: Session) -> bool:
 
 
 def _requeue_expired(session: Session, settings: Settings) -> tuple[list[str], int]:
-    expired = session.scalars(
-        select(Job).where(Job.status == jobs.RUNNING, Job.lease_expires_at < utcnow())
-    ).all()
+    """Running jobs whose trainer is gone: the lease ran out, or (found at once) the process
+    holding it on this machine no longer exists. Each counts as a crash."""
+    running = session.scalars(select(Job).where(Job.status == jobs.RUNNING)).all()
+    now = utcnow()
     requeued, failed = [], 0
-    for job in expired:
-        if job.attempt >= settings.max_attempts:
-            failed += jobs.fail_job(
-                session,
-                job.id,
-                code="max_attempts_exceeded",
-                message=(
-                    f"The training process stopped responding {job.attempt} times "
-                    f"(max_attempts is {settings.max_attempts}); see the worker's log."
-                ),
-                from_=(jobs.RUNNING,),
-                owner=job.lease_owner,
-            )
-        elif jobs.transition(
+    for job in running:
+        expired = job.lease_expires_at is None or job.lease_expires_at < now
+        if not expired and not holder_is_gone(job.lease_owner):
+            continue
+        outcome = jobs.record_crash(
             session,
             job.id,
-            to=jobs.QUEUED,
-            from_=(jobs.RUNNING,),
             owner=job.lease_owner,
-            message=(
-                f"The training process stopped responding at step {job.steps_completed}; "
-                f"job re-queued (attempt {job.attempt} of {settings.max_attempts})"
-            ),
-            level="warn",
-            lease_owner=None,
-            lease_expires_at=None,
-        ):
+            reason="stopped renewing its lease" if expired else "lost its worker",
+            max_attempts=settings.max_attempts,
+        )
+        if outcome == jobs.QUEUED:
             requeued.append(job.id)
+        elif outcome == jobs.FAILED:
+            failed += 1
     return requeued, failed
 
 

@@ -7,6 +7,7 @@ job itself, every write conditional on the job still being leased to it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -14,15 +15,18 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.core.db import session_scope
 from app.core.ids import new_id
 from app.core.process import die_with_parent
+from app.core.retry import retry_for
 from app.core.settings import Settings, get_settings
 from app.core.storage import Storage
 from app.models import Checkpoint, File, FineTunedModel, Job, Organization, utcnow
@@ -34,16 +38,24 @@ log = logging.getLogger("tunehouse.training")
 
 
 class DatabaseReporter:
-    """The training loop's view of the job row: progress, events, checkpoints and the lease."""
+    """The training loop's view of the job row: progress, events, checkpoints and the lease.
+
+    The database may be away for a moment: the heartbeat retries with backoff, progress that
+    cannot be written is skipped (the next step writes newer), and events and checkpoint rows
+    wait in order and are written once the database answers again. Training goes on until the
+    lease would have run out."""
 
     def __init__(self, settings: Settings, job_id: str, owner: str):
         self.settings, self.job_id, self.owner = settings, job_id, owner
         self.url = settings.sqlalchemy_url
         self.storage = Storage(settings.storage_root)
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # the loop should stop at its next step
+        self._done = threading.Event()  # the process is exiting: the heartbeat ends
         self._started = time.monotonic()
         self._last_progress = 0.0
         self._lease_ok_until = time.monotonic() + settings.lease_seconds
+        self._pending: list[Callable[[Session], None]] = []
+        self._pending_lock = threading.Lock()
 
     # -- the lease ------------------------------------------------------------------------------
 
@@ -51,23 +63,30 @@ class DatabaseReporter:
         threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True).start()
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_seconds):
+        wait, failures = self.settings.heartbeat_seconds, 0
+        while not self._done.wait(wait):
             try:
                 with session_scope(self.url) as session:
-                    ours = jobs.renew_lease(
+                    status = jobs.renew_lease(
                         session, self.job_id, self.owner, self.settings.lease_seconds
                     )
-            except Exception:  # the database is briefly away: keep training, retry soon
-                log.warning("heartbeat for %s failed; retrying", self.job_id, exc_info=True)
+            except Exception:  # the database is briefly away: keep training, retry sooner
+                failures += 1
+                wait = min(self.settings.heartbeat_seconds, 0.5 * 2**failures)
+                log.warning("heartbeat for %s failed (%d); retrying in %.1f s",
+                            self.job_id, failures, wait, exc_info=failures == 1)  # fmt: skip
                 if time.monotonic() > self._lease_ok_until:
-                    log.error("lease for %s has expired; stopping", self.job_id)
+                    log.error("the lease of %s has run out; stopping", self.job_id)
                     self.request_stop()
                 continue
-            if not ours:
+            wait, failures = self.settings.heartbeat_seconds, 0
+            self._lease_ok_until = time.monotonic() + self.settings.lease_seconds
+            if status is None:
                 log.info("job %s is no longer ours (cancelled or taken over)", self.job_id)
                 self.request_stop()
                 return
-            self._lease_ok_until = time.monotonic() + self.settings.lease_seconds
+            if status != jobs.RUNNING:  # paused or handed back: checkpoint, keep the lease
+                self.request_stop()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -75,9 +94,75 @@ class DatabaseReporter:
     def should_stop(self) -> bool:
         return self._stop.is_set()
 
+    def checkpoint_on_stop(self) -> bool:
+        """Stopping to be resumed later (a pause, a worker shutting down) saves a checkpoint
+        first; a cancel, or a lease that is no longer ours, does not."""
+        try:
+            with session_scope(self.url) as session:
+                row = session.execute(
+                    select(Job.status, Job.lease_owner).where(Job.id == self.job_id)
+                ).one_or_none()
+        except Exception:
+            log.warning("could not read job %s before stopping", self.job_id, exc_info=True)
+            return time.monotonic() < self._lease_ok_until  # still ours, as far as we know
+        return (
+            row is not None
+            and row.lease_owner == self.owner
+            and row.status
+            in (
+                jobs.PAUSED,
+                jobs.QUEUED,
+            )
+        )
+
+    def stopped(self, step: int, checkpointed: bool) -> None:
+        """The event that says where a stopped job will go on from."""
+        with session_scope(self.url) as session:
+            status = session.scalar(select(Job.status).where(Job.id == self.job_id))
+            saved = f"at step {step}"
+            if checkpointed and step:
+                saved = f"checkpoint saved at step {step}"
+            if status == jobs.PAUSED:
+                jobs.add_event(session, self.job_id, f"Fine-tuning job paused; {saved}")
+            elif status == jobs.QUEUED:
+                jobs.add_event(
+                    session, self.job_id, f"Training stopped for the worker's shutdown; {saved}"
+                )
+
+    def finished(self) -> None:
+        self._done.set()
+        self._stop.set()
+
+    # -- writes that may wait for the database --------------------------------------------------
+
+    def _write(self, write: Callable[[Session], None]) -> None:
+        """Write now, after anything still waiting; keep it for later if the database is away."""
+        with self._pending_lock:
+            self._pending.append(write)
+            try:
+                with session_scope(self.url) as session:
+                    for pending in self._pending:
+                        pending(session)
+            except Exception:
+                log.warning("could not write to the database (%d writes waiting)",
+                            len(self._pending), exc_info=len(self._pending) == 1)  # fmt: skip
+                return
+            self._pending.clear()
+
+    def flush(self) -> None:
+        """Everything still waiting, written (or an error if the database is still away)."""
+        with self._pending_lock:
+            if self._pending:
+                with session_scope(self.url) as session:
+                    for pending in self._pending:
+                        pending(session)
+                self._pending.clear()
+
     # -- what the loop reports -------------------------------------------------------------------
 
     def progress(self, step: int, total_steps: int) -> None:
+        if self.settings.debug_step_delay_seconds and step > 0:
+            time.sleep(self.settings.debug_step_delay_seconds)  # fault injection for tests
         now = time.monotonic()
         if step not in (0, total_steps) and now - self._last_progress < 1.0:
             return
@@ -86,15 +171,18 @@ class DatabaseReporter:
         if step > 0:
             remaining = (now - self._started) / step * (total_steps - step)
             finish = utcnow() + timedelta(seconds=remaining)
-        with session_scope(self.url) as session:
-            jobs.record_progress(
-                session,
-                self.job_id,
-                self.owner,
-                steps_completed=step,
-                total_steps=total_steps,
-                estimated_finish=finish,
-            )
+        try:
+            with session_scope(self.url) as session:
+                jobs.record_progress(
+                    session,
+                    self.job_id,
+                    self.owner,
+                    steps_completed=step,
+                    total_steps=total_steps,
+                    estimated_finish=finish,
+                )
+        except Exception:  # the next step writes newer figures
+            log.warning("could not record progress of %s at step %d", self.job_id, step)
 
     def metrics(self, data: dict[str, float | int]) -> None:
         parts = [f"Step {data.get('step')}"]
@@ -106,15 +194,18 @@ class DatabaseReporter:
         ):
             if key in data:
                 parts.append(f"{label}={float(data[key]):.4f}")
-        with session_scope(self.url) as session:
-            jobs.add_event(session, self.job_id, ", ".join(parts), type="metrics", data=dict(data))
+        text, payload = ", ".join(parts), dict(data)
+        self._write(
+            lambda session: jobs.add_event(session, self.job_id, text, type="metrics", data=payload)
+        )
 
     def message(self, text: str, level: str = "info") -> None:
-        with session_scope(self.url) as session:
-            jobs.add_event(session, self.job_id, text, level=level)
+        self._write(lambda session: jobs.add_event(session, self.job_id, text, level=level))
 
     def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
-        with session_scope(self.url) as session:
+        relative = self.storage.relative(path)
+
+        def record(session: Session) -> None:
             known = session.scalar(
                 select(Checkpoint.id).where(
                     Checkpoint.job_id == self.job_id, Checkpoint.step_number == step
@@ -128,9 +219,12 @@ class DatabaseReporter:
                     job_id=self.job_id,
                     step_number=step,
                     metrics={"step": step, **metrics},
-                    storage_path=self.storage.relative(path),
+                    storage_path=relative,
                 )
             )
+            session.flush()
+
+        self._write(record)
 
 
 def _result_csv(history: list[dict[str, Any]]) -> bytes:
@@ -144,21 +238,27 @@ def _result_csv(history: list[dict[str, Any]]) -> bytes:
     return out.getvalue().encode()
 
 
+class JobNotOurs(Exception):
+    """The job was paused, cancelled, deleted or taken over before it could be finished."""
+
+
 def _finish(reporter: DatabaseReporter, job_id: str, output_dir: Path, result: Any) -> None:
     """Register the model and the result file and mark the job succeeded, in one transaction
-    that only commits while the job is still ours. Otherwise the model is thrown away."""
+    that only commits while the job is still ours (retried while the database is away).
+    Otherwise the model is thrown away."""
     storage = reporter.storage
     model_dir = storage.model_dir(job_id)
     storage.remove_tree(model_dir)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(output_dir, model_dir)
-    results: File | None = None
-    try:
+    written: list[Path] = []
+
+    def register() -> None:
         with session_scope(reporter.url) as session:
             job = session.get(Job, job_id)
             org = session.get(Organization, job.organization_id) if job else None
             if job is None or org is None:
-                raise LookupError("job deleted")
+                raise JobNotOurs(job_id)
             name = jobs.fine_tuned_model_name(job, org)
             results = store_result_file(
                 session,
@@ -167,6 +267,7 @@ def _finish(reporter: DatabaseReporter, job_id: str, output_dir: Path, result: A
                 f"{job_id}-results.csv",
                 _result_csv(result.metrics_history),
             )
+            written.append(storage.resolve(results.storage_path))
             session.add(
                 FineTunedModel(
                     id=name,
@@ -193,11 +294,26 @@ def _finish(reporter: DatabaseReporter, job_id: str, output_dir: Path, result: A
                 result_files=[results.id],
                 estimated_finish=None,
             ):
-                raise LookupError("job no longer ours")
+                raise JobNotOurs(job_id)
+
+    def register_or_clean_up() -> None:
+        try:
+            register()
+        except BaseException:
+            for path in written:  # a result file stored by a transaction that did not commit
+                path.unlink(missing_ok=True)
+            written.clear()
+            raise
+
+    try:
+        retry_for(
+            reporter.settings.lease_seconds,
+            register_or_clean_up,
+            what="registering the model",
+            give_up_on=(JobNotOurs,),
+        )
     except Exception:
         storage.remove_tree(model_dir)
-        if results is not None:
-            storage.resolve(results.storage_path).unlink(missing_ok=True)
         raise
 
 
@@ -236,19 +352,26 @@ def _spec(settings: Settings, job_id: str) -> Any:
             method=dict(job.method or {}),
             # A job restarted after its worker died goes on from its newest complete checkpoint.
             resume_from=latest_complete_checkpoint(storage.checkpoints_dir(job.id)),
+            checkpoint_every_seconds=settings.checkpoint_every_seconds,
+            debug_checkpoint_delay_seconds=settings.debug_checkpoint_delay_seconds,
         )
 
 
 def _fail(reporter: DatabaseReporter, code: str, message: str) -> None:
-    with session_scope(reporter.url) as session:
-        jobs.fail_job(
-            session,
-            reporter.job_id,
-            code=code,
-            message=message,
-            owner=reporter.owner,
-            from_=(jobs.RUNNING,),
-        )
+    def fail() -> None:
+        with session_scope(reporter.url) as session:
+            jobs.fail_job(
+                session,
+                reporter.job_id,
+                code=code,
+                message=message,
+                owner=reporter.owner,
+                from_=(jobs.RUNNING,),
+            )
+
+    with contextlib.suppress(Exception):
+        reporter.flush()
+    retry_for(reporter.settings.lease_seconds, fail, what="recording the failure")
 
 
 def run_training_process(job_id: str, owner: str) -> None:
@@ -261,7 +384,8 @@ def run_training_process(job_id: str, owner: str) -> None:
         level=settings.log_level, format=f"%(asctime)s %(levelname)s [train {job_id}] %(message)s"
     )
     reporter = DatabaseReporter(settings, job_id, owner)
-    # SIGTERM asks for a clean stop at the next step; the supervisor kills after its grace.
+    # SIGTERM asks for a stop at the next step: with a checkpoint first when the job was paused
+    # or handed back; the supervisor kills the process if it takes longer than its grace.
     signal.signal(signal.SIGTERM, lambda *_: reporter.request_stop())
     reporter.start_heartbeat()
 
@@ -273,11 +397,17 @@ def run_training_process(job_id: str, owner: str) -> None:
     hf_logging.disable_progress_bar()
 
     try:
-        spec = _spec(settings, job_id)
+        spec = retry_for(settings.lease_seconds, lambda: _spec(settings, job_id), what="reading")
         result = train(spec, reporter)
+        retry_for(settings.lease_seconds, reporter.flush, what="writing events")
         _finish(reporter, job_id, spec.output_dir, result)
-    except TrainingStopped:
-        log.info("training of %s stopped on request", job_id)
+    except TrainingStopped as stop:
+        log.info("training of %s stopped on request: %s", job_id, stop)
+        with contextlib.suppress(Exception):
+            reporter.flush()
+            reporter.stopped(stop.step, stop.checkpointed)
+    except JobNotOurs:
+        log.info("job %s was paused, cancelled or taken over as it finished", job_id)
     except MemoryError:
         log.exception("out of memory")
         _fail(reporter, "out_of_memory", "Training ran out of memory; try a smaller batch_size.")
@@ -290,7 +420,7 @@ def run_training_process(job_id: str, owner: str) -> None:
             f"{type(exc).__name__}: {str(exc).splitlines()[0][:500] if str(exc) else ''}",
         )
     finally:
-        reporter.request_stop()
+        reporter.finished()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
 """Runs one job: claims it with a lease, starts the training process, watches it.
 
 The training process is spawned: a fresh interpreter (``python -m worker.runner``), never a
-fork of a process that may hold CUDA state, and a subprocess rather than a multiprocessing child
-because Celery's pool processes are daemonic and may not have those. It starts in its own
-session and process group, so stopping the group stops everything it started. It renews the
-lease itself; this side watches the job row and stops the process when the job is cancelled or
-no longer leased to us.
+fork of a process that may hold CUDA state. It starts in its own session and process group, so
+stopping the group stops everything it started, and it dies with the thread that started it
+(a parent-death signal). It renews the lease itself; this side watches the job row and stops
+the process when the job is cancelled, paused or no longer leased to us, or when the worker is
+asked to shut down. Whatever way the process ends, this side settles the job afterwards:
+
+- it finished, failed or was cancelled: nothing more to do;
+- it was paused or handed back (shutdown): it wrote a checkpoint; the lease is released, and a
+  job that is queued again gets its wake-up;
+- it died without settling the job (killed, out of memory, a crash): that is a crash; the job
+  goes back to the queue to resume from its newest complete checkpoint, or fails after
+  ``max_attempts`` crashes.
 """
 
 from __future__ import annotations
@@ -14,27 +21,38 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
+import threading
 
 from sqlalchemy import select
 
 from app.core.db import session_scope
 from app.core.ids import random_token
+from app.core.process import process_identity
+from app.core.queue import enqueue_job
+from app.core.retry import retry_for
 from app.core.settings import Settings
 from app.models import Job
 from app.services import jobs
 
 log = logging.getLogger(__name__)
 
+# Set when the worker is asked to stop (SIGTERM, Ctrl-C): every running job checkpoints and
+# goes back to the queue, so the warm shutdown ends within its grace period.
+DRAINING = threading.Event()
+
 
 def worker_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{random_token(6)}"
+    return process_identity(random_token(6))
 
 
 def supervise_job(settings: Settings, job_id: str) -> None:
     url = settings.sqlalchemy_url
+    if DRAINING.is_set():
+        log.info("worker is shutting down; leaving job %s in the queue", job_id)
+        enqueue_job(settings, job_id)  # this delivery is acknowledged; send another
+        return
     with session_scope(url) as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -46,48 +64,73 @@ def supervise_job(settings: Settings, job_id: str) -> None:
     owner = worker_identity()
     with session_scope(url) as session:
         if not jobs.claim_job(session, job_id, owner, settings.lease_seconds):
-            log.info("job %s is not queued (already taken, finished or cancelled)", job_id)
+            log.info("job %s is not ready to start (taken, leased, finished or cancelled)", job_id)
             return
     log.info("job %s claimed by %s", job_id, owner)
 
     process = subprocess.Popen(
         [sys.executable, "-m", "worker.runner", job_id, owner], start_new_session=True
     )
-    stopped_by_us = _watch(settings, job_id, owner, process)
-    code = process.returncode
-    log.info("training process for %s exited with %s", job_id, code)
-    if code != 0 and not stopped_by_us:
-        with session_scope(url) as session:
-            jobs.fail_job(
-                session,
-                job_id,
-                code="training_process_died",
-                message=f"The training process exited unexpectedly ({_describe(code)}).",
-                owner=owner,
-                from_=(jobs.RUNNING,),
-            )
+    _watch(settings, job_id, owner, process)
+    log.info("training process for %s exited with %s", job_id, process.returncode)
+    _settle(settings, job_id, owner, process.returncode)
 
 
-def _watch(settings: Settings, job_id: str, owner: str, process: subprocess.Popen[bytes]) -> bool:
-    """Wait for the process; stop it if the job stops being ours. True if we stopped it."""
+def _watch(settings: Settings, job_id: str, owner: str, process: subprocess.Popen[bytes]) -> None:
+    """Wait for the process; stop it when the job stops being ours to run."""
+    handed_back = False
     while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=settings.cancel_poll_seconds)
         if process.returncode is not None:
-            return False
+            return
         try:
             with session_scope(settings.sqlalchemy_url) as session:
+                if DRAINING.is_set() and not handed_back:
+                    handed_back = True
+                    jobs.hand_back(session, job_id, owner, "The worker is shutting down")
                 row = session.execute(
                     select(Job.status, Job.lease_owner).where(Job.id == job_id)
                 ).one_or_none()
         except Exception:  # a database blip: keep training, look again next time
             log.warning("could not read job %s; will retry", job_id, exc_info=True)
             continue
-        if row is None or row.status != jobs.RUNNING or row.lease_owner != owner:
+        if row is None or row.lease_owner != owner or row.status in jobs.TERMINAL:
             reason = "deleted" if row is None else row.status
             log.info("job %s is %s; stopping its training process", job_id, reason)
             stop_process(process, settings.cancel_grace_seconds)
-            return True
+            return
+        if row.status != jobs.RUNNING:  # paused, or handed back: checkpoint first
+            log.info("job %s is %s; its training process checkpoints and stops", job_id, row.status)
+            stop_process(process, settings.shutdown_grace_seconds)
+            return
+
+
+def _settle(settings: Settings, job_id: str, owner: str, code: int | None) -> None:
+    """After the training process is gone: release the lease, wake a re-queued job, and count
+    a process that died without settling its job as a crash."""
+
+    def settle() -> bool:
+        with session_scope(settings.sqlalchemy_url) as session:
+            job = session.get(Job, job_id)
+            if job is not None and job.status == jobs.RUNNING and job.lease_owner == owner:
+                outcome = jobs.record_crash(
+                    session,
+                    job_id,
+                    owner=owner,
+                    reason=f"stopped unexpectedly ({_describe(code)})",
+                    max_attempts=settings.max_attempts,
+                )
+                return outcome == jobs.QUEUED
+            return jobs.release_lease(session, job_id, owner) == jobs.QUEUED
+
+    try:
+        wake = retry_for(settings.lease_seconds, settle, what=f"settling job {job_id}")
+    except Exception:  # the lease runs out; the reconciler settles it instead
+        log.exception("could not settle job %s; the reconciler will", job_id)
+        return
+    if wake:
+        enqueue_job(settings, job_id)
 
 
 def stop_process(process: subprocess.Popen[bytes], grace: float) -> None:
@@ -110,7 +153,9 @@ def _describe(code: int | None) -> str:
         return "still running"
     if code < 0:
         try:
-            return f"killed by {signal.Signals(-code).name}"
+            name = signal.Signals(-code).name
         except ValueError:
             return f"killed by signal {-code}"
+        hint = "; out of memory?" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
     return f"exit code {code}"

@@ -33,7 +33,10 @@ def make_celery(settings: Settings) -> Celery:
     else:
         # Redis hands an unacknowledged task to another worker after this long; the job's
         # lease makes that second delivery a no-op, so it only has to outlive a normal start.
-        transport_options = {"visibility_timeout": 3600, "max_retries": 1}
+        transport_options = {
+            "visibility_timeout": settings.broker_visibility_timeout,
+            "max_retries": 1,
+        }
     app.conf.update(
         task_default_queue=QUEUE,
         task_ignore_result=True,

@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     # The reconciler runs this often and re-enqueues queued jobs idle for requeue_after_seconds.
     reconcile_interval_seconds: float = Field(default=30.0, gt=0)
     requeue_after_seconds: float = Field(default=60.0, ge=0)
-    # A job whose training process stopped answering this many times is failed, not retried.
+    # A job whose training process crashed (died, or stopped renewing its lease) this many
+    # times is failed, not retried.
     max_attempts: int = Field(default=3, ge=1)
     # A cancelled job's training process gets this long to stop before it is killed.
     cancel_grace_seconds: float = Field(default=10.0, ge=0)
@@ -55,6 +56,19 @@ class Settings(BaseSettings):
     cancel_poll_seconds: float = Field(default=1.0, gt=0)
     # Seconds a publish to the broker may take before the job is left for the reconciler.
     broker_publish_timeout: float = Field(default=5.0, gt=0)
+    # Redis hands a task nobody acknowledged to another worker after this long. The job's
+    # lease makes that second delivery a no-op, so it can be short; it only costs a wake-up.
+    broker_visibility_timeout: float = Field(default=3600.0, gt=0)
+    # A running job also checkpoints when this long has passed since its last checkpoint
+    # (besides each epoch's end and checkpoint_every_steps): a crash loses at most this much.
+    checkpoint_every_seconds: float = Field(default=300.0, gt=0)
+    # A worker asked to stop (SIGTERM) gives its running job this long to checkpoint and go
+    # back to the queue before the training process is killed.
+    shutdown_grace_seconds: float = Field(default=60.0, ge=0)
+    # Fault injection for the crash tests only: slow each training step, or each checkpoint
+    # write between its files and its rename, by this many seconds. Leave at 0.
+    debug_step_delay_seconds: float = Field(default=0.0, ge=0)
+    debug_checkpoint_delay_seconds: float = Field(default=0.0, ge=0)
 
     # Inputs.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)

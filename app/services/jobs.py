@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -172,33 +172,113 @@ def transition(
 
 
 def claim_job(session: Session, job_id: str, owner: str, lease_seconds: int) -> bool:
-    """Take a queued job for ``owner``; a second delivery of the same job finds nothing."""
+    """Take a queued job for ``owner``; a second delivery of the same job finds nothing.
+
+    A queued job may still be leased: a worker that paused it or is shutting down keeps the
+    lease until its training process has written its checkpoint and exited. Nobody else may
+    start the job before that (or before the lease runs out, if that worker died)."""
     now = utcnow()
     job = session.get(Job, job_id)
     started = job.started_at if job is not None and job.started_at else now
-    return transition(
-        session,
-        job_id,
-        to=RUNNING,
-        from_=(QUEUED,),
-        message="Fine-tuning job started",
-        lease_owner=owner,
-        lease_expires_at=now + timedelta(seconds=lease_seconds),
-        attempt=Job.attempt + 1,
-        started_at=started,
-    )
-
-
-def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: int) -> bool:
-    """Extend the lease; False when the job is no longer running under ``owner`` (cancelled,
-    paused or taken over), which tells the trainer to stop."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == RUNNING, Job.lease_owner == owner)
+        .where(
+            Job.id == job_id,
+            Job.status == QUEUED,
+            or_(Job.lease_owner.is_(None), Job.lease_expires_at < now),
+        )
+        .values(
+            status=RUNNING,
+            updated_at=now,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempt=Job.attempt + 1,
+            started_at=started,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if not result.rowcount:
+        return False
+    add_event(session, job_id, "Fine-tuning job started")
+    return True
+
+
+def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: int) -> str | None:
+    """Extend ``owner``'s lease and return the job's status, or None when the lease is no
+    longer ours (cancelled, finished, or taken over after it ran out).
+
+    A job that was paused, or handed back because its worker is shutting down, stays leased
+    to its trainer until that trainer has checkpointed and exited; any status but
+    ``running`` tells the trainer to stop."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
-    return bool(result.rowcount)
+    if not result.rowcount:
+        return None
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def release_lease(session: Session, job_id: str, owner: str) -> str | None:
+    """Give up ``owner``'s lease once its training process is gone; the job's status then,
+    or None when it was not ours any more."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner)
+        .values(lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    if not result.rowcount:
+        return None
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def record_crash(
+    session: Session, job_id: str, *, owner: str | None, reason: str, max_attempts: int
+) -> str | None:
+    """A start of the job ended in a crash: its training process died, or stopped renewing
+    its lease. Back to the queue, to go on from its newest complete checkpoint, or failed once
+    it has crashed ``max_attempts`` times. Returns the new status, or None when the job was no
+    longer running under ``owner``."""
+    job = session.get(Job, job_id)
+    if job is None or job.status != RUNNING or (owner is not None and job.lease_owner != owner):
+        return None
+    crashes = job.crash_count + 1
+    step = job.steps_completed or 0
+    if crashes >= max_attempts:
+        failed = fail_job(
+            session,
+            job_id,
+            code="max_attempts_exceeded",
+            message=(
+                f"The training process crashed {crashes} times (max_attempts is "
+                f"{max_attempts}); the last time {reason} at step {step}. The worker's log "
+                "has the details."
+            ),
+            from_=(RUNNING,),
+            owner=job.lease_owner,
+        )
+        if failed:
+            session.execute(update(Job).where(Job.id == job_id).values(crash_count=crashes))
+        return FAILED if failed else None
+    moved = transition(
+        session,
+        job_id,
+        to=QUEUED,
+        from_=(RUNNING,),
+        owner=job.lease_owner,
+        message=(
+            f"The training process {reason} at step {step}; the job is queued again and will "
+            f"go on from its last checkpoint (crash {crashes} of at most {max_attempts})"
+        ),
+        level="warn",
+        lease_owner=None,
+        lease_expires_at=None,
+        crash_count=crashes,
+    )
+    return QUEUED if moved else None
 
 
 def record_progress(
@@ -520,6 +600,73 @@ def cancel_job(session: Session, org: Organization, job_id: str) -> Job:
         )
     session.refresh(job)
     return job
+
+
+def pause_job(session: Session, org: Organization, job_id: str) -> Job:
+    """Pause a queued or running job. A running job's trainer checkpoints and exits; its
+    worker goes on to the next job. Pausing a paused job is a no-op."""
+    job = get_job(session, org, job_id)
+    if job.status == PAUSED:
+        return job
+    if not transition(
+        session,
+        job.id,
+        to=PAUSED,
+        from_=(QUEUED, RUNNING),
+        message=(
+            "Pause requested; the job is saving a checkpoint"
+            if job.status == RUNNING
+            else "Fine-tuning job paused"
+        ),
+    ):
+        session.refresh(job)
+        if job.status == PAUSED:
+            return job
+        raise Conflict(
+            f"Job '{job.id}' is {job.status}; only a queued or running job can be paused.",
+            param="fine_tuning_job_id",
+        )
+    session.refresh(job)
+    return job
+
+
+def resume_job(session: Session, org: Organization, job_id: str) -> Job:
+    """Queue a paused job again; it goes on from the checkpoint its pause wrote. Resuming a
+    job that is queued or running already is a no-op."""
+    job = get_job(session, org, job_id)
+    if job.status in (QUEUED, RUNNING):
+        return job
+    step = job.steps_completed or 0
+    if not transition(
+        session,
+        job.id,
+        to=QUEUED,
+        from_=(PAUSED,),
+        message=f"Fine-tuning job resumed; it goes on from step {step}",
+    ):
+        session.refresh(job)
+        if job.status in (QUEUED, RUNNING):
+            return job
+        raise Conflict(
+            f"Job '{job.id}' is {job.status}; only a paused job can be resumed.",
+            param="fine_tuning_job_id",
+        )
+    session.refresh(job)
+    return job
+
+
+def hand_back(session: Session, job_id: str, owner: str, reason: str) -> bool:
+    """Put a running job back in the queue, still leased to ``owner``, whose trainer now
+    checkpoints and exits; the lease is released after that, and another worker goes on."""
+    return transition(
+        session,
+        job_id,
+        to=QUEUED,
+        from_=(RUNNING,),
+        owner=owner,
+        message=f"{reason}; the job saves a checkpoint and goes back to the queue",
+        level="warn",
+    )
 
 
 def list_events(

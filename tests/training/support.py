@@ -32,6 +32,9 @@ class Reporter:
     def should_stop(self) -> bool:
         return self.stop_after_step is not None and self.step >= self.stop_after_step
 
+    def checkpoint_on_stop(self) -> bool:
+        return False
+
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -63,6 +63,7 @@ class RecordingReporter:
     metrics_events: list[dict[str, float | int]] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     checkpoints: list[tuple[int, Path, dict[str, float]]] = field(default_factory=list)
+    save_on_stop: bool = False  # a pause or a shutdown (True), or a cancel (False)
 
     def progress(self, step: int, total_steps: int) -> None:
         self.progress_calls.append((step, total_steps))
@@ -79,6 +80,9 @@ class RecordingReporter:
     def should_stop(self) -> bool:
         done = self.progress_calls[-1][0] if self.progress_calls else 0
         return self.stop_after_step is not None and done >= self.stop_after_step
+
+    def checkpoint_on_stop(self) -> bool:
+        return self.save_on_stop
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +246,47 @@ def test_resuming_twice_gives_the_same_model_as_never_stopping(
         {k: v for k, v in event.items() if k != "samples_per_second"}
         for event in result.metrics_history
     ]
+
+
+def test_a_pause_checkpoints_where_it_stops_and_resumes_to_the_same_model(
+    trained, data_dir: Path, tmp_path: Path
+) -> None:
+    spec, _, result = trained
+    run = make_spec(data_dir, tmp_path)
+    with pytest.raises(TrainingStopped) as stopped:
+        train(run, RecordingReporter(stop_after_step=9, save_on_stop=True))
+    assert stopped.value.step == 9 and stopped.value.checkpointed
+    assert latest_complete_checkpoint(run.checkpoints_dir) == run.checkpoints_dir / "step-9"
+    # Stopping again at once saves nothing new: the checkpoint already holds that step.
+    again = RecordingReporter(stop_after_step=0, save_on_stop=True)
+    resume = replace(run, resume_from=run.checkpoints_dir / "step-9")
+    with pytest.raises(TrainingStopped) as stopped:
+        train(resume, again)
+    assert stopped.value.step == 9 and stopped.value.checkpointed and not again.checkpoints
+    assert "Restarted from checkpoint at step 9" in again.messages
+    resumed = train(resume, RecordingReporter())
+    assert_same_weights(spec.output_dir, run.output_dir)
+    assert resumed.final_metrics == result.final_metrics
+
+
+def test_a_cancel_stops_without_a_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    run = make_spec(data_dir, tmp_path)
+    reporter = RecordingReporter(stop_after_step=5, save_on_stop=False)
+    with pytest.raises(TrainingStopped) as stopped:
+        train(run, reporter)
+    assert stopped.value.step == 5 and not stopped.value.checkpointed
+    assert [step for step, _, _ in reporter.checkpoints] == []
+
+
+def test_checkpoint_every_seconds(data_dir: Path, tmp_path: Path) -> None:
+    hyperparameters = {**HYPERPARAMETERS, "checkpoint_every_steps": None}
+    run = make_spec(
+        data_dir, tmp_path, hyperparameters=hyperparameters, checkpoint_every_seconds=1e-9
+    )
+    reporter = RecordingReporter()
+    train(run, reporter)
+    total = reporter.progress_calls[-1][1]
+    assert [step for step, _, _ in reporter.checkpoints] == list(range(1, total + 1))
 
 
 def test_holdout_split_is_deterministic_and_bounded() -> None:

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,14 @@ def write_checkpoint(
     step: int,
     save_model: Callable[[Path], None],
     training_state: dict[str, Any],
+    *,
+    delay: float = 0.0,
 ) -> Path:
     """Write `<checkpoints_dir>/step-<step>` atomically and return its path.
 
     `save_model(dir)` writes the model and tokenizer; `training_state` is saved beside them.
+    `delay` (fault injection for the crash tests) waits that long with the files written but
+    not yet renamed into place.
     """
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step-{step}"
@@ -73,6 +78,8 @@ def write_checkpoint(
     save_model(tmp)
     torch.save(training_state, tmp / STATE_FILE)
     _fsync_tree(tmp)
+    if delay:
+        time.sleep(delay)
     if final.exists():  # an incomplete earlier attempt at this step: replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -188,7 +188,8 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
     run = RunState()
     if resume is not None:
         run = _resume(resume, spec, labels, total_steps, optimizer, scheduler, generator)
-        reporter.message(f"resumed from {spec.resume_from} at step {run.step}")
+        reporter.message(f"Restarted from checkpoint at step {run.step}")
+    saved = {"step": run.step, "at": time.monotonic()}  # the newest checkpoint (or the start)
 
     def checkpoint(end_of_epoch: bool) -> None:
         position = (run.epoch + 1, 0) if end_of_epoch else (run.epoch, run.batch_in_epoch)
@@ -196,9 +197,23 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
             spec, labels, total_steps, run, position, optimizer, scheduler, generator
         )
         path = write_checkpoint(
-            spec.checkpoints_dir, run.step, lambda d: kind.save_model(model, tokenizer, d), state
+            spec.checkpoints_dir,
+            run.step,
+            lambda d: kind.save_model(model, tokenizer, d),
+            state,
+            delay=spec.debug_checkpoint_delay_seconds,
         )
         reporter.checkpoint(run.step, path, dict(run.last_eval))
+        saved.update(step=run.step, at=time.monotonic())
+
+    def stop() -> TrainingStopped:
+        # Between steps: the state is whole. A pause or a shutdown saves it, unless the newest
+        # checkpoint already holds this very step (or nothing has been trained yet).
+        checkpointed = run.step == saved["step"]
+        if not checkpointed and reporter.checkpoint_on_stop():
+            checkpoint(end_of_epoch=False)
+            checkpointed = True
+        return TrainingStopped(run.step, total_steps, checkpointed)
 
     reporter.message(
         f"training {kind.name} on {len(train_features)} rows, evaluating on "
@@ -213,7 +228,7 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
         batches = kind.epoch_batches(train_features, hp.batch_size, generator)
         while run.batch_in_epoch < len(batches):
             if reporter.should_stop():
-                raise TrainingStopped(f"stopped at step {run.step} of {total_steps}")
+                raise stop()
             group = batches[run.batch_in_epoch : run.batch_in_epoch + accum]
             lr = scheduler.get_last_lr()[0]
 
@@ -268,9 +283,15 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
                 reporter.metrics(event)
                 logger.info("job %s: %s", spec.job_id, event)
 
-            # Checkpoint at each epoch's end and every checkpoint_every_steps.
-            if end_of_epoch or bool(
-                hp.checkpoint_every_steps and run.step % hp.checkpoint_every_steps == 0
+            # Checkpoint at each epoch's end, every checkpoint_every_steps, and when
+            # checkpoint_every_seconds have passed since the last one.
+            if (
+                end_of_epoch
+                or bool(hp.checkpoint_every_steps and run.step % hp.checkpoint_every_steps == 0)
+                or bool(
+                    spec.checkpoint_every_seconds
+                    and time.monotonic() - saved["at"] >= spec.checkpoint_every_seconds
+                )
             ):
                 checkpoint(end_of_epoch)
             if logged:  # throughput counts training time only, not evaluation or checkpoints
