@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.errors import InvalidRequest
-from app.services.models import LoadableModel
+from app.services.models import LoadableModel, require_safe_weights
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,9 @@ def factory(use: Use, *kinds: str) -> Callable[[Factory], Factory]:
 
 
 def require_safetensors(path: Path) -> None:
-    """Weights load from safetensors only (design rule 4): a directory without them is refused
-    before any loader looks at it."""
-    if not any(path.glob("*.safetensors")):
-        raise InvalidRequest("The model's directory holds no safetensors weights.", param="model")
+    """Weights load from safetensors only (design rule 4): a directory without valid ones, or
+    with pickle weights beside them, is refused before any loader looks at it."""
+    require_safe_weights(path)
 
 
 class ModelCache:

@@ -75,6 +75,7 @@ class TabularPredictor:
 def load_generator(cache: ModelCache, model: LoadableModel) -> Any:
     from app.inference.generation import Generator, load_causal_lm, load_tokenizer
 
+    require_safetensors(model.path)  # before anything in the directory is read
     tokenizer = load_tokenizer(model.path)
     if model.base_path is not None:  # a LoRA adapter: share its base
         peft_model, lock = cache.attach_adapter(model.base_path, model.path, model.id)
@@ -83,7 +84,6 @@ def load_generator(cache: ModelCache, model: LoadableModel) -> Any:
         )
         generator.release = lambda: cache.detach_adapter(model.base_path, model.id)  # type: ignore[attr-defined]
         return generator
-    require_safetensors(model.path)
     return Generator(load_causal_lm(model.path), tokenizer, threading.Lock())
 
 

@@ -3,6 +3,10 @@
 Model kinds (docs/model-kinds.md): ``encoder``, ``classification``, ``causal-lm`` (optionally a
 LoRA adapter over a registered base) and ``tabular``. No torch here: a base model's kind is read
 from its ``config.json``.
+
+Nothing from a model directory is executed or unpickled (design rule 4): a directory is loadable
+only when its weights are safetensors files with valid headers, it holds no pickle weights (which
+a loader might fall back to), and its config.json asks for no custom code.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from fnmatch import fnmatch
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -41,6 +46,9 @@ _TASK_KINDS = {
     "tabular": TABULAR,
 }
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# Weight files that are pickles: loading one runs whatever code it names. (A checkpoint's
+# training_state.pt is not weights: only the worker reads it, with weights_only=True.)
+PICKLE_WEIGHTS = ("*.bin", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,54 @@ def _kind_from_config(config_path: Path, _mtime_ns: int, _size: int) -> BaseKind
     return "encoder"
 
 
+def unsafe_weights(path: Path) -> str | None:
+    """Why the model directory at ``path`` may not be loaded, in words; None when it may."""
+    try:
+        entries = tuple(
+            sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in Path(path).iterdir())
+        )
+    except OSError:
+        return "its directory cannot be read"
+    return _weights_verdict(Path(path), entries)
+
+
+@lru_cache(maxsize=256)
+def _weights_verdict(path: Path, entries: tuple[tuple[str, int, int], ...]) -> str | None:
+    """``unsafe_weights`` once per version of a directory's listing (read on every request)."""
+    from safetensors import SafetensorError, safe_open
+
+    names = [name for name, _, _ in entries]
+    pickles = [name for name in names if any(fnmatch(name, pattern) for pattern in PICKLE_WEIGHTS)]
+    if pickles:
+        return f"it holds pickle weights ({', '.join(pickles)}); weights load from safetensors only"
+    tensors = [name for name in names if name.endswith(".safetensors")]
+    if not tensors:
+        return "it holds no safetensors weights"
+    for name in tensors:
+        try:
+            with safe_open(str(path / name), framework="numpy"):  # reads the header only
+                pass
+        except (SafetensorError, OSError):
+            return f"{name} is not a valid safetensors file"
+    if "config.json" in names:
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "its config.json is not readable JSON"
+        if isinstance(config, dict) and config.get("auto_map"):
+            return "its config.json asks for custom code (auto_map), which this server never runs"
+    return None
+
+
+def require_safe_weights(path: Path, what: str = "The model") -> None:
+    """Raise InvalidRequest (param ``model``) unless ``unsafe_weights`` finds nothing."""
+    problem = unsafe_weights(path)
+    if problem:
+        raise InvalidRequest(
+            f"{what} cannot be loaded: {problem}.", param="model", code="unsafe_model_files"
+        )
+
+
 def base_kind(settings: Settings, model_id: str) -> str | None:
     """The kind of a base model (``tabular`` for tunehouse/mlp); None when ``model_id`` is not
     a base model. Raises InvalidRequest when a registered base has no readable config.json."""
@@ -107,13 +163,15 @@ def base_kind(settings: Settings, model_id: str) -> str | None:
     if path is None:
         return None
     try:
-        return base_model_kind(path)
+        kind = base_model_kind(path)
     except (OSError, ValueError):
         raise InvalidRequest(
             f"Base model '{model_id}' is registered but its directory has no readable config.json.",
             param="model",
             code="model_not_available",
         ) from None
+    require_safe_weights(path, f"Base model '{model_id}'")
+    return kind
 
 
 def is_base_model(settings: Settings, model_id: str) -> bool:
