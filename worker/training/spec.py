@@ -25,6 +25,10 @@ class TrainingSpec:
     # The job's method: {"type": "supervised", "supervised": {"adapter": "full" | {"type":
     # "lora", ...}, "architecture": {...}}}; see docs/model-kinds.md.
     method: dict[str, Any] = field(default_factory=dict)
+    # Also checkpoint when this long has passed since the last checkpoint (None: never).
+    checkpoint_every_seconds: float | None = None
+    # Fault injection for crash tests: a pause inside each checkpoint write, before its rename.
+    debug_checkpoint_delay_seconds: float = 0.0
 
     @property
     def supervised(self) -> dict[str, Any]:
@@ -56,6 +60,9 @@ class Reporter(Protocol):
         self, step: int, path: Path, metrics: dict[str, float]
     ) -> None: ...  # a complete checkpoint exists at path  # noqa: E501
     def should_stop(self) -> bool: ...  # polled each step; True => raise TrainingStopped
+    def checkpoint_on_stop(
+        self,
+    ) -> bool: ...  # asked once stopping: save a checkpoint first (pause, shutdown)?
 
 
 @dataclass
@@ -70,7 +77,15 @@ class TrainingResult:
 
 
 class TrainingStopped(Exception):
-    """The reporter asked the run to stop (cancel or pause); the last checkpoint stands."""
+    """The reporter asked the run to stop (cancel, pause, shutdown) at ``step``; with
+    ``checkpointed`` a checkpoint of that very step was saved first."""
+
+    def __init__(self, step: int, total_steps: int, checkpointed: bool):
+        super().__init__(
+            f"stopped at step {step} of {total_steps}"
+            + (" after saving a checkpoint" if checkpointed else "")
+        )
+        self.step, self.total_steps, self.checkpointed = step, total_steps, checkpointed
 
 
 @dataclass(frozen=True)
