@@ -61,7 +61,7 @@ class FileObject(BaseModel):
 class Hyperparameters(BaseModel):
     """OpenAI's three (each may be "auto"), plus Tunehouse's training knobs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     n_epochs: Auto | int | None = Field(default=None, description="1-50, or auto")
     batch_size: Auto | int | None = Field(default=None, description="1-256, or auto")
@@ -71,9 +71,9 @@ class Hyperparameters(BaseModel):
     weight_decay: float | None = Field(default=None, ge=0, le=1)
     max_seq_length: int | None = Field(default=None, ge=8, le=8192)
     gradient_accumulation_steps: int | None = Field(default=None, ge=1, le=128)
-    eval_every_steps: int | None = Field(default=None, ge=1)
-    checkpoint_every_steps: int | None = Field(default=None, ge=1)
-    max_grad_norm: float | None = Field(default=None, gt=0)
+    eval_every_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    checkpoint_every_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_grad_norm: float | None = Field(default=None, gt=0, le=1000)
 
     @field_validator("n_epochs")
     @classmethod
@@ -100,7 +100,7 @@ class Hyperparameters(BaseModel):
 class LoraAdapter(BaseModel):
     """``method.supervised.adapter`` as a LoRA spec (the other choice is the string "full")."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["lora"]
     r: int = Field(default=8, ge=1, le=256)

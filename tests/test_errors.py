@@ -147,3 +147,113 @@ def test_a_500_keeps_the_connection_alive(
     # The same socket carried both: the server did not reset the connection after the 500.
     assert connection.sock is socket_before
     connection.close()
+
+
+# ---- request bounds ------------------------------------------------------------------------------
+
+TOO_MANY_KEYS = {f"k{i}": "v" for i in range(17)}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+        ({"hyperparameters": {"n_epochs": 51}}, "hyperparameters.n_epochs"),
+        ({"hyperparameters": {"batch_size": 257}}, "hyperparameters.batch_size"),
+        ({"hyperparameters": {"learning_rate_multiplier": 0}}, "learning_rate_multiplier"),
+        ({"hyperparameters": {"eval_every_steps": 10**7}}, "hyperparameters.eval_every_steps"),
+        ({"hyperparameters": {"max_grad_norm": 1e6}}, "hyperparameters.max_grad_norm"),
+        ({"suffix": ""}, "suffix"),
+        ({"suffix": "s" * 65}, "suffix"),
+        ({"metadata": TOO_MANY_KEYS}, "metadata"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"metadata": {"k": "v" * 513}}, "metadata"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_job_create_bounds(api, body: dict, param: str) -> None:  # type: ignore[no-untyped-def,type-arg]
+    request = {"model": "sentence-transformers/all-MiniLM-L6-v2", "training_file": "file-x", **body}
+    response = api.client.post("/v1/fine_tuning/jobs", headers=api.headers(), json=request)
+    assert_bad_request(response, param)
+    listed = api.client.get("/v1/fine_tuning/jobs", headers=api.headers()).json()
+    assert listed["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("url", "param"),
+    [
+        ("/v1/fine_tuning/jobs?limit=0", "limit"),
+        ("/v1/fine_tuning/jobs?limit=101", "limit"),
+        ("/v1/fine_tuning/jobs/ftjob-x/events?limit=101", "limit"),
+        ("/v1/fine_tuning/jobs/ftjob-x/checkpoints?limit=0", "limit"),
+        ("/v1/fine_tuning/jobs?after=" + "a" * 65, "after"),
+        ("/v1/fine_tuning/jobs?" + "&".join(f"metadata[{k}]=v" for k in TOO_MANY_KEYS), "metadata"),
+        ("/v1/fine_tuning/jobs?metadata[" + "k" * 65 + "]=v", "metadata"),
+        ("/v1/files?limit=0", "limit"),
+        ("/v1/files?limit=10001", "limit"),  # OpenAI's own bound for files
+        ("/v1/files?purpose=" + "p" * 65, "purpose"),
+        ("/v1/files?after=" + "a" * 65, "after"),
+    ],
+)
+def test_query_bounds(api, url: str, param: str) -> None:  # type: ignore[no-untyped-def]
+    assert_bad_request(api.client.get(url, headers=api.headers()), param)
+
+
+CHAT = {"model": "ft:none", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/chat/completions", {**CHAT, "seed": 2**64}, "seed"),
+        ("/v1/chat/completions", {**CHAT, "n": 17}, "n"),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, "max_tokens"),
+        ("/v1/chat/completions", {**CHAT, "temperature": 2.5}, "temperature"),
+        ("/v1/chat/completions", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ("/v1/chat/completions", {**CHAT, "messages": []}, "messages"),
+        ("/v1/chat/completions", {**CHAT, "messages": CHAT["messages"] * 1025}, "messages"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": "x" * 100_001}]},
+            "messages.0.content",
+        ),
+        ("/v1/completions", {"model": "ft:none", "prompt": "x" * 100_001}, "prompt"),
+        ("/v1/completions", {"model": "ft:none", "prompt": ["p"] * 257}, "prompt"),
+        ("/v1/embeddings", {"model": "ft:none", "input": "hi", "dimensions": 0}, "dimensions"),
+        ("/v1/embeddings", {"model": "ft:none", "input": ["hi"] * 257}, "input"),
+        ("/v1/predictions", {"model": "ft:none", "input": []}, "input"),
+        ("/v1/predictions", {"model": "ft:none", "input": ["hi"] * 257}, "input"),
+        ("/v1/predictions", {"model": "", "input": "hi"}, "model"),
+    ],
+)
+def test_inference_bounds(api, route: str, body: dict, param: str) -> None:  # type: ignore[no-untyped-def,type-arg]
+    assert_bad_request(api.client.post(route, headers=api.headers(), json=body), param)
+
+
+def test_non_finite_numbers_are_refused(api) -> None:  # type: ignore[no-untyped-def]
+    # Python's json reads NaN and Infinity; nothing downstream may ever see them.
+    for route, content, param in (
+        ("/v1/predictions", '{"model": "ft:none", "input": [[1.0, NaN]]}', "input.0.1"),
+        (
+            "/v1/fine_tuning/jobs",
+            '{"model": "m", "training_file": "f", "hyperparameters": {"max_grad_norm": Infinity}}',
+            "hyperparameters.max_grad_norm",
+        ),
+    ):
+        headers = {**api.headers(), "Content-Type": "application/json"}
+        assert_bad_request(api.client.post(route, headers=headers, content=content), param)
+
+
+def test_malformed_json_is_a_400(api) -> None:  # type: ignore[no-untyped-def]
+    headers = {**api.headers(), "Content-Type": "application/json"}
+    response = api.client.post("/v1/fine_tuning/jobs", headers=headers, content=b'{"model": ')
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"]["message"]
+
+
+def assert_bad_request(response, param: str) -> None:  # type: ignore[no-untyped-def]
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] is not None and param in error["param"], error
+    assert response.headers["x-request-id"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -55,10 +56,30 @@ def envelope(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# Parts of a pydantic error location that name a member of a union, not a field:
+# "str", "constrained-str", "list[str]", "literal['auto']", "function-after[...]".
+_UNION_MEMBER = re.compile(r"(constrained-)?(str|int|float|bool|bytes|none)|.*\[.*\]|function-.*")
+
+
 def _param(loc: tuple[object, ...]) -> str | None:
     # ("body", "hyperparameters", "n_epochs") -> "hyperparameters.n_epochs"
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [
+        str(p)
+        for p in loc
+        if p not in ("body", "query", "path", "header") and not _UNION_MEMBER.fullmatch(str(p))
+    ]
     return ".".join(parts) or None
+
+
+def _most_specific(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of the errors about the first invalid parameter, the deepest: for a union such as
+    ``str | list[str] | list[list[float]]``, the member that matched furthest says best what
+    is wrong (a NaN in a row, rather than "should be a valid string")."""
+    if not errors:
+        return {}
+    top = tuple(errors[0].get("loc", ()))[:2]
+    same = [e for e in errors if tuple(e.get("loc", ()))[:2] == top]
+    return max(same, key=lambda e: len(e.get("loc", ())))
 
 
 def install(app: FastAPI) -> None:
@@ -76,7 +97,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
+        first = _most_specific(list(exc.errors()))
         loc = tuple(first.get("loc", ()))
         param = _param(loc)
         if first.get("type") == "json_invalid":

@@ -6,9 +6,18 @@ Requests accept (and ignore) OpenAI parameters that do not change what a local m
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Bounds of our own (OpenAI's where it has them): the characters of one text (tokenizers
+# truncate to the model's context, but only after reading it all), and the messages of a chat.
+MAX_TEXT_CHARS = 100_000
+MAX_MESSAGES = 1024
+# torch.manual_seed takes a 64-bit seed; n samples use seed, seed + 1, ...
+SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1}
+
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
 class StreamOptions(BaseModel):
@@ -17,15 +26,15 @@ class StreamOptions(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)]
+    name: str | None = Field(default=None, max_length=256)
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -34,20 +43,21 @@ class ChatMessage(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=320)
+    # At most the server's max_new_tokens, checked by the route.
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(default=None, **SEED_RANGE)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Accepted but not supported when set to something that would change the answer.
     logprobs: bool | int | None = None
-    tools: list[Any] | None = None
+    tools: list[Any] | None = Field(default=None, max_length=128)
 
     @field_validator("stop")
     @classmethod
@@ -64,14 +74,15 @@ class _Sampling(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    # How many prompts: at most the server's max_prediction_inputs, checked by the route.
+    prompt: Text | list[Text]
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
 class Usage(BaseModel):
@@ -124,9 +135,9 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=320)
-    input: str | list[str] = Field(description="one text or a list of texts")
+    input: Text | list[Text] = Field(description="one text or a list of texts")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: int | None = Field(default=None, ge=1, le=65536)
 
 
 class Embedding(BaseModel):
@@ -143,10 +154,11 @@ class EmbeddingResponse(BaseModel):
 
 
 class PredictionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=320)
-    input: str | list[str] | list[list[float]] = Field(
+    # How many inputs: at most the server's max_prediction_inputs, checked by the route.
+    input: Text | list[Text] | list[Annotated[list[float], Field(max_length=65536)]] = Field(
         description="one text, a list of texts, or rows of numbers for a tabular model"
     )
 

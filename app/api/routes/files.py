@@ -74,9 +74,9 @@ async def upload_file(
 def list_files(
     org: OrgDep,
     session: SessionDep,
-    purpose: str | None = None,
+    purpose: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
-    after: str | None = None,
+    after: Annotated[str | None, Query(max_length=64)] = None,
     order: Literal["asc", "desc"] = "desc",
 ) -> ListResponse[FileObject]:
     rows, more = files.list_files(

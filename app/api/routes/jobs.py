@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import OrgDep, SessionDep, SettingsDep
 from app.api.presenters import checkpoint_object, event_object, job_object, list_response
 from app.core.db import session_scope
+from app.core.errors import InvalidRequest
 from app.core.queue import enqueue_job
 from app.core.settings import Settings
 from app.models import JobEvent
@@ -32,6 +33,7 @@ router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 _401 = {"model": ErrorResponse, "description": "Missing or wrong API key"}
 _404 = {"model": ErrorResponse, "description": "No such job in this organization"}
 Limit = Annotated[int, Query(ge=1, le=100)]
+After = Annotated[str | None, Query(max_length=64)]
 
 
 def validate_and_enqueue(settings: Settings, job_id: str) -> None:
@@ -69,7 +71,7 @@ def list_jobs(
     org: OrgDep,
     session: SessionDep,
     limit: Limit = 20,
-    after: str | None = None,
+    after: After = None,
 ) -> ListResponse[JobObject]:
     # metadata[key]=value filters, as the SDK sends them.
     metadata = {
@@ -77,6 +79,12 @@ def list_jobs(
         for k, v in request.query_params.items()
         if k.startswith("metadata[") and k.endswith("]")
     }
+    if len(metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
+        raise InvalidRequest(
+            "Filter by at most 16 metadata[key]=value pairs, keys up to 64 characters and "
+            "values up to 512.",
+            param="metadata",
+        )
     rows, more = jobs.list_jobs(session, org, limit=limit, after=after, metadata=metadata)
     data = [job_object(j) for j in rows]
     return list_response(data, more)
@@ -117,7 +125,7 @@ def list_events(
     session: SessionDep,
     settings: SettingsDep,
     limit: Limit = 20,
-    after: str | None = None,
+    after: After = None,
     stream: bool = False,
 ) -> Any:
     if stream:
@@ -169,7 +177,7 @@ def list_checkpoints(
     org: OrgDep,
     session: SessionDep,
     limit: Limit = 10,
-    after: str | None = None,
+    after: After = None,
 ) -> ListResponse[CheckpointObject]:
     job, rows, more = jobs.list_checkpoints(session, org, job_id, limit=limit, after=after)
     name = job.fine_tuned_model or jobs.fine_tuned_model_name(job, org)
