@@ -1,4 +1,5 @@
-"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, events (and their stream), checkpoints."""
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause, resume, events (and their
+stream), checkpoints."""
 
 from __future__ import annotations
 
@@ -107,6 +108,47 @@ def retrieve_job(job_id: str, org: OrgDep, session: SessionDep) -> JobObject:
 def cancel_job(job_id: str, org: OrgDep, session: SessionDep) -> JobObject:
     job = jobs.cancel_job(session, org, job_id)
     session.commit()
+    return job_object(job)
+
+
+@router.post(
+    "/{job_id}/pause",
+    response_model=JobObject,
+    responses={
+        401: _401,
+        404: _404,
+        409: {"model": ErrorResponse, "description": "The job is not queued or running"},
+    },
+)
+def pause_job(job_id: str, org: OrgDep, session: SessionDep) -> JobObject:
+    """Pause a queued or running job: a running job saves a checkpoint and frees its worker."""
+    job = jobs.pause_job(session, org, job_id)
+    session.commit()
+    return job_object(job)
+
+
+@router.post(
+    "/{job_id}/resume",
+    response_model=JobObject,
+    responses={
+        401: _401,
+        404: _404,
+        409: {"model": ErrorResponse, "description": "The job is not paused"},
+    },
+)
+def resume_job(
+    job_id: str,
+    org: OrgDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    background_tasks: BackgroundTasks,
+) -> JobObject:
+    """Queue a paused job again; it goes on from the checkpoint its pause saved."""
+    job = jobs.resume_job(session, org, job_id)
+    session.commit()
+    if job.status == jobs.QUEUED:
+        # After the answer: a broker that is away delays nobody; the reconciler re-sends it.
+        background_tasks.add_task(enqueue_job, settings, job.id)
     return job_object(job)
 
 
