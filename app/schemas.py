@@ -74,6 +74,13 @@ class Hyperparameters(BaseModel):
     eval_every_steps: int | None = Field(default=None, ge=1, le=1_000_000)
     checkpoint_every_steps: int | None = Field(default=None, ge=1, le=1_000_000)
     max_grad_norm: float | None = Field(default=None, gt=0, le=1000)
+    max_duration: int | None = Field(
+        default=None,
+        ge=1,
+        le=30 * 24 * 3600,
+        description="Seconds of training (over all attempts, pauses excluded) before the job "
+        "fails with max_duration_exceeded",
+    )
 
     @field_validator("n_epochs")
     @classmethod

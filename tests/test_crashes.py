@@ -16,11 +16,15 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
+from app.core.db import session_scope
+from app.models import JobEvent
 from tests.conftest import PG_ADMIN_URL
 from tests.crash_support import (
     CHECKPOINT_EVERY,
     EPOCHS,
+    JOB_BODY,
     STEPS_PER_EPOCH,
     Deployment,
     Link,
@@ -192,6 +196,35 @@ def test_a_job_that_crashes_every_time_fails_after_max_attempts(cluster: Deploym
     assert "Traceback" not in job.error["message"]
     assert (job.attempt, job.crash_count, len(killed)) == (2, 2, 2)
     assert cluster.wait_status(other, "succeeded").attempt == 1  # the worker goes on
+
+
+def test_a_failure_in_training_is_an_error_a_user_can_act_on(cluster: Deployment) -> None:
+    cluster.start_worker("a")
+    late = cluster.create_job(
+        method={
+            "type": "supervised",
+            "supervised": {
+                **JOB_BODY["method"]["supervised"],
+                "hyperparameters": {
+                    **JOB_BODY["method"]["supervised"]["hyperparameters"],
+                    "max_duration": 2,
+                },
+            },
+        }
+    )
+    following = cluster.create_job(seed=12)
+    job = cluster.wait_status(late, "failed")
+    assert job.error is not None and job.error["code"] == "max_duration_exceeded"
+    assert "max_duration (2 s)" in job.error["message"]
+    assert "Traceback" not in job.error["message"] and 'File "' not in job.error["message"]
+    assert job.crash_count == 0  # a failure, not a crash: not retried
+    with session_scope(cluster.settings.sqlalchemy_url) as session:
+        last = session.scalars(
+            select(JobEvent).where(JobEvent.job_id == late).order_by(JobEvent.seq.desc())
+        ).first()
+    assert last is not None and last.level == "error" and "max_duration" in last.message
+    assert f"training of {late} ran past its max_duration" in cluster.worker_log("a")
+    assert cluster.wait_status(following, "succeeded").attempt == 1  # the worker goes on
 
 
 # --- 7: cancel, pause and resume -----------------------------------------------------------

@@ -392,7 +392,7 @@ def run_training_process(job_id: str, owner: str) -> None:
     from transformers.utils import logging as hf_logging
 
     from worker.training.loop import train
-    from worker.training.spec import TrainingStopped
+    from worker.training.spec import DeadlineExceeded, TrainingStopped
 
     hf_logging.disable_progress_bar()
 
@@ -406,6 +406,9 @@ def run_training_process(job_id: str, owner: str) -> None:
         with contextlib.suppress(Exception):
             reporter.flush()
             reporter.stopped(stop.step, stop.checkpointed)
+    except DeadlineExceeded as exc:
+        log.info("training of %s ran past its max_duration", job_id)
+        _fail(reporter, "max_duration_exceeded", str(exc))
     except JobNotOurs:
         log.info("job %s was paused, cancelled or taken over as it finished", job_id)
     except MemoryError:

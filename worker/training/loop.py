@@ -42,6 +42,7 @@ from worker.training.registry import (
     get_task_kind,
 )
 from worker.training.spec import (
+    DeadlineExceeded,
     Hyperparameters,
     Reporter,
     TrainingResult,
@@ -69,6 +70,7 @@ class RunState:
     last_eval: dict[str, float] = field(default_factory=dict)
     loss_sum: float = 0.0  # train loss summed over the steps since the last report
     loss_steps: int = 0
+    train_seconds: float = 0.0  # time spent training by earlier attempts (for max_duration)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -190,8 +192,10 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
         run = _resume(resume, spec, labels, total_steps, optimizer, scheduler, generator)
         reporter.message(f"Restarted from checkpoint at step {run.step}")
     saved = {"step": run.step, "at": time.monotonic()}  # the newest checkpoint (or the start)
+    attempt_started, earlier_seconds = time.monotonic(), run.train_seconds
 
     def checkpoint(end_of_epoch: bool) -> None:
+        run.train_seconds = earlier_seconds + time.monotonic() - attempt_started
         position = (run.epoch + 1, 0) if end_of_epoch else (run.epoch, run.batch_in_epoch)
         state = _training_state(
             spec, labels, total_steps, run, position, optimizer, scheduler, generator
@@ -229,6 +233,10 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
         while run.batch_in_epoch < len(batches):
             if reporter.should_stop():
                 raise stop()
+            if hp.max_duration and (
+                earlier_seconds + time.monotonic() - attempt_started > hp.max_duration
+            ):
+                raise DeadlineExceeded(run.step, total_steps, hp.max_duration)
             group = batches[run.batch_in_epoch : run.batch_in_epoch + accum]
             lr = scheduler.get_last_lr()[0]
 
@@ -344,6 +352,7 @@ def _training_state(
         "last_eval": dict(run.last_eval),
         "loss_sum": run.loss_sum,
         "loss_steps": run.loss_steps,
+        "train_seconds": run.train_seconds,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": capture_rng_state(generator),
@@ -381,4 +390,5 @@ def _resume(
         last_eval=dict(state["last_eval"]),
         loss_sum=state["loss_sum"],
         loss_steps=state["loss_steps"],
+        train_seconds=float(state.get("train_seconds", 0.0)),
     )

@@ -76,6 +76,16 @@ class TrainingResult:
     adapter: bool  # the stored model is a LoRA adapter of the base, not a full model
 
 
+class DeadlineExceeded(Exception):
+    """Training ran past the job's ``max_duration``."""
+
+    def __init__(self, step: int, total_steps: int, seconds: float):
+        super().__init__(
+            f"Training ran past max_duration ({seconds:g} s) at step {step} of {total_steps}; "
+            "raise max_duration, or train fewer epochs or rows."
+        )
+
+
 class TrainingStopped(Exception):
     """The reporter asked the run to stop (cancel, pause, shutdown) at ``step``; with
     ``checkpointed`` a checkpoint of that very step was saved first."""
@@ -103,6 +113,7 @@ class Hyperparameters:
     eval_every_steps: int | None = None  # extra evaluations between epoch ends
     checkpoint_every_steps: int | None = None  # extra checkpoints between epoch ends
     max_grad_norm: float = 1.0  # clip the global gradient norm to this
+    max_duration: float | None = None  # seconds of training, all attempts, before giving up
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Hyperparameters:
