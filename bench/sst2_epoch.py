@@ -40,6 +40,9 @@ def bare_loop(train_path: Path, valid_path: Path, hp: dict[str, object], tmp: Pa
         def should_stop(self) -> bool:
             return False
 
+        def checkpoint_on_stop(self) -> bool:
+            return False
+
     spec = TrainingSpec(
         job_id="bench",
         task="classification",

@@ -30,7 +30,7 @@ from app.core.storage import Storage
 from app.main import create_app
 from app.models import Job, JobEvent
 from app.services import jobs
-from tests.stacks import base_env
+from tests.stacks import FAST_TIMINGS, base_env
 from tests.support import ROOT, free_port, jsonl, training_processes, tunehouse, wait_until
 
 # Short timings: a dead trainer is noticed in seconds, a cancel acted on within half a second.
@@ -90,10 +90,16 @@ class Deployment:
     training_file: str = ""
     validation_file: str = ""
     key: str = ""
+    job_body: dict[str, Any] = field(default_factory=lambda: dict(JOB_BODY))
 
     @classmethod
-    def create(cls, name: str, root: Path, **env: str) -> Deployment:
-        full = {**base_env(root / "data"), **CRASH_TIMINGS, **env}
+    def create(
+        cls, name: str, root: Path, timings: dict[str, str] | None = None, **env: str
+    ) -> Deployment:
+        """``timings`` replaces the crash tests' short timings ({} for the defaults)."""
+        full = {k: v for k, v in base_env(root / "data").items() if k not in FAST_TIMINGS}
+        full.update(CRASH_TIMINGS if timings is None else timings)
+        full.update(env)
         deployment = cls(name, root, full)
         tunehouse("migrate", env=full)
         deployment.key = tunehouse(
@@ -132,7 +138,7 @@ class Deployment:
     def create_job(self, **changes: Any) -> str:
         with self.client() as client:
             body = {
-                **JOB_BODY,
+                **self.job_body,
                 "training_file": self.training_file,
                 "validation_file": self.validation_file,
                 **changes,

@@ -353,6 +353,7 @@ def _spec(settings: Settings, job_id: str) -> Any:
             # A job restarted after its worker died goes on from its newest complete checkpoint.
             resume_from=latest_complete_checkpoint(storage.checkpoints_dir(job.id)),
             checkpoint_every_seconds=settings.checkpoint_every_seconds,
+            max_dataset_line_bytes=settings.max_dataset_line_bytes,
             debug_checkpoint_delay_seconds=settings.debug_checkpoint_delay_seconds,
         )
 

@@ -10,6 +10,7 @@ import logging
 import math
 import secrets
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -23,7 +24,7 @@ from app.core.settings import Settings
 from app.core.storage import Storage
 from app.models import Checkpoint, File, Job, JobEvent, Organization, utcnow
 from app.schemas import Architecture, Hyperparameters, JobCreate, SupervisedMethod
-from app.services.datasets import DatasetError, DatasetInfo, validate_dataset
+from app.services.datasets import DatasetError, DatasetInfo, DatasetLimits, validate_dataset
 from app.services.models import CAUSAL_LM, ENCODER, MLP_MODEL, base_kind
 from app.services.pagination import page
 
@@ -502,12 +503,14 @@ class _FileProblem(Exception):
         self.message, self.param, self.code = message, param, code or f"invalid_{param}"
 
 
-def _revalidate(session: Session, storage: Storage, file_id: str, param: str) -> DatasetInfo:
+def _revalidate(
+    session: Session, storage: Storage, file_id: str, param: str, limits: DatasetLimits
+) -> DatasetInfo:
     file = session.get(File, file_id)
     if file is None:
         raise _FileProblem(f"File '{file_id}' was deleted before the job started.", param)
     try:
-        return validate_dataset(storage.resolve(file.storage_path), fmt=file.format)
+        return validate_dataset(storage.resolve(file.storage_path), fmt=file.format, limits=limits)
     except (DatasetError, OSError) as exc:
         raise _FileProblem(f"File '{file_id}' is not valid: {exc}", param) from None
 
@@ -535,10 +538,18 @@ def validate_job_files(session: Session, settings: Settings, job_id: str) -> boo
     if job is None or job.status != VALIDATING:
         return False
     storage = Storage(settings.storage_root)
+    limits = DatasetLimits.from_settings(settings)
     try:
-        training = _revalidate(session, storage, job.training_file, "training_file")
+        training = _revalidate(session, storage, job.training_file, "training_file", limits)
         if job.validation_file is not None:
-            validation = _revalidate(session, storage, job.validation_file, "validation_file")
+            # A validation file may hold a label once: only the training file needs examples.
+            validation = _revalidate(
+                session,
+                storage,
+                job.validation_file,
+                "validation_file",
+                replace(limits, min_examples_per_label=1),
+            )
             _check_validation_matches(job.task, training, validation)
     except _FileProblem as problem:
         fail_job(

@@ -27,6 +27,8 @@ class TrainingSpec:
     method: dict[str, Any] = field(default_factory=dict)
     # Also checkpoint when this long has passed since the last checkpoint (None: never).
     checkpoint_every_seconds: float | None = None
+    # The server's max_dataset_line_bytes: the files were validated with it.
+    max_dataset_line_bytes: int | None = None
     # Fault injection for crash tests: a pause inside each checkpoint write, before its rename.
     debug_checkpoint_delay_seconds: float = 0.0
 
