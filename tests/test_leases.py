@@ -16,8 +16,8 @@ import pytest
 from sqlalchemy import select, update
 
 from app.core.db import get_engine, session_scope
-from app.core.ids import new_id
 from app.core.errors import Conflict
+from app.core.ids import new_id
 from app.core.migrate import upgrade
 from app.core.process import process_identity
 from app.core.queue import enqueue_job
