@@ -279,7 +279,7 @@ def test_a_cancel_stops_without_a_checkpoint(data_dir: Path, tmp_path: Path) -> 
 
 
 def test_checkpoint_every_seconds(data_dir: Path, tmp_path: Path) -> None:
-    hyperparameters = {**HYPERPARAMETERS, "checkpoint_every_steps": None}
+    hyperparameters = {**HYPERPARAMETERS, "checkpoint_every_steps": None, "n_epochs": 1}
     run = make_spec(
         data_dir, tmp_path, hyperparameters=hyperparameters, checkpoint_every_seconds=1e-9
     )
