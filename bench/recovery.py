@@ -1,7 +1,7 @@
 """What a crash costs at the default settings: steps lost, and time from the kill to the job
 running (and training) again.
 
-    .venv/bin/python bench/recovery.py [--rows 800] [--kill-after 45]
+    .venv/bin/python bench/recovery.py [--rows 2000] [--kill-after 55]
 
 Fine-tunes MiniLM on the first N rows of ../shared/data/sst2/train.tsv (2 epochs) on the
 embedded defaults (`tunehouse worker`, SQLite, the filesystem broker, every timing at its
@@ -32,6 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sqlalchemy import select  # noqa: E402
+
+from app.core.db import session_scope  # noqa: E402
+from app.models import JobEvent  # noqa: E402
 from tests.crash_support import Deployment  # noqa: E402
 from tests.support import (  # noqa: E402
     BASE_MODEL,
@@ -77,18 +81,30 @@ def run_scenario(deployment: Deployment, scenario: str, kill_after: float) -> di
 
     wait_until(lambda: attempt(2), 600, 0.05, what="the job running again")
     running_again = time.monotonic() - killed_at
+
+    def second_start() -> JobEvent | None:
+        # Each start says what it trains on; the second one says so once its model is loaded.
+        with session_scope(deployment.settings.sqlalchemy_url) as session:
+            starts = session.scalars(
+                select(JobEvent)
+                .where(JobEvent.job_id == job_id, JobEvent.message.like("training % rows, %"))
+                .order_by(JobEvent.seq)
+            ).all()
+            return starts[1] if len(starts) > 1 else None
+
+    started = wait_until(second_start, 600, 0.05, what="the second start's model loaded")
     events = deployment.events(job_id)
     restarted = [m for m in events if m.startswith("Restarted from checkpoint at step ")]
     resumed_step = int(restarted[-1].rsplit(" ", 1)[1]) if restarted else 0
     stopped = [m for m in events if re.search(r"shutdown; (checkpoint saved )?at step \d+$", m)]
     if stopped:  # a graceful stop: the trainer said where it stopped
         trained = int(stopped[-1].rsplit(" ", 1)[1])
-    wait_until(
-        lambda: (deployment.job(job_id).steps_completed or 0) > resumed_step,
-        600,
-        0.05,
-        what="a new step",
-    )
+
+    def stepped() -> bool:  # a step trained by the second start
+        job = deployment.job(job_id)
+        return job.updated_at > started.created_at and (job.steps_completed or 0) > resumed_step
+
+    wait_until(stepped, 600, 0.05, what="a new step")
     training_again = time.monotonic() - killed_at
     deployment.wait_status(job_id, "succeeded", timeout=900)
     deployment.stop_workers()
@@ -103,8 +119,8 @@ def run_scenario(deployment: Deployment, scenario: str, kill_after: float) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=800)
-    parser.add_argument("--kill-after", type=float, default=45.0)
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--kill-after", type=float, default=55.0)
     parser.add_argument("--scenario", choices=SCENARIOS, action="append")
     args = parser.parse_args()
 

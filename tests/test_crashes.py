@@ -7,6 +7,7 @@ interruption, and no two training processes of one job may ever run at once."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -20,7 +21,6 @@ from sqlalchemy import select
 
 from app.core.db import session_scope
 from app.models import JobEvent
-from tests.conftest import PG_ADMIN_URL
 from tests.crash_support import (
     CHECKPOINT_EVERY,
     EPOCHS,
@@ -32,7 +32,6 @@ from tests.crash_support import (
     TrainerWatch,
     gone,
     same_weights,
-    wait_trainer,
 )
 from tests.support import Stack, fresh_postgres_database, training_processes, wait_until
 
@@ -328,18 +327,32 @@ def database(postgres_url: str) -> Iterator[str]:
         yield url
 
 
+@contextlib.contextmanager
+def on_postgres(tmp_path: Path, database: str, broker_url: str, **env: str) -> Iterator[Deployment]:
+    """A deployment of its own on PostgreSQL and the given Redis; its logs printed on failure."""
+    cluster = Deployment.create(
+        "postgres",
+        tmp_path,
+        TUNEHOUSE_DATABASE_URL=database,
+        TUNEHOUSE_BROKER_URL=broker_url,
+        **env,
+    )
+    try:
+        yield cluster
+    except BaseException:
+        print(cluster.logs())
+        raise
+    finally:
+        cluster.stop_workers()
+
+
 @pytest.mark.postgres
 def test_short_visibility_timeout_never_makes_twins(
     tmp_path: Path, database: str, redis_server: RedisServer, reference: dict[str, Any]
 ) -> None:
-    cluster = Deployment.create(
-        "visibility",
-        tmp_path,
-        TUNEHOUSE_DATABASE_URL=database,
-        TUNEHOUSE_BROKER_URL=redis_server.url,
-        TUNEHOUSE_BROKER_VISIBILITY_TIMEOUT="2",
-    )
-    try:
+    with on_postgres(
+        tmp_path, database, redis_server.url, TUNEHOUSE_BROKER_VISIBILITY_TIMEOUT="2"
+    ) as cluster:
         cluster.start_worker("a")
         cluster.start_worker("b", beat=False)
         job_id = cluster.create_job()
@@ -350,24 +363,13 @@ def test_short_visibility_timeout_never_makes_twins(
         assert f"job {job_id} is not ready to start" in logs
         assert watch.most == 1 and (job.attempt, job.crash_count) == (1, 0)
         assert same_weights(cluster.final_weights(job_id), reference)
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop_workers()
 
 
 @pytest.mark.postgres
 def test_redis_restarted_empty_loses_no_job_and_doubles_none(
     tmp_path: Path, database: str, redis_server: RedisServer, reference: dict[str, Any]
 ) -> None:
-    cluster = Deployment.create(
-        "redis-restart",
-        tmp_path,
-        TUNEHOUSE_DATABASE_URL=database,
-        TUNEHOUSE_BROKER_URL=redis_server.url,
-    )
-    try:
+    with on_postgres(tmp_path, database, redis_server.url) as cluster:
         cluster.start_worker("a")
         first = cluster.create_job()
         waiting = [cluster.create_job() for _ in range(2)]
@@ -383,41 +385,33 @@ def test_redis_restarted_empty_loses_no_job_and_doubles_none(
             assert (job.attempt, job.crash_count) == (1, 0), events
             assert events.count("The job has successfully completed") == 1
             assert same_weights(cluster.final_weights(job.id), reference)
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop_workers()
 
 
 @pytest.mark.postgres
 def test_creating_a_job_while_redis_is_down_answers_at_once_and_runs_later(
     tmp_path: Path, database: str, redis_server: RedisServer
 ) -> None:
-    cluster = Deployment.create(
-        "broker-down",
-        tmp_path,
-        TUNEHOUSE_DATABASE_URL=database,
-        TUNEHOUSE_BROKER_URL=redis_server.url,
-    )
-    api = Stack("api", cluster.env, tmp_path)
-    api.start("api", "--port", str(api.port), "--role", "control", log="api")
-    try:
-        api.wait_ready(60)
-        redis_server.kill()
-        body = {
-            **_job_body(),
-            "training_file": cluster.training_file,
-            "validation_file": cluster.validation_file,
-        }
-        started = time.monotonic()
-        response = httpx.post(
-            f"{api.base_url}/v1/fine_tuning/jobs",
-            json=body,
-            headers={"Authorization": f"Bearer {cluster.key}"},
-            timeout=30,
-        )
-        answered = time.monotonic() - started
+    with on_postgres(tmp_path, database, redis_server.url) as cluster:
+        api = Stack("api", cluster.env, tmp_path)
+        api.start("api", "--port", str(api.port), "--role", "control", log="api")
+        try:
+            api.wait_ready(60)
+            redis_server.kill()
+            body = {
+                **cluster.job_body,
+                "training_file": cluster.training_file,
+                "validation_file": cluster.validation_file,
+            }
+            started = time.monotonic()
+            response = httpx.post(
+                f"{api.base_url}/v1/fine_tuning/jobs",
+                json=body,
+                headers={"Authorization": f"Bearer {cluster.key}"},
+                timeout=30,
+            )
+            answered = time.monotonic() - started
+        finally:
+            api.stop()
         assert response.status_code == 200, response.text
         assert answered < 2, answered
         job_id = response.json()["id"]
@@ -427,13 +421,6 @@ def test_creating_a_job_while_redis_is_down_answers_at_once_and_runs_later(
         cluster.start_worker("a")
         job = cluster.wait_status(job_id, "succeeded")
         assert (job.attempt, job.crash_count) == (1, 0)
-    except BaseException:
-        print(api.logs())
-        print(cluster.logs())
-        raise
-    finally:
-        api.stop()
-        cluster.stop_workers()
 
 
 @pytest.mark.postgres
@@ -443,35 +430,20 @@ def test_training_goes_on_through_a_short_database_outage(
     port = int(database.rsplit(":", 1)[1].split("/")[0])
     link = Link(port)
     through_link = database.replace(f":{port}/", f":{link.port}/")
-    cluster = Deployment.create(
-        "database-outage", tmp_path, TUNEHOUSE_DATABASE_URL=database, TUNEHOUSE_BROKER_URL=redis_url
-    )
     try:
-        cluster.start_worker("a", TUNEHOUSE_DATABASE_URL=through_link)
-        job_id = cluster.create_job()
-        cluster.wait_steps(job_id, CHECKPOINT_EVERY + 2)
-        (trainer,) = training_processes(job_id)
-        link.cut()
-        time.sleep(4)  # shorter than the lease (6 s)
-        assert not gone(trainer)  # still training
-        link.restore()
-        job = cluster.wait_status(job_id, "succeeded")
-        assert (job.attempt, job.crash_count) == (1, 0)
-        assert same_weights(cluster.final_weights(job_id), reference)
-        log = cluster.worker_log("a")
-        assert "heartbeat for" in log and "failed" in log  # it did lose the database
-    except BaseException:
-        print(cluster.logs())
-        raise
+        with on_postgres(tmp_path, database, redis_url) as cluster:
+            cluster.start_worker("a", TUNEHOUSE_DATABASE_URL=through_link)
+            job_id = cluster.create_job()
+            cluster.wait_steps(job_id, CHECKPOINT_EVERY + 2)
+            (trainer,) = training_processes(job_id)
+            link.cut()
+            time.sleep(4)  # shorter than the lease (6 s)
+            assert not gone(trainer)  # still training
+            link.restore()
+            job = cluster.wait_status(job_id, "succeeded")
+            assert (job.attempt, job.crash_count) == (1, 0)
+            assert same_weights(cluster.final_weights(job_id), reference)
+            log = cluster.worker_log("a")
+            assert "heartbeat for" in log and "failed" in log  # it did lose the database
     finally:
         link.close()
-        cluster.stop_workers()
-
-
-def _job_body() -> dict[str, Any]:
-    from tests.crash_support import JOB_BODY
-
-    return dict(JOB_BODY)
-
-
-_ = (wait_trainer, PG_ADMIN_URL)

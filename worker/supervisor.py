@@ -96,6 +96,12 @@ def _watch(settings: Settings, job_id: str, owner: str, process: subprocess.Pope
             log.warning("could not read job %s; will retry", job_id, exc_info=True)
             continue
         if row is None or row.lease_owner != owner or row.status in jobs.TERMINAL:
+            if row is not None and row.status in (jobs.SUCCEEDED, jobs.FAILED):
+                # Most likely the trainer settled the job itself and is on its way out.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=settings.cancel_grace_seconds)
+                if process.returncode is not None:
+                    return
             reason = "deleted" if row is None else row.status
             log.info("job %s is %s; stopping its training process", job_id, reason)
             stop_process(process, settings.cancel_grace_seconds)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -595,75 +595,78 @@ def list_jobs(
     return page(session, stmt, sort=Job.created_at, tiebreak=Job.id, after=cursor, limit=limit)
 
 
-def cancel_job(session: Session, org: Organization, job_id: str) -> Job:
+def _move(
+    session: Session,
+    org: Organization,
+    job_id: str,
+    *,
+    to: str,
+    from_: Iterable[str],
+    already: Iterable[str],
+    message: Callable[[Job], str],
+    refusal: str,
+) -> Job:
+    """A user's request to move a job: a no-op when the job is ``already`` there, else the move
+    from ``from_``, else a 409 (``refusal`` completes "Job 'id' is <status>; ...")."""
+    already = tuple(already)
     job = get_job(session, org, job_id)
-    if job.status == CANCELLED:
-        return job  # a second cancel is a no-op
-    if not transition(
-        session, job.id, to=CANCELLED, from_=ACTIVE, message="Fine-tuning job cancelled"
-    ):
-        session.refresh(job)
-        if job.status == CANCELLED:
-            return job
-        raise Conflict(
-            f"Job '{job.id}' has already {job.status}; only an active job can be cancelled.",
-            param="fine_tuning_job_id",
-        )
+    if job.status in already:
+        return job
+    moved = transition(session, job.id, to=to, from_=from_, message=message(job))
     session.refresh(job)
+    if not moved and job.status not in already:
+        raise Conflict(f"Job '{job.id}' is {job.status}; {refusal}", param="fine_tuning_job_id")
     return job
+
+
+def cancel_job(session: Session, org: Organization, job_id: str) -> Job:
+    """Cancel an active job; a second cancel is a no-op. A running job's trainer is stopped."""
+    return _move(
+        session,
+        org,
+        job_id,
+        to=CANCELLED,
+        from_=ACTIVE,
+        already=(CANCELLED,),
+        message=lambda _: "Fine-tuning job cancelled",
+        refusal="only an active job can be cancelled.",
+    )
 
 
 def pause_job(session: Session, org: Organization, job_id: str) -> Job:
     """Pause a queued or running job. A running job's trainer checkpoints and exits; its
     worker goes on to the next job. Pausing a paused job is a no-op."""
-    job = get_job(session, org, job_id)
-    if job.status == PAUSED:
-        return job
-    if not transition(
+    return _move(
         session,
-        job.id,
+        org,
+        job_id,
         to=PAUSED,
         from_=(QUEUED, RUNNING),
-        message=(
+        already=(PAUSED,),
+        message=lambda job: (
             "Pause requested; the job is saving a checkpoint"
             if job.status == RUNNING
             else "Fine-tuning job paused"
         ),
-    ):
-        session.refresh(job)
-        if job.status == PAUSED:
-            return job
-        raise Conflict(
-            f"Job '{job.id}' is {job.status}; only a queued or running job can be paused.",
-            param="fine_tuning_job_id",
-        )
-    session.refresh(job)
-    return job
+        refusal="only a queued or running job can be paused.",
+    )
 
 
 def resume_job(session: Session, org: Organization, job_id: str) -> Job:
     """Queue a paused job again; it goes on from the checkpoint its pause wrote. Resuming a
     job that is queued or running already is a no-op."""
-    job = get_job(session, org, job_id)
-    if job.status in (QUEUED, RUNNING):
-        return job
-    step = job.steps_completed or 0
-    if not transition(
+    return _move(
         session,
-        job.id,
+        org,
+        job_id,
         to=QUEUED,
         from_=(PAUSED,),
-        message=f"Fine-tuning job resumed; it goes on from step {step}",
-    ):
-        session.refresh(job)
-        if job.status in (QUEUED, RUNNING):
-            return job
-        raise Conflict(
-            f"Job '{job.id}' is {job.status}; only a paused job can be resumed.",
-            param="fine_tuning_job_id",
-        )
-    session.refresh(job)
-    return job
+        already=(QUEUED, RUNNING),
+        message=lambda job: (
+            f"Fine-tuning job resumed; it goes on from step {job.steps_completed or 0}"
+        ),
+        refusal="only a paused job can be resumed.",
+    )
 
 
 def hand_back(session: Session, job_id: str, owner: str, reason: str) -> bool:
