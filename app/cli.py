@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from typing import Annotated
@@ -55,8 +56,9 @@ def _worker_command(settings: Settings, concurrency: int, beat: bool) -> list[st
         "--loglevel", settings.log_level, "-Q", "tunehouse",
     ]  # fmt: skip
     if beat:
-        # Beat sends the reconciler's periodic wake-up; its schedule file lives with the data.
-        schedule = settings.resolved_data_dir / "celerybeat-schedule"
+        # Beat sends the reconciler's periodic wake-up; its schedule file lives with the data,
+        # one per machine, since workers on several machines may share the data directory.
+        schedule = settings.resolved_data_dir / f"celerybeat-schedule-{socket.gethostname()}"
         command += ["--beat", "--schedule", str(schedule)]
     return command
 
