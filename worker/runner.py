@@ -105,15 +105,8 @@ class DatabaseReporter:
         except Exception:
             log.warning("could not read job %s before stopping", self.job_id, exc_info=True)
             return time.monotonic() < self._lease_ok_until  # still ours, as far as we know
-        return (
-            row is not None
-            and row.lease_owner == self.owner
-            and row.status
-            in (
-                jobs.PAUSED,
-                jobs.QUEUED,
-            )
-        )
+        resumable = (jobs.PAUSED, jobs.QUEUED)
+        return row is not None and row.lease_owner == self.owner and row.status in resumable
 
     def stopped(self, step: int, checkpointed: bool) -> None:
         """The event that says where a stopped job will go on from."""
