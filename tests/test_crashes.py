@@ -353,8 +353,11 @@ def test_short_visibility_timeout_never_makes_twins(
     with on_postgres(
         tmp_path, database, redis_server.url, TUNEHOUSE_BROKER_VISIBILITY_TIMEOUT="2"
     ) as cluster:
-        cluster.start_worker("a")
-        cluster.start_worker("b", beat=False)
+        # Slower steps: kombu looks for unacknowledged messages to hand out again only every
+        # tenth idle poll (about 10 s), and the redelivery must come while the job runs.
+        slow = {"TUNEHOUSE_DEBUG_STEP_DELAY_SECONDS": "0.4"}
+        cluster.start_worker("a", **slow)
+        cluster.start_worker("b", beat=False, **slow)
         job_id = cluster.create_job()
         with TrainerWatch(job_id) as watch:
             job = cluster.wait_status(job_id, "succeeded")
