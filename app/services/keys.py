@@ -109,9 +109,14 @@ def organization_of(session: Session, record: ApiKey) -> Organization:
 
 def touch_last_used(session: Session, record: ApiKey) -> bool:
     """Record that the key was used now, at most once per LAST_USED_RESOLUTION (a conditional
-    UPDATE, so concurrent requests write once). True when the row changed."""
+    UPDATE, so concurrent requests write once), and only when the key's row says it is due.
+    True when the row changed."""
     now = utcnow()
     stale = now - LAST_USED_RESOLUTION
+    if record.last_used_at is not None and record.last_used_at >= stale:
+        # The row just read is recent enough: no write statement, which on SQLite would take
+        # the database's one write lock on every request.
+        return False
     result = session.execute(
         update(ApiKey)
         .where(
