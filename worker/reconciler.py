@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session
 
 from app.core.db import session_scope
-from app.core.process import holder_is_gone
+from app.core.process import holder_is_gone, local_owner_prefix
 from app.core.queue import enqueue_job
 from app.core.settings import Settings
 from app.models import Job, utcnow
@@ -39,8 +39,19 @@ def _take_lock(session: Session) -> bool:
 def _requeue_expired(session: Session, settings: Settings) -> tuple[list[str], int]:
     """Running jobs whose trainer is gone: the lease ran out, or (found at once) the process
     holding it on this machine no longer exists. Each counts as a crash."""
-    running = session.scalars(select(Job).where(Job.status == jobs.RUNNING)).all()
     now = utcnow()
+    # Expired leases, and leases held on this machine (whose holder may be gone): not every
+    # running job.
+    running = session.scalars(
+        select(Job).where(
+            Job.status == jobs.RUNNING,
+            or_(
+                Job.lease_expires_at.is_(None),
+                Job.lease_expires_at < now,
+                Job.lease_owner.startswith(local_owner_prefix(), autoescape=True),
+            ),
+        )
+    ).all()
     requeued, failed = [], 0
     for job in running:
         expired = job.lease_expires_at is None or job.lease_expires_at < now

@@ -26,10 +26,15 @@ def _pid_namespace() -> str:
         return "0"
 
 
+def local_owner_prefix() -> str:
+    """``host:pid-namespace:``, the start of every lease holder on this machine."""
+    return f"{socket.gethostname()}:{_pid_namespace()}:"
+
+
 def process_identity(token: str) -> str:
     """``host:pid-namespace:pid:token``: who holds a lease, precise enough that a worker on the
     same machine can tell the holder is gone."""
-    return f"{socket.gethostname()}:{_pid_namespace()}:{os.getpid()}:{token}"
+    return f"{local_owner_prefix()}{os.getpid()}:{token}"
 
 
 def holder_is_gone(owner: str | None) -> bool:

@@ -43,12 +43,6 @@ def factory(use: Use, *kinds: str) -> Callable[[Factory], Factory]:
     return register
 
 
-def require_safetensors(path: Path) -> None:
-    """Weights load from safetensors only (design rule 4): a directory without valid ones, or
-    with pickle weights beside them, is refused before any loader looks at it."""
-    require_safe_weights(path)
-
-
 class ModelCache:
     """Keeps up to ``capacity`` servables; the least recently used one goes first."""
 
@@ -115,11 +109,11 @@ class ModelCache:
 
         from app.inference.generation import load_causal_lm
 
-        require_safetensors(adapter_path)
+        require_safe_weights(adapter_path)
         with self._lock:
             entry = self._bases.get(str(base_path))
         if entry is None:
-            require_safetensors(base_path)
+            require_safe_weights(base_path)
             base = load_causal_lm(base_path)
             peft_model = PeftModel.from_pretrained(base, adapter_path, adapter_name=name).eval()
             entry = (peft_model, threading.Lock(), {name})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from app.inference.registry import ModelCache, factory, require_safetensors
-from app.services.models import LoadableModel
+from app.inference.registry import ModelCache, factory
+from app.services.models import LoadableModel, require_safe_weights
 
 
 @factory("predict", "classification")
@@ -16,7 +16,7 @@ class ClassifierPredictor:
     def __init__(self, cache: ModelCache, model: LoadableModel):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        require_safetensors(model.path)
+        require_safe_weights(model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(model.path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             model.path, use_safetensors=True
@@ -49,7 +49,7 @@ class TabularPredictor:
     def __init__(self, cache: ModelCache, model: LoadableModel):
         from app.inference.architectures import load_mlp
 
-        require_safetensors(model.path)
+        require_safe_weights(model.path)
         self.model, self.config = load_mlp(model.path)
         self.model.eval()
         self.id2label = dict(enumerate(str(label) for label in self.config["labels"]))
@@ -75,7 +75,7 @@ class TabularPredictor:
 def load_generator(cache: ModelCache, model: LoadableModel) -> Any:
     from app.inference.generation import Generator, load_causal_lm, load_tokenizer
 
-    require_safetensors(model.path)  # before anything in the directory is read
+    require_safe_weights(model.path)  # before anything in the directory is read
     tokenizer = load_tokenizer(model.path)
     if model.base_path is not None:  # a LoRA adapter: share its base
         peft_model, lock = cache.attach_adapter(model.base_path, model.path, model.id)
@@ -116,7 +116,7 @@ class Embedder:
     def __init__(self, cache: ModelCache, model: LoadableModel):
         from transformers import AutoModel, AutoTokenizer
 
-        require_safetensors(model.path)
+        require_safe_weights(model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(model.path)
         self.model = AutoModel.from_pretrained(model.path, use_safetensors=True).eval()
 

@@ -109,9 +109,8 @@ def _kind_from_config(config_path: Path, _mtime_ns: int, _size: int) -> BaseKind
 def unsafe_weights(path: Path) -> str | None:
     """Why the model directory at ``path`` may not be loaded, in words; None when it may."""
     try:
-        entries = tuple(
-            sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in Path(path).iterdir())
-        )
+        stats = [(p.name, p.stat()) for p in Path(path).iterdir()]
+        entries = tuple(sorted((name, st.st_mtime_ns, st.st_size) for name, st in stats))
     except OSError:
         return "its directory cannot be read"
     return _weights_verdict(Path(path), entries)
