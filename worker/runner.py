@@ -299,12 +299,7 @@ def _finish(reporter: DatabaseReporter, job_id: str, output_dir: Path, result: A
             raise
 
     try:
-        retry_for(
-            reporter.settings.lease_seconds,
-            register_or_clean_up,
-            what="registering the model",
-            give_up_on=(JobNotOurs,),
-        )
+        retry_for(reporter.settings.lease_seconds, register_or_clean_up, what="registering")
     except Exception:
         storage.remove_tree(model_dir)
         raise

@@ -1,36 +1,46 @@
-"""Retrying a database write while the database is away for a moment."""
+"""Retrying a database call while the database is away for a moment (tenacity)."""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-def retry_for(
-    seconds: float,
-    fn: Callable[[], T],
-    *,
-    what: str,
-    give_up_on: tuple[type[BaseException], ...] = (),
-) -> T:
-    """``fn()``, retried with exponential backoff (0.5 s doubling to 8 s) for up to
-    ``seconds``: the database may be away for a moment. ``give_up_on`` errors are final."""
-    deadline = time.monotonic() + seconds
-    delay = 0.5
-    while True:
-        try:
-            return fn()
-        except give_up_on:
-            raise
-        except Exception:
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning("%s failed; retrying in %.1f s", what, delay, exc_info=True)
-            time.sleep(delay)
-            delay = min(delay * 2, 8.0)
+def _unreachable(exc: BaseException) -> bool:
+    """The database did not answer, or dropped the connection: not a wrong query or a rule."""
+    return isinstance(exc, OperationalError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
+
+
+def retry_for(seconds: float, fn: Callable[[], T], *, what: str) -> T:
+    """``fn()``, retried while the database is unreachable, with exponential backoff (0.5 s
+    doubling to 8 s) for up to ``seconds``; any other error, or the last one, is raised."""
+
+    def warn(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning("%s: the database did not answer (%s); retrying in %.1f s", what, error, wait)
+
+    retrying = Retrying(
+        retry=retry_if_exception(_unreachable),
+        stop=stop_after_delay(seconds),
+        wait=wait_exponential(multiplier=0.5, max=8),
+        before_sleep=warn,
+        reraise=True,
+    )
+    return retrying(fn)

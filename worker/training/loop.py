@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from app.services.datasets import DatasetLimits, iter_examples
+from app.services.datasets import DEFAULT_MAX_LINE_BYTES, DatasetLimits, iter_examples
 from worker.training.checkpoint import (
     capture_rng_state,
     load_training_state,
@@ -90,9 +90,7 @@ def split_holdout(rows: Sequence[Example], seed: int) -> tuple[list[Example], li
 def load_rows(spec: TrainingSpec, kind: TaskKind) -> tuple[list[Example], list[Example], list[str]]:
     """Training rows, validation rows and the label list."""
     # The task is the dataset format; passing it reads a plain-text file as paragraphs.
-    limits = DatasetLimits()
-    if spec.max_dataset_line_bytes:
-        limits = DatasetLimits(max_line_bytes=spec.max_dataset_line_bytes)
+    limits = DatasetLimits(max_line_bytes=spec.max_dataset_line_bytes or DEFAULT_MAX_LINE_BYTES)
     train_rows = list(iter_examples(spec.training_file, fmt=spec.task, limits=limits))
     if spec.validation_file is not None:
         valid_rows = list(iter_examples(spec.validation_file, fmt=spec.task, limits=limits))
