@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,8 @@ class Deployment:
         )
         return deployment
 
-    @property
-    def settings(self) -> Settings:
+    @cached_property
+    def settings(self) -> Settings:  # read on every poll; the environment never changes
         values = {
             k.removeprefix("TUNEHOUSE_").lower(): v
             for k, v in self.env.items()
