@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -257,3 +258,29 @@ def assert_bad_request(response, param: str) -> None:  # type: ignore[no-untyped
     assert error["type"] == "invalid_request_error"
     assert error["param"] is not None and param in error["param"], error
     assert response.headers["x-request-id"]
+
+
+# ---- 405 ---------------------------------------------------------------------------------------
+
+_DOCUMENTED_METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}
+
+
+def test_every_path_answers_an_undeclared_method_with_405_and_allow(api) -> None:  # type: ignore[no-untyped-def]
+    """RFC 9110: a 405 names the methods the resource does support, in ``Allow``."""
+    paths = api.client.get("/openapi.json").json()["paths"]
+    assert len(paths) > 20
+    for template, operations in paths.items():
+        url = re.sub(r"\{[^}]+\}", "x", template)
+        declared = {m.upper() for m in operations if m in _DOCUMENTED_METHODS}
+        response = api.client.request("TRACE", url, headers=api.headers())
+        assert response.status_code == 405, (url, response.text)
+        assert_envelope(response.json())
+        allow = {m.strip() for m in response.headers.get("allow", "").split(",") if m.strip()}
+        # HEAD comes with GET on Starlette's own routes (the document and docs pages).
+        assert allow - {"HEAD"} == declared, (url, response.headers.get("allow"))
+
+
+def assert_envelope(body: dict) -> None:  # type: ignore[type-arg]
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.errors import TunehouseError
@@ -108,11 +109,32 @@ def install(app: FastAPI) -> None:
         return envelope(400, text, param=param, code="invalid_value", retry=False)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "Request failed"
         if exc.status_code == 404 and message == "Not Found":
             message = "Unknown URL: no such route."
-        return envelope(exc.status_code, message)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            allowed = allowed_methods(request)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"Method {request.method} is not allowed here; use {headers['Allow']}."
+        return envelope(exc.status_code, message, headers=headers)
+
+
+_PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers at this URL. Starlette's own ``Allow`` names only the
+    methods of the first route whose path matched, while RFC 9110 asks for all of the
+    resource's (GET and POST on /v1/files are two routes)."""
+    allowed = []
+    for method in _PROBED_METHODS:
+        # A fresh "fastapi" entry: the real request's routing state must not steer the probe.
+        probe = {**request.scope, "method": method, "fastapi": {}}
+        if any(route.matches(probe)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
 
 
 REQUEST_ID_HEADER = "x-request-id"
