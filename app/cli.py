@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -39,9 +40,11 @@ def _migrate(settings: Settings) -> None:
 def _serve(settings: Settings, host: str | None, port: int | None, role: Role) -> None:
     import uvicorn
 
-    os.environ["TUNEHOUSE_ROLE"] = role
+    from app.main import create_app
+
+    # The role goes to the factory itself: settings read later (and cached) never see it.
     uvicorn.run(
-        "app.main:create_app",
+        functools.partial(create_app, settings, role),
         factory=True,
         host=host or settings.host,
         port=port or settings.port,
@@ -71,7 +74,6 @@ def migrate() -> None:
     console.print(f"[green]Database is up to date[/] ({settings.sqlalchemy_url.split('@')[-1]})")
 
 
-@cli.command()
 def api(
     host: Host = None,
     port: Port = None,
@@ -81,14 +83,11 @@ def api(
     _serve(_settings(), host, port, role)
 
 
-@cli.command()
-def serve(
-    host: Host = None,
-    port: Port = None,
-    role: Annotated[Role, typer.Option(help="control, inference or all")] = "all",
-) -> None:
-    """Serve the HTTP API with one role: `--role inference` serves predictions alone."""
-    _serve(_settings(), host, port, role)
+cli.command("api")(api)
+# `serve` is the same command under the name the replica docs use.
+cli.command(
+    "serve", help="Serve the HTTP API with one role: `--role inference` serves predictions alone."
+)(api)
 
 
 @cli.command()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 from fastapi.testclient import TestClient
 
 from app.main import create_app
 from tests.conftest import make_settings
 from tests.stacks import base_env
-from tests.support import jsonl, sentiment_rows, tunehouse
+from tests.support import Stack, jsonl, sentiment_rows, tunehouse
 
 
 def test_keys_create_list_revoke(tmp_path: Path) -> None:
@@ -44,6 +45,44 @@ def test_control_role_has_no_inference_routes(tmp_path: Path) -> None:
     with TestClient(create_app(make_settings(tmp_path / "data"), role="control")) as client:
         paths = client.get("/openapi.json").json()["paths"]
     assert "/v1/fine_tuning/jobs" in paths and "/v1/predictions" not in paths
+
+
+# (command, role) -> the route it must not serve, and one it must.
+REPLICAS = {
+    ("api", "inference"): ("/v1/files", "/v1/predictions"),
+    ("serve", "inference"): ("/v1/fine_tuning/jobs", "/v1/chat/completions"),
+    ("api", "control"): ("/v1/predictions", "/v1/files"),
+}
+
+
+def test_role_option_of_the_real_cli_decides_the_routes(tmp_path: Path) -> None:
+    """`tunehouse api|serve --role R` as a user starts it: each replica serves its role's
+    routes only (a route of the other role is an unknown URL, 404)."""
+    env = base_env(tmp_path / "data")
+    tunehouse("migrate", env=env)
+    key = tunehouse("keys", "create", env=env).stdout.strip()
+    headers = {"Authorization": f"Bearer {key}"}
+    stacks = {}
+    try:
+        for (command, role), _ in REPLICAS.items():  # started together: they boot in parallel
+            stack = Stack(f"{command}-{role}", env, tmp_path)
+            stack.start(command, "--role", role, "--port", str(stack.port), log=stack.name)
+            stacks[(command, role)] = stack
+        for (command, role), (absent, present) in REPLICAS.items():
+            stack = stacks[(command, role)]
+            stack.wait_ready(timeout=90)
+            method = "POST" if absent in ("/v1/predictions", "/v1/chat/completions") else "GET"
+            missing = httpx.request(method, stack.base_url + absent, headers=headers, json={})
+            assert missing.status_code == 404, (command, role, absent, missing.text)
+            assert missing.json()["error"]["type"] == "not_found_error"
+            served = httpx.get(f"{stack.base_url}/openapi.json").json()["paths"]
+            assert present in served and absent not in served, (command, role)
+    except BaseException:
+        print(next(iter(stacks.values())).logs())  # every replica's log is in tmp_path
+        raise
+    finally:
+        for stack in stacks.values():
+            stack.stop()
 
 
 def test_event_stream_follows_the_job_to_its_end(api) -> None:  # type: ignore[no-untyped-def]
