@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
     if settings.uses_filesystem_broker:
         settings.ensure_broker_dirs()
     errors.install(app)
+    app.state.readiness = health.ReadinessProbe(settings)
     app.include_router(health.router)
     if role in ("control", "all"):
         for router in (files.router, jobs.router, models.router, keys.router):

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     port: int = 8000
     role: Role = "all"
     log_level: str = "INFO"
+    # /readyz answers from its last database and broker check for this many seconds.
+    readiness_cache_seconds: float = Field(default=1.0, ge=0)
 
     # Jobs: a running job's lease lasts lease_seconds and is renewed every heartbeat_seconds.
     lease_seconds: int = Field(default=60, ge=5)

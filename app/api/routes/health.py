@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
+import time
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import SettingsDep
 from app.core.db import get_engine
 from app.core.settings import Settings
 
@@ -42,8 +45,7 @@ def _check_broker(settings: Settings) -> None:
         client.close()
 
 
-@router.get("/readyz", responses={503: {"description": "The database or broker is unreachable"}})
-def readyz(settings: SettingsDep) -> Any:
+def run_checks(settings: Settings) -> dict[str, str]:
     checks: dict[str, str] = {}
     for name, check in (("database", _check_database), ("broker", _check_broker)):
         try:
@@ -51,6 +53,44 @@ def readyz(settings: SettingsDep) -> Any:
             checks[name] = "ok"
         except Exception as exc:  # report, do not raise: this route exists to say what is down
             checks[name] = f"error: {type(exc).__name__}"
+    return checks
+
+
+class ReadinessProbe:
+    """The checks of ``/readyz``, run at most once per ``ttl`` seconds however many probes
+    come (load balancers probe often, and each check costs a connection). Probes that arrive
+    while a check runs wait for that one. Everything here runs on the event loop, so no lock
+    is needed: the checks themselves run in a worker thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ttl = settings.readiness_cache_seconds
+        self._checks: dict[str, str] = {}
+        self._checked_at = -math.inf
+        self._running: asyncio.Future[dict[str, str]] | None = None
+
+    async def checks(self) -> dict[str, str]:
+        if time.monotonic() - self._checked_at < self.ttl:
+            return self._checks
+        running = self._running
+        if running is None or running.get_loop() is not asyncio.get_running_loop():
+            running = self._running = asyncio.ensure_future(self._run())
+        # shield: a probe whose client leaves does not cancel the check the others wait for.
+        return await asyncio.shield(running)
+
+    async def _run(self) -> dict[str, str]:
+        try:
+            checks = await run_in_threadpool(run_checks, self.settings)
+            self._checks, self._checked_at = checks, time.monotonic()
+            return checks
+        finally:
+            self._running = None
+
+
+@router.get("/readyz", responses={503: {"description": "The database or broker is unreachable"}})
+async def readyz(request: Request) -> Any:
+    probe: ReadinessProbe = request.app.state.readiness
+    checks = await probe.checks()
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503
