@@ -9,7 +9,8 @@ from sqlalchemy import select
 
 from app.core.db import session_scope
 from app.models import File
-from tests.support import jsonl, sentiment_rows
+from tests.support import BASE_MODEL, jsonl, sentiment_rows
+from tests.test_bad_input import assert_error
 
 FILE_FIELDS = {
     "id",
@@ -190,3 +191,38 @@ def test_three_megabyte_upload(api) -> None:  # type: ignore[no-untyped-def]
     # The temporary upload was moved, not left behind.
     tmp = api.settings.storage_root / "tmp"
     assert not tmp.exists() or list(tmp.iterdir()) == []
+
+
+def test_a_file_an_unfinished_job_uses_cannot_be_deleted(api) -> None:  # type: ignore[no-untyped-def]
+    train = upload(api, jsonl(sentiment_rows(20, seed=10))).json()["id"]
+    valid = upload(api, jsonl(sentiment_rows(10, seed=11))).json()["id"]
+    created = api.client.post(
+        "/v1/fine_tuning/jobs",
+        headers=api.headers(),
+        json={"model": BASE_MODEL, "training_file": train, "validation_file": valid},
+    )
+    assert created.status_code == 200, created.text
+    job_id = created.json()["id"]
+    jobs_url = f"/v1/fine_tuning/jobs/{job_id}"
+
+    def refused(status: str) -> None:
+        assert api.client.get(jobs_url, headers=api.headers()).json()["status"] == status
+        for file_id in (train, valid):
+            response = api.client.delete(f"/v1/files/{file_id}", headers=api.headers())
+            error = assert_error(response, 409, param="file_id", words=job_id)
+            assert error["code"] == "file_in_use" and status in error["message"]
+            assert response.headers["x-should-retry"] == "false"
+        assert stored_files(api) == sorted([train, valid])
+        content = api.client.get(f"/v1/files/{train}/content", headers=api.headers())
+        assert content.content == jsonl(sentiment_rows(20, seed=10))
+
+    refused("queued")
+    paused = api.client.post(f"{jobs_url}/pause", headers=api.headers())
+    assert paused.status_code == 200, paused.text
+    refused("paused")
+
+    # Once the job has finished (here: cancelled), its files may go.
+    assert api.client.post(f"{jobs_url}/cancel", headers=api.headers()).status_code == 200
+    for file_id in (train, valid):
+        assert api.client.delete(f"/v1/files/{file_id}", headers=api.headers()).status_code == 200
+    assert stored_files(api) == []

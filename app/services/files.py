@@ -11,11 +11,12 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core.errors import InvalidRequest, NotFound
+from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.core.ids import new_id
 from app.core.storage import Storage
-from app.models import File, Organization, utcnow
+from app.models import File, Job, Organization, utcnow
 from app.services.datasets import DatasetError, DatasetLimits, validate_dataset
+from app.services.jobs import ACTIVE
 from app.services.pagination import page
 from app.services.uploads import Upload
 
@@ -155,8 +156,32 @@ def file_path(storage: Storage, file: File) -> Path:
 
 
 def delete_file(session: Session, storage: Storage, org: Organization, file_id: str) -> Path:
-    """Delete the row; returns the bytes' path, for the caller to remove once committed."""
-    file = get_file(session, org, file_id)
+    """Delete the row; returns the bytes' path, for the caller to remove once committed.
+    A file that a job not yet finished trains or validates on stays (Conflict): the job
+    reads it again when it starts and each time it resumes."""
+    # FOR UPDATE (on PostgreSQL): a job being created on this file waits, or is waited for.
+    file = session.scalar(
+        select(File).where(File.id == file_id, File.organization_id == org.id).with_for_update()
+    )
+    if file is None:
+        raise NotFound(f"No such File object: {file_id}", param="file_id")
+    user = session.scalar(
+        select(Job)
+        .where(
+            Job.organization_id == org.id,
+            Job.status.in_(ACTIVE),
+            (Job.training_file == file_id) | (Job.validation_file == file_id),
+        )
+        .order_by(Job.created_at)
+        .limit(1)
+    )
+    if user is not None:
+        raise Conflict(
+            f"File {file_id} is used by fine-tuning job {user.id} ({user.status}); cancel the "
+            "job, or wait until it has finished, before deleting the file.",
+            param="file_id",
+            code="file_in_use",
+        )
     path = file_path(storage, file)
     session.delete(file)
     session.flush()

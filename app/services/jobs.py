@@ -331,7 +331,13 @@ def fail_job(
 
 
 def _fine_tuning_file(session: Session, org: Organization, file_id: str, param: str) -> File:
-    file = session.scalar(select(File).where(File.id == file_id, File.organization_id == org.id))
+    # FOR SHARE (on PostgreSQL): a concurrent delete of the file waits for this job to exist,
+    # and then refuses (files.delete_file), or this create waits and finds no file.
+    file = session.scalar(
+        select(File)
+        .where(File.id == file_id, File.organization_id == org.id)
+        .with_for_update(read=True)
+    )
     if file is None:
         raise InvalidRequest(f"No file with id '{file_id}' was found.", param=param)
     if file.purpose != "fine-tune":

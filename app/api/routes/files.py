@@ -105,7 +105,14 @@ def file_content(file_id: str, org: OrgDep, session: SessionDep, storage: Storag
     )
 
 
-@router.delete("/{file_id}", response_model=DeletedResponse, responses=_ERRORS)
+@router.delete(
+    "/{file_id}",
+    response_model=DeletedResponse,
+    responses={
+        **_ERRORS,
+        409: {"model": ErrorResponse, "description": "A job not yet finished uses the file"},
+    },
+)
 def delete_file(
     file_id: str, org: OrgDep, session: SessionDep, storage: StorageDep
 ) -> DeletedResponse:
