@@ -125,6 +125,8 @@ class Job(Base):
     total_steps: Mapped[int | None] = mapped_column(Integer)
     estimated_finish: Mapped[datetime | None]
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    # sha256 of the create request the key came with: the key is refused with another request.
+    idempotency_fingerprint: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]

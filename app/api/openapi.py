@@ -57,6 +57,11 @@ def _shared_codes(operation: dict[str, Any]) -> list[str]:
     return codes
 
 
+def _is_fastapi_validation_error(response: dict[str, Any] | None) -> bool:
+    schema = (response or {}).get("content", {}).get("application/json", {}).get("schema", {})
+    return bool(schema.get("$ref", "").endswith("/HTTPValidationError"))
+
+
 def document_errors(schema: dict[str, Any]) -> None:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -67,8 +72,10 @@ def document_errors(schema: dict[str, Any]) -> None:
             if method not in _METHODS:
                 continue
             responses = operation.setdefault("responses", {})
-            # Validation errors leave as a 400 envelope (app/api/errors.py), never as a 422.
-            responses.pop("422", None)
+            # Validation errors leave as a 400 envelope (app/api/errors.py), never as FastAPI's
+            # 422; a route may still declare a 422 of its own.
+            if _is_fastapi_validation_error(responses.get("422")):
+                responses.pop("422")
             for code in _shared_codes(operation):
                 responses.setdefault(code, _error(_SHARED[code]))
             for response in responses.values():

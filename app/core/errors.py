@@ -44,6 +44,13 @@ class Conflict(TunehouseError):
     retryable = False
 
 
+class Unprocessable(TunehouseError):
+    """Well-formed, but it contradicts what the server already holds (a reused idempotency key)."""
+
+    status_code = 422
+    retryable = False
+
+
 class TooLarge(TunehouseError):
     status_code = 413
     error_type = "request_too_large"

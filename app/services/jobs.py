@@ -6,6 +6,8 @@ never both win a transition; ``transition`` is the only code that changes a job'
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import secrets
@@ -18,7 +20,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.core.errors import Conflict, InvalidRequest, NotFound
+from app.core.errors import Conflict, InvalidRequest, NotFound, Unprocessable
 from app.core.ids import new_id
 from app.core.settings import Settings
 from app.core.storage import Storage
@@ -430,13 +432,14 @@ def create_job(
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
     """Store a new job in ``validating_files``; returns (job, created). A retried create with
-    the same Idempotency-Key returns the first job and created=False."""
+    the same Idempotency-Key and the same request returns the first job and created=False; the
+    key with another request is refused (Unprocessable), as the IETF Idempotency-Key draft
+    asks."""
+    fingerprint = request_fingerprint(body) if idempotency_key else None
     if idempotency_key:
-        existing = session.scalar(
-            select(Job).where(Job.organization_id == org.id, Job.idempotency_key == idempotency_key)
-        )
+        existing = _job_with_key(session, org, idempotency_key)
         if existing is not None:
-            return existing, False
+            return _replayed(existing, fingerprint), False
     model_kind = _base_model_kind(settings, body.model)
     training = _fine_tuning_file(session, org, body.training_file, "training_file")
     validation = None
@@ -479,26 +482,51 @@ def create_job(
         integrations=[],
         result_files=[],
         idempotency_key=idempotency_key,
+        idempotency_fingerprint=fingerprint,
     )
     session.add(job)
     try:
         session.flush()
     except IntegrityError:
-        # Another request with the same Idempotency-Key won the race: return its job.
+        # Another request with the same Idempotency-Key won the race: its job, if the requests
+        # are the same.
         session.rollback()
         if idempotency_key:
-            winner = session.scalar(
-                select(Job).where(
-                    Job.organization_id == org.id, Job.idempotency_key == idempotency_key
-                )
-            )
+            winner = _job_with_key(session, org, idempotency_key)
             if winner is not None:
-                return winner, False
+                return _replayed(winner, fingerprint), False
         raise
     add_event(session, job.id, f"Created fine-tuning job: {job.id}")
     files = ", ".join(f for f in (job.training_file, job.validation_file) if f)
     add_event(session, job.id, f"Validating training file: {files}")
     return job, True
+
+
+def request_fingerprint(body: JobCreate) -> str:
+    """sha256 of the validated request as canonical JSON: the same request sent again (keys
+    in another order, a default written out or left out) has the same fingerprint."""
+    canonical = json.dumps(
+        body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _job_with_key(session: Session, org: Organization, idempotency_key: str) -> Job | None:
+    return session.scalar(
+        select(Job).where(Job.organization_id == org.id, Job.idempotency_key == idempotency_key)
+    )
+
+
+def _replayed(job: Job, fingerprint: str | None) -> Job:
+    """The job a retried create returns, if the retry is the same request."""
+    if job.idempotency_fingerprint not in (None, fingerprint):
+        raise Unprocessable(
+            f"This Idempotency-Key was already used, for job {job.id}, with a different "
+            "request. Send the same request to get that job, or use a new key.",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
+    return job
 
 
 class _FileProblem(Exception):

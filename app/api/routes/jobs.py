@@ -49,7 +49,14 @@ def validate_and_enqueue(settings: Settings, job_id: str) -> None:
 @router.post(
     "",
     response_model=JobObject,
-    responses={400: {"model": ErrorResponse, "description": "Invalid request"}, 401: _401},
+    responses={
+        400: {"model": ErrorResponse, "description": "Invalid request"},
+        401: _401,
+        422: {
+            "model": ErrorResponse,
+            "description": "The Idempotency-Key was already used with a different request",
+        },
+    },
 )
 def create_job(
     body: JobCreate,
