@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import Counter, Histogram
 
 from app import __version__
-from app.api import errors, openapi
+from app.api import errors, guard, openapi
 from app.api.routes import files, health, jobs, keys, models
 from app.core.settings import Role, Settings, get_settings
 from app.core.storage import Storage
@@ -51,6 +51,9 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
         if role == "inference":
             app.include_router(models.router, prefix="/v1")
 
+    # Inside _observe (so its refusals are counted), outside the routes.
+    app.add_middleware(guard.RequestGuard, settings=settings, uploads=[("POST", "/v1/files")])
+
     @app.middleware("http")
     async def _observe(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
@@ -65,7 +68,7 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
 
     # Added last, so outermost: it sees every response and every escaped exception.
     app.add_middleware(errors.ErrorBoundary)
-    openapi.install(app)
+    openapi.install(app, settings)
     logging.getLogger("tunehouse").setLevel(settings.log_level)
     return app
 

@@ -25,6 +25,7 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     413: "request_too_large",
     415: "invalid_request_error",
@@ -83,18 +84,23 @@ def _most_specific(errors: list[dict[str, Any]]) -> dict[str, Any]:
     return max(same, key=lambda e: len(e.get("loc", ())))
 
 
+def domain_error_response(exc: TunehouseError) -> JSONResponse:
+    """The envelope of a domain error (also sent by middleware, outside the handlers)."""
+    return envelope(
+        exc.status_code,
+        exc.message,
+        type=exc.error_type,
+        param=exc.param,
+        code=exc.code,
+        retry=exc.retryable,
+        headers=exc.headers,
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(TunehouseError)
     async def _domain(_: Request, exc: TunehouseError) -> JSONResponse:
-        return envelope(
-            exc.status_code,
-            exc.message,
-            type=exc.error_type,
-            param=exc.param,
-            code=exc.code,
-            retry=exc.retryable,
-            headers=exc.headers,
-        )
+        return domain_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

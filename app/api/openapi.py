@@ -4,7 +4,8 @@ Routes name their own errors (404 for an unknown object, 409 for a state conflic
 large file, ...). The errors every route shares are added here, once, from what the route takes:
 400 where it has parameters or a body (validation errors are 400, never FastAPI's 422), 401 and
 429 where it needs an API key, 404 where its path or its ``after`` cursor names an object,
-500 everywhere. Every response documents the ``x-request-id`` header."""
+408 and 413 where it takes a body (with this server's limits in their descriptions), 500
+everywhere. Every response documents the ``x-request-id`` header."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.core.settings import Settings
 from app.schemas import ErrorResponse
 
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
@@ -29,12 +31,12 @@ _SHARED = {
 _METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, settings: Settings) -> None:
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            document_errors(build())  # build() keeps its result in app.openapi_schema
+            document_errors(build(), settings)  # build() keeps its result in app.openapi_schema
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -62,7 +64,25 @@ def _is_fastapi_validation_error(response: dict[str, Any] | None) -> bool:
     return bool(schema.get("$ref", "").endswith("/HTTPValidationError"))
 
 
-def document_errors(schema: dict[str, Any]) -> None:
+def _document_body_limits(operation: dict[str, Any], settings: Settings) -> None:
+    """The bounds RequestGuard (app/api/guard.py) puts on a body, where a route takes one."""
+    content = operation.get("requestBody", {}).get("content", {})
+    if not content:
+        return
+    responses = operation["responses"]
+    timeout = settings.request_body_timeout_seconds
+    responses["408"] = _error(
+        f"The request body stalled: nothing arrived for {timeout:g} s "
+        "(request_body_timeout_seconds)"
+    )
+    if "multipart/form-data" in content:
+        too_large = f"File over {settings.max_upload_bytes} bytes (max_upload_bytes)"
+    else:
+        too_large = f"Request body over {settings.max_json_body_bytes} bytes (max_json_body_bytes)"
+    responses["413"] = _error(too_large)
+
+
+def document_errors(schema: dict[str, Any], settings: Settings) -> None:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
     components.update(error_schema.pop("$defs", {}))
@@ -78,6 +98,7 @@ def document_errors(schema: dict[str, Any]) -> None:
                 responses.pop("422")
             for code in _shared_codes(operation):
                 responses.setdefault(code, _error(_SHARED[code]))
+            _document_body_limits(operation, settings)
             for response in responses.values():
                 response.setdefault("headers", {})["x-request-id"] = _REQUEST_ID
     for unused in ("HTTPValidationError", "ValidationError"):

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
 
     # Inputs.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    # Largest JSON request body (4 MiB); a larger one is refused with 413 before it is parsed.
+    max_json_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    # A request body that sends nothing for this many seconds is answered 408, connection closed.
+    request_body_timeout_seconds: float = Field(default=30.0, gt=0)
     # Datasets: the longest line a text file may hold (1 MiB), and the fewest rows an uploaded
     # file needs.
     max_dataset_line_bytes: int = Field(default=1024 * 1024, gt=0)
