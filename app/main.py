@@ -14,6 +14,7 @@ from prometheus_client import Counter, Histogram
 from app import __version__
 from app.api import errors, guard, openapi
 from app.api.routes import files, health, jobs, keys, models
+from app.core.db import PoolLimits, use_pool_limits
 from app.core.settings import Role, Settings, get_settings
 from app.core.storage import Storage
 from app.inference.completions import router as completions_router
@@ -35,6 +36,10 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
     )
     app.state.settings = settings
     app.state.role = role
+    pool = PoolLimits(
+        settings.db_pool_size, settings.db_max_overflow, settings.db_pool_timeout_seconds
+    )
+    use_pool_limits(settings.sqlalchemy_url, pool)
     Storage(settings.storage_root).ensure()
     if settings.uses_filesystem_broker:
         settings.ensure_broker_dirs()

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     # SQLAlchemy URL; default: SQLite in WAL mode at <data_dir>/tunehouse.db.
     database_url: str | None = None
+    # Each API process's database pool: connections kept open, more opened when all are busy.
+    db_pool_size: int = Field(default=5, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    # Seconds a request waits for a pooled connection before it fails.
+    db_pool_timeout_seconds: float = Field(default=30.0, gt=0)
     # Celery broker; default: the filesystem transport under <data_dir>/broker.
     broker_url: str | None = None
     # Uploaded files, checkpoints and models; default: <data_dir>/storage.
