@@ -56,6 +56,8 @@ _UPLOAD_BODY = {
 async def upload_file(
     request: Request, org: OrgDep, session: SessionDep, settings: SettingsDep, storage: StorageDep
 ) -> FileObject:
+    # The key was checked before the body (app/api/guard.py), and the session connects at its
+    # first query: no database connection is held while the body arrives.
     upload = await receive_upload(
         request.headers.get("content-type"),
         request.stream(),
@@ -97,6 +99,7 @@ def retrieve_file(file_id: str, org: OrgDep, session: SessionDep) -> FileObject:
     responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}}}},
 )
 def file_content(file_id: str, org: OrgDep, session: SessionDep, storage: StorageDep) -> Any:
+    # The session closes when this returns, before the file is sent.
     file = files.get_file(session, org, file_id)
     return FileResponse(
         files.file_path(storage, file),

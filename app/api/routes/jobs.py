@@ -179,6 +179,8 @@ def list_events(
 ) -> Any:
     if stream:
         job = jobs.get_job(session, org, job_id)
+        # The request's session closes as this returns (deps.get_session), before the stream
+        # starts: the stream holds no connection, and each of its polls takes one briefly.
         return StreamingResponse(_follow_events(settings, job.id), media_type="text/event-stream")
     rows, more = jobs.list_events(session, org, job_id, limit=limit, after=after)
     data = [event_object(e) for e in rows]
