@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
             app.include_router(models.router, prefix="/v1")
 
     # Inside _observe (so its refusals are counted), outside the routes.
-    app.add_middleware(guard.RequestGuard, settings=settings, uploads=[("POST", "/v1/files")])
+    guard.install(app, settings, uploads=[("POST", "/v1/files")])
 
     @app.middleware("http")
     async def _observe(

@@ -16,6 +16,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 import anyio
+from fastapi import FastAPI, Request, Response
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -65,29 +66,26 @@ def authenticate(
     return Caller(record, organization)
 
 
-class BodyRefused(TunehouseError, StarletteHTTPException):
-    """Raised from the app's ``receive`` when the body breaks a bound. It is a Starlette
-    HTTPException too because FastAPI lets only those out of its body parsing (anything else
-    becomes a 400 "error parsing the body"); the TunehouseError handler, first in the MRO,
-    renders the envelope. The rest of the body is never read, so the connection closes."""
-
-    def __init__(self, message: str, *, param: str | None = None, code: str) -> None:
-        super().__init__(message, param=param, code=code)
-        # In this MRO TunehouseError's super().__init__(message) is HTTPException's, which took
-        # the message for a status: set HTTPException's fields properly now.
-        StarletteHTTPException.__init__(
-            self, type(self).status_code, message, {"Connection": "close"}
-        )
-
-
-class BodyTooLarge(BodyRefused):
-    status_code = TooLarge.status_code
-    error_type = TooLarge.error_type
-
-
-class BodyTimedOut(BodyRefused):
+class BodyTimedOut(TunehouseError):
     status_code = 408
-    error_type = "invalid_request_error"
+
+
+class BodyRefused(StarletteHTTPException):
+    """Raised from the app's ``receive`` when the body breaks a bound, carrying the domain
+    error to answer with. An HTTPException because FastAPI lets only those out of its body
+    parsing (anything else becomes a 400 "error parsing the body"); ``install`` registers the
+    handler that renders it. The rest of the body is never read, so the connection closes."""
+
+    def __init__(self, error: TunehouseError) -> None:
+        super().__init__(error.status_code, error.message, {"Connection": "close"})
+        self.error = error
+
+
+async def _answer_refused_body(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BodyRefused)
+    response = domain_error_response(exc.error)
+    response.headers["Connection"] = "close"
+    return response
 
 
 @dataclass(frozen=True)
@@ -96,6 +94,9 @@ class BodyLimit:
     too_large: str  # the message when the body passes max_bytes
     param: str | None
     code: str
+
+    def refusal(self) -> BodyRefused:
+        return BodyRefused(TooLarge(self.too_large, param=self.param, code=self.code))
 
 
 class _BoundedReceive:
@@ -115,19 +116,25 @@ class _BoundedReceive:
             with anyio.fail_after(self.timeout):
                 message = await self.receive()
         except TimeoutError:
-            raise BodyTimedOut(
+            timed_out = BodyTimedOut(
                 f"The request body stopped arriving: nothing came for {self.timeout:g} s "
                 "(request_body_timeout_seconds).",
                 code="request_body_timeout",
-            ) from None
+            )
+            raise BodyRefused(timed_out) from None
         if message["type"] != "http.request":
             self.complete = True  # the client went away
             return message
         self.received += len(message.get("body", b""))
         if self.received > self.limit.max_bytes:
-            raise BodyTooLarge(self.limit.too_large, param=self.limit.param, code=self.limit.code)
+            raise self.limit.refusal()
         self.complete = not message.get("more_body", False)
         return message
+
+
+def install(app: FastAPI, settings: Settings, uploads: Collection[tuple[str, str]]) -> None:
+    app.add_middleware(RequestGuard, settings=settings, uploads=uploads)
+    app.add_exception_handler(BodyRefused, _answer_refused_body)
 
 
 class RequestGuard:
