@@ -132,11 +132,6 @@ class _BoundedReceive:
         return message
 
 
-def install(app: FastAPI, settings: Settings, uploads: Collection[tuple[str, str]]) -> None:
-    app.add_middleware(RequestGuard, settings=settings, uploads=uploads)
-    app.add_exception_handler(BodyRefused, _answer_refused_body)
-
-
 class RequestGuard:
     """Authenticate ``/v1`` requests from their headers, then bound their bodies (see the
     module's docstring). ``uploads`` names the (method, path) of the streamed multipart routes,
@@ -188,6 +183,12 @@ class RequestGuard:
             return
         bounded = _BoundedReceive(receive, limit, self.settings.request_body_timeout_seconds)
         await self.app(scope, bounded, send)
+
+
+def install(app: FastAPI, settings: Settings, uploads: Collection[tuple[str, str]]) -> None:
+    """Add the guard to ``app``, with the handler of the refusals raised from its receive."""
+    app.add_middleware(RequestGuard, settings=settings, uploads=uploads)
+    app.add_exception_handler(BodyRefused, _answer_refused_body)
 
 
 def _refuse_declared_size(headers: Headers, limit: BodyLimit) -> None:
