@@ -20,12 +20,13 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.core.ids import new_id
+from app.core.kinds import KIND_CAUSAL_LM, KIND_ENCODER
 from app.core.settings import Settings
 from app.core.storage import Storage
 from app.models import Checkpoint, File, Job, JobEvent, Organization, utcnow
-from app.schemas import Architecture, Hyperparameters, JobCreate, SupervisedMethod
+from app.schemas import Architecture, HyperparametersRequest, JobCreate, SupervisedMethod
 from app.services.datasets import DatasetError, DatasetInfo, DatasetLimits, validate_dataset
-from app.services.models import CAUSAL_LM, ENCODER, MLP_MODEL, base_kind
+from app.services.models import MLP_MODEL, base_kind
 from app.services.pagination import page
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def _auto_epochs(task: str, rows: int) -> int:
 
 
 def resolve_hyperparameters(
-    task: str, rows: int, requested: Hyperparameters, *, lora: bool = False
+    task: str, rows: int, requested: HyperparametersRequest, *, lora: bool = False
 ) -> dict[str, Any]:
     """Turn "auto" and missing values into numbers, the way OpenAI sizes its defaults."""
     given = requested.model_dump(exclude_none=True)
@@ -368,13 +369,13 @@ def _check_model_for_task(model: str, kind: str, task: str) -> None:
             f"file holds {task} rows.",
             param="training_file",
         )
-    if task in CAUSAL_TASKS and kind != CAUSAL_LM:
+    if task in CAUSAL_TASKS and kind != KIND_CAUSAL_LM:
         raise InvalidRequest(
             f"Model '{model}' is an {kind} model; {task} fine-tuning needs a causal language "
             "model (GET /v1/models gives each base model's task).",
             param="model",
         )
-    if task == "classification" and kind not in (ENCODER, CAUSAL_LM):
+    if task == "classification" and kind not in (KIND_ENCODER, KIND_CAUSAL_LM):
         raise InvalidRequest(
             f"Model '{model}' cannot be fine-tuned as a classifier.", param="model"
         )
@@ -451,7 +452,7 @@ def create_job(
     supervised = supervised or SupervisedMethod()
     _check_model_for_task(body.model, model_kind, task)
     _check_method_options(body.model, task, supervised)
-    requested = supervised.hyperparameters or body.hyperparameters or Hyperparameters()
+    requested = supervised.hyperparameters or body.hyperparameters or HyperparametersRequest()
     rows = int((training.stats or {}).get("rows", 0))
     lora = supervised.adapter is not None
     hyperparameters = resolve_hyperparameters(task, rows, requested, lora=lora)
