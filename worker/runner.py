@@ -30,7 +30,7 @@ from app.core.retry import retry_for
 from app.core.settings import Settings, get_settings
 from app.core.storage import Storage
 from app.models import Checkpoint, File, FineTunedModel, Job, Organization, utcnow
-from app.services import jobs
+from app.services import jobs, leases
 from app.services.files import store_result_file
 from app.services.models import MLP_MODEL
 
@@ -67,7 +67,7 @@ class DatabaseReporter:
         while not self._done.wait(wait):
             try:
                 with session_scope(self.url) as session:
-                    status = jobs.renew_lease(
+                    status = leases.renew_lease(
                         session, self.job_id, self.owner, self.settings.lease_seconds
                     )
             except Exception:  # the database is briefly away: keep training, retry sooner
@@ -166,7 +166,7 @@ class DatabaseReporter:
             finish = utcnow() + timedelta(seconds=remaining)
         try:
             with session_scope(self.url) as session:
-                jobs.record_progress(
+                leases.record_progress(
                     session,
                     self.job_id,
                     self.owner,

@@ -34,7 +34,7 @@ from app.core.queue import enqueue_job
 from app.core.retry import retry_for
 from app.core.settings import Settings
 from app.models import Job
-from app.services import jobs
+from app.services import jobs, leases
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def supervise_job(settings: Settings, job_id: str) -> None:
             jobs.validate_job_files(session, settings, job_id)
     owner = worker_identity()
     with session_scope(url) as session:
-        if not jobs.claim_job(session, job_id, owner, settings.lease_seconds):
+        if not leases.claim_job(session, job_id, owner, settings.lease_seconds):
             log.info("job %s is not ready to start (taken, leased, finished or cancelled)", job_id)
             return
     log.info("job %s claimed by %s", job_id, owner)
@@ -88,7 +88,7 @@ def _watch(settings: Settings, job_id: str, owner: str, process: subprocess.Pope
             with session_scope(settings.sqlalchemy_url) as session:
                 if DRAINING.is_set() and not handed_back:
                     handed_back = True
-                    jobs.hand_back(session, job_id, owner, "The worker is shutting down")
+                    leases.hand_back(session, job_id, owner, "The worker is shutting down")
                 row = session.execute(
                     select(Job.status, Job.lease_owner).where(Job.id == job_id)
                 ).one_or_none()
@@ -120,7 +120,7 @@ def _settle(settings: Settings, job_id: str, owner: str, code: int | None) -> No
         with session_scope(settings.sqlalchemy_url) as session:
             job = session.get(Job, job_id)
             if job is not None and job.status == jobs.RUNNING and job.lease_owner == owner:
-                outcome = jobs.record_crash(
+                outcome = leases.record_crash(
                     session,
                     job_id,
                     owner=owner,
@@ -128,7 +128,7 @@ def _settle(settings: Settings, job_id: str, owner: str, code: int | None) -> No
                     max_attempts=settings.max_attempts,
                 )
                 return outcome == jobs.QUEUED
-            return jobs.release_lease(session, job_id, owner) == jobs.QUEUED
+            return leases.release_lease(session, job_id, owner) == jobs.QUEUED
 
     try:
         wake = retry_for(settings.lease_seconds, settle, what=f"settling job {job_id}")
