@@ -25,8 +25,6 @@ import subprocess
 import sys
 import threading
 
-from sqlalchemy import select
-
 from app.core.db import session_scope
 from app.core.ids import random_token
 from app.core.process import process_identity
@@ -89,25 +87,25 @@ def _watch(settings: Settings, job_id: str, owner: str, process: subprocess.Pope
                 if DRAINING.is_set() and not handed_back:
                     handed_back = True
                     leases.hand_back(session, job_id, owner, "The worker is shutting down")
-                row = session.execute(
-                    select(Job.status, Job.lease_owner).where(Job.id == job_id)
-                ).one_or_none()
+                state = leases.lease_state(session, job_id)
         except Exception:  # a database blip: keep training, look again next time
             log.warning("could not read job %s; will retry", job_id, exc_info=True)
             continue
-        if row is None or row.lease_owner != owner or row.status in jobs.TERMINAL:
-            if row is not None and row.status in (jobs.SUCCEEDED, jobs.FAILED):
+        if state is None or state.owner != owner or state.status in jobs.TERMINAL:
+            if state is not None and state.status in (jobs.SUCCEEDED, jobs.FAILED):
                 # Most likely the trainer settled the job itself and is on its way out.
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=settings.cancel_grace_seconds)
                 if process.returncode is not None:
                     return
-            reason = "deleted" if row is None else row.status
+            reason = "deleted" if state is None else state.status
             log.info("job %s is %s; stopping its training process", job_id, reason)
             stop_process(process, settings.cancel_grace_seconds)
             return
-        if row.status != jobs.RUNNING:  # paused, or handed back: checkpoint first
-            log.info("job %s is %s; its training process checkpoints and stops", job_id, row.status)
+        if state.status != jobs.RUNNING:  # paused, or handed back: checkpoint first
+            log.info(
+                "job %s is %s; its training process checkpoints and stops", job_id, state.status
+            )
             stop_process(process, settings.shutdown_grace_seconds)
             return
 
@@ -118,8 +116,8 @@ def _settle(settings: Settings, job_id: str, owner: str, code: int | None) -> No
 
     def settle() -> bool:
         with session_scope(settings.sqlalchemy_url) as session:
-            job = session.get(Job, job_id)
-            if job is not None and job.status == jobs.RUNNING and job.lease_owner == owner:
+            state = leases.lease_state(session, job_id)
+            if state is not None and state.status == jobs.RUNNING and state.owner == owner:
                 outcome = leases.record_crash(
                     session,
                     job_id,

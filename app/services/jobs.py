@@ -483,6 +483,20 @@ def list_events(
     return page(session, stmt, sort=JobEvent.seq, tiebreak=JobEvent.seq, after=cursor, limit=limit)
 
 
+def events_after(
+    session: Session, job_id: str, after_seq: int
+) -> tuple[list[JobEvent], str | None]:
+    """The job's events after sequence number ``after_seq``, oldest first, and the job's
+    status (None when the job is gone): what an event stream sends next."""
+    events = session.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+        .order_by(JobEvent.seq)
+    ).all()
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    return list(events), status
+
+
 def list_checkpoints(
     session: Session, org: Organization, job_id: str, *, limit: int, after: str | None
 ) -> tuple[Job, Sequence[Checkpoint], bool]:
