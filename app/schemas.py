@@ -6,6 +6,16 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from app.core.defaults import (
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_R,
+    MLP_ACTIVATION,
+    MLP_DROPOUT,
+    MLP_HIDDEN_SIZES,
+    Activation,
+)
+
 T = TypeVar("T")
 
 Auto = Literal["auto"]
@@ -58,10 +68,12 @@ class FileObject(BaseModel):
 # ---- fine-tuning ---------------------------------------------------------------------------
 
 
-class Hyperparameters(BaseModel):
+# As a request gives them; app/services/hyperparameters.py resolves them into the numbers the
+# job stores (the worker's TrainingHyperparameters).
+class HyperparametersRequest(BaseModel):
     """OpenAI's three (each may be "auto"), plus Tunehouse's training knobs."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, title="Hyperparameters")
 
     n_epochs: Auto | int | None = Field(default=None, description="1-50, or auto")
     batch_size: Auto | int | None = Field(default=None, description="1-256, or auto")
@@ -110,9 +122,9 @@ class LoraAdapter(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["lora"]
-    r: int = Field(default=8, ge=1, le=256)
-    alpha: float = Field(default=16.0, gt=0, le=4096)
-    dropout: float = Field(default=0.05, ge=0, le=1)
+    r: int = Field(default=LORA_R, ge=1, le=256)
+    alpha: float = Field(default=LORA_ALPHA, gt=0, le=4096)
+    dropout: float = Field(default=LORA_DROPOUT, ge=0, le=1)
     # None: the per-architecture default modules.
     target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
         default=None, min_length=1, max_length=64
@@ -139,16 +151,16 @@ class Architecture(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hidden_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
-        default_factory=lambda: [256, 128], min_length=1, max_length=8
+        default_factory=lambda: list(MLP_HIDDEN_SIZES), min_length=1, max_length=8
     )
-    activation: Literal["relu", "gelu", "tanh"] = "relu"
-    dropout: float = Field(default=0.1, ge=0, lt=1)
+    activation: Activation = MLP_ACTIVATION
+    dropout: float = Field(default=MLP_DROPOUT, ge=0, lt=1)
 
 
 class SupervisedMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    hyperparameters: Hyperparameters | None = None
+    hyperparameters: HyperparametersRequest | None = None
     adapter: Adapter = Field(default=None, description='"full" (default) or a LoRA spec')
     architecture: Architecture | None = None
 
@@ -166,7 +178,7 @@ class JobCreate(BaseModel):
     model: str = Field(min_length=1, max_length=256)
     training_file: str = Field(min_length=1, max_length=64)
     validation_file: str | None = Field(default=None, max_length=64)
-    hyperparameters: Hyperparameters | None = None
+    hyperparameters: HyperparametersRequest | None = None
     method: Method | None = None
     suffix: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[\w.-]+$")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)

@@ -25,7 +25,7 @@ from app.core.settings import Settings
 from app.core.storage import Storage
 from app.models import File, Job, JobEvent, utcnow
 from app.schemas import JobCreate
-from app.services import jobs, keys
+from app.services import jobs, keys, leases
 from app.services.datasets import validate_dataset
 from tests.conftest import make_settings
 from tests.support import (
@@ -118,7 +118,7 @@ class World:
 
     def claim(self, job_id: str, owner: str, lease_seconds: int = 60) -> bool:
         with session_scope(self.url) as session:
-            return jobs.claim_job(session, job_id, owner, lease_seconds)
+            return leases.claim_job(session, job_id, owner, lease_seconds)
 
     def expire_lease(self, job_id: str) -> None:
         with session_scope(self.url) as session:
@@ -169,10 +169,10 @@ def test_renew_lease(world: World) -> None:
     first = world.job(job_id).lease_expires_at
     assert first is not None
     with session_scope(world.url) as session:
-        assert jobs.renew_lease(session, job_id, "worker-b", 60) is None
+        assert leases.renew_lease(session, job_id, "worker-b", 60) is None
     assert world.job(job_id).lease_expires_at == first
     with session_scope(world.url) as session:
-        assert jobs.renew_lease(session, job_id, "worker-a", 60) == jobs.RUNNING
+        assert leases.renew_lease(session, job_id, "worker-a", 60) == jobs.RUNNING
     renewed = world.job(job_id).lease_expires_at
     assert renewed is not None and renewed > first + timedelta(seconds=40)
 
@@ -180,7 +180,7 @@ def test_renew_lease(world: World) -> None:
         org = keys.get_or_create_organization(session, world.org_name)
         assert jobs.cancel_job(session, org, job_id).status == jobs.CANCELLED
     with session_scope(world.url) as session:
-        assert jobs.renew_lease(session, job_id, "worker-a", 60) is None
+        assert leases.renew_lease(session, job_id, "worker-a", 60) is None
     cancelled = world.job(job_id)
     assert cancelled.status == jobs.CANCELLED
     assert cancelled.lease_owner is None
@@ -194,7 +194,7 @@ def test_transition_is_conditional(world: World) -> None:
         assert not jobs.transition(
             session, job_id, to=jobs.SUCCEEDED, from_=(jobs.RUNNING,), owner="worker-b"
         )
-        assert not jobs.record_progress(
+        assert not leases.record_progress(
             session, job_id, "worker-b", steps_completed=5, total_steps=10, estimated_finish=None
         )
     assert world.job(job_id).status == jobs.RUNNING
@@ -311,7 +311,7 @@ def test_reconciler_requeues_expired_lease_then_fails_after_max_attempts(world: 
     assert world.wakeups_for(job_id) == 1
     # The dead worker's lease is gone: it can neither renew nor finish the job.
     with session_scope(world.url) as session:
-        assert not jobs.renew_lease(session, job_id, "worker-a", 60)
+        assert not leases.renew_lease(session, job_id, "worker-a", 60)
 
     # Second attempt: the same again, and now the job has used max_attempts.
     assert world.claim(job_id, "worker-b")
@@ -347,7 +347,7 @@ def test_pause_keeps_the_lease_until_the_trainer_has_checkpointed(world: World) 
         assert jobs.pause_job(session, org, job_id).status == jobs.PAUSED  # a no-op
     # The trainer keeps its lease while it writes the checkpoint, and hears it must stop.
     with session_scope(world.url) as session:
-        assert jobs.renew_lease(session, job_id, "worker-a", 60) == jobs.PAUSED
+        assert leases.renew_lease(session, job_id, "worker-a", 60) == jobs.PAUSED
     # Resumed before the trainer has gone: queued, but nobody may start it yet.
     with session_scope(world.url) as session:
         org = keys.get_or_create_organization(session, world.org_name)
@@ -356,8 +356,8 @@ def test_pause_keeps_the_lease_until_the_trainer_has_checkpointed(world: World) 
     assert world.claim(job_id, "worker-b") is False
     # The trainer exits; its worker lets go, and the next claim wins.
     with session_scope(world.url) as session:
-        assert jobs.release_lease(session, job_id, "worker-a") == jobs.QUEUED
-        assert jobs.release_lease(session, job_id, "worker-a") is None
+        assert leases.release_lease(session, job_id, "worker-a") == jobs.QUEUED
+        assert leases.release_lease(session, job_id, "worker-a") is None
     assert world.claim(job_id, "worker-b") is True
     job = world.job(job_id)
     assert job.attempt == 2 and job.crash_count == 0  # a pause is not a crash

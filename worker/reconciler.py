@@ -15,15 +15,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import or_, select, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app.core.db import session_scope
 from app.core.process import holder_is_gone, local_owner_prefix
 from app.core.queue import enqueue_job
 from app.core.settings import Settings
-from app.models import Job, utcnow
-from app.services import jobs
+from app.models import utcnow
+from app.services import jobs, leases
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +40,13 @@ def _requeue_expired(session: Session, settings: Settings) -> tuple[list[str], i
     """Running jobs whose trainer is gone: the lease ran out, or (found at once) the process
     holding it on this machine no longer exists. Each counts as a crash."""
     now = utcnow()
-    # Expired leases, and leases held on this machine (whose holder may be gone): not every
-    # running job.
-    running = session.scalars(
-        select(Job).where(
-            Job.status == jobs.RUNNING,
-            or_(
-                Job.lease_expires_at.is_(None),
-                Job.lease_expires_at < now,
-                Job.lease_owner.startswith(local_owner_prefix(), autoescape=True),
-            ),
-        )
-    ).all()
+    running = leases.expired_or_local_leases(session, local_owner_prefix(), now)
     requeued, failed = [], 0
     for job in running:
         expired = job.lease_expires_at is None or job.lease_expires_at < now
         if not expired and not holder_is_gone(job.lease_owner):
             continue
-        outcome = jobs.record_crash(
+        outcome = leases.record_crash(
             session,
             job.id,
             owner=job.lease_owner,
@@ -76,12 +65,12 @@ def reconcile_once(settings: Settings, *, at_start: bool = False) -> dict[str, A
     with session_scope(settings.sqlalchemy_url) as session:
         if not _take_lock(session):
             return {"skipped": True}
-        validating = jobs.stale_job_ids(session, jobs.VALIDATING, idle)
+        validating = leases.stale_job_ids(session, jobs.VALIDATING, idle)
         newly_queued = [j for j in validating if jobs.validate_job_files(session, settings, j)]
         requeued, failed = _requeue_expired(session, settings)
-        lost = jobs.stale_job_ids(session, jobs.QUEUED, idle)
+        lost = leases.stale_job_ids(session, jobs.QUEUED, idle)
         wake = list(dict.fromkeys(newly_queued + requeued + lost))
-        jobs.touch(session, wake)
+        leases.touch(session, wake)
     for job_id in wake:
         enqueue_job(settings, job_id)
     summary = {"enqueued": len(wake), "expired": len(requeued), "failed": failed}

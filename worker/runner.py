@@ -8,8 +8,6 @@ job itself, every write conditional on the job still being leased to it.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import logging
 import os
 import signal
@@ -20,18 +18,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.db import session_scope
-from app.core.ids import new_id
 from app.core.process import die_with_parent
 from app.core.retry import retry_for
 from app.core.settings import Settings, get_settings
 from app.core.storage import Storage
-from app.models import Checkpoint, File, FineTunedModel, Job, Organization, utcnow
-from app.services import jobs
-from app.services.files import store_result_file
+from app.models import File, Job, utcnow
+from app.services import jobs, leases, results
 from app.services.models import MLP_MODEL
 
 log = logging.getLogger("tunehouse.training")
@@ -67,7 +62,7 @@ class DatabaseReporter:
         while not self._done.wait(wait):
             try:
                 with session_scope(self.url) as session:
-                    status = jobs.renew_lease(
+                    status = leases.renew_lease(
                         session, self.job_id, self.owner, self.settings.lease_seconds
                     )
             except Exception:  # the database is briefly away: keep training, retry sooner
@@ -99,19 +94,18 @@ class DatabaseReporter:
         first; a cancel, or a lease that is no longer ours, does not."""
         try:
             with session_scope(self.url) as session:
-                row = session.execute(
-                    select(Job.status, Job.lease_owner).where(Job.id == self.job_id)
-                ).one_or_none()
+                state = leases.lease_state(session, self.job_id)
         except Exception:
             log.warning("could not read job %s before stopping", self.job_id, exc_info=True)
             return time.monotonic() < self._lease_ok_until  # still ours, as far as we know
         resumable = (jobs.PAUSED, jobs.QUEUED)
-        return row is not None and row.lease_owner == self.owner and row.status in resumable
+        return state is not None and state.owner == self.owner and state.status in resumable
 
     def stopped(self, step: int, checkpointed: bool) -> None:
         """The event that says where a stopped job will go on from."""
         with session_scope(self.url) as session:
-            status = session.scalar(select(Job.status).where(Job.id == self.job_id))
+            state = leases.lease_state(session, self.job_id)
+            status = state.status if state is not None else None
             saved = f"at step {step}"
             if checkpointed and step:
                 saved = f"checkpoint saved at step {step}"
@@ -166,7 +160,7 @@ class DatabaseReporter:
             finish = utcnow() + timedelta(seconds=remaining)
         try:
             with session_scope(self.url) as session:
-                jobs.record_progress(
+                leases.record_progress(
                     session,
                     self.job_id,
                     self.owner,
@@ -197,42 +191,9 @@ class DatabaseReporter:
 
     def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         relative = self.storage.relative(path)
-
-        def record(session: Session) -> None:
-            known = session.scalar(
-                select(Checkpoint.id).where(
-                    Checkpoint.job_id == self.job_id, Checkpoint.step_number == step
-                )
-            )
-            if known is not None:  # written before a restart; the files were just rewritten
-                return
-            session.add(
-                Checkpoint(
-                    id=new_id("ftckpt"),
-                    job_id=self.job_id,
-                    step_number=step,
-                    metrics={"step": step, **metrics},
-                    storage_path=relative,
-                )
-            )
-            session.flush()
-
-        self._write(record)
-
-
-def _result_csv(history: list[dict[str, Any]]) -> bytes:
-    columns: list[str] = []
-    for row in history:
-        columns += [k for k in row if k not in columns]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    return out.getvalue().encode()
-
-
-class JobNotOurs(Exception):
-    """The job was paused, cancelled, deleted or taken over before it could be finished."""
+        self._write(
+            lambda session: results.record_checkpoint(session, self.job_id, step, relative, metrics)
+        )
 
 
 def _finish(reporter: DatabaseReporter, job_id: str, output_dir: Path, result: Any) -> None:
@@ -244,62 +205,21 @@ def _finish(reporter: DatabaseReporter, job_id: str, output_dir: Path, result: A
     storage.remove_tree(model_dir)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(output_dir, model_dir)
-    written: list[Path] = []
 
     def register() -> None:
-        with session_scope(reporter.url) as session:
-            job = session.get(Job, job_id)
-            org = session.get(Organization, job.organization_id) if job else None
-            if job is None or org is None:
-                raise JobNotOurs(job_id)
-            name = jobs.fine_tuned_model_name(job, org)
-            results = store_result_file(
-                session,
-                storage,
-                org.id,
-                f"{job_id}-results.csv",
-                _result_csv(result.metrics_history),
-            )
-            written.append(storage.resolve(results.storage_path))
-            session.add(
-                FineTunedModel(
-                    id=name,
-                    organization_id=org.id,
-                    task=result.model_kind,  # the model kind, not the dataset format
-                    base_model=job.model,  # for a LoRA adapter: the base it applies to
-                    job_id=job.id,
-                    storage_path=storage.relative(model_dir),
-                    labels=list(result.labels) or None,  # generative models have none
-                )
-            )
-            adapter = f" (a LoRA adapter of {job.model})" if result.adapter else ""
-            jobs.add_event(session, job_id, f"New fine-tuned model created: {name}{adapter}")
-            if not jobs.transition(
-                session,
-                job_id,
-                to=jobs.SUCCEEDED,
-                from_=(jobs.RUNNING,),
-                owner=reporter.owner,
-                message="The job has successfully completed",
-                fine_tuned_model=name,
-                trained_tokens=result.trained_tokens,
-                steps_completed=result.steps,
-                result_files=[results.id],
-                estimated_finish=None,
-            ):
-                raise JobNotOurs(job_id)
-
-    def register_or_clean_up() -> None:
+        written: Path | None = None
         try:
-            register()
+            with session_scope(reporter.url) as session:
+                written = results.register_fine_tuned_model(
+                    session, storage, job_id, reporter.owner, model_dir=model_dir, trained=result
+                )
         except BaseException:
-            for path in written:  # a result file stored by a transaction that did not commit
-                path.unlink(missing_ok=True)
-            written.clear()
+            if written is not None:  # a result file stored by a transaction that did not commit
+                written.unlink(missing_ok=True)
             raise
 
     try:
-        retry_for(reporter.settings.lease_seconds, register_or_clean_up, what="registering")
+        retry_for(reporter.settings.lease_seconds, register, what="registering")
     except Exception:
         storage.remove_tree(model_dir)
         raise
@@ -398,7 +318,7 @@ def run_training_process(job_id: str, owner: str) -> None:
     except DeadlineExceeded as exc:
         log.info("training of %s ran past its max_duration", job_id)
         _fail(reporter, "max_duration_exceeded", str(exc))
-    except JobNotOurs:
+    except results.JobNotOurs:
         log.info("job %s was paused, cancelled or taken over as it finished", job_id)
     except MemoryError:
         log.exception("out of memory")

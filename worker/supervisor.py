@@ -25,8 +25,6 @@ import subprocess
 import sys
 import threading
 
-from sqlalchemy import select
-
 from app.core.db import session_scope
 from app.core.ids import random_token
 from app.core.process import process_identity
@@ -34,7 +32,7 @@ from app.core.queue import enqueue_job
 from app.core.retry import retry_for
 from app.core.settings import Settings
 from app.models import Job
-from app.services import jobs
+from app.services import jobs, leases
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +61,7 @@ def supervise_job(settings: Settings, job_id: str) -> None:
             jobs.validate_job_files(session, settings, job_id)
     owner = worker_identity()
     with session_scope(url) as session:
-        if not jobs.claim_job(session, job_id, owner, settings.lease_seconds):
+        if not leases.claim_job(session, job_id, owner, settings.lease_seconds):
             log.info("job %s is not ready to start (taken, leased, finished or cancelled)", job_id)
             return
     log.info("job %s claimed by %s", job_id, owner)
@@ -88,26 +86,26 @@ def _watch(settings: Settings, job_id: str, owner: str, process: subprocess.Pope
             with session_scope(settings.sqlalchemy_url) as session:
                 if DRAINING.is_set() and not handed_back:
                     handed_back = True
-                    jobs.hand_back(session, job_id, owner, "The worker is shutting down")
-                row = session.execute(
-                    select(Job.status, Job.lease_owner).where(Job.id == job_id)
-                ).one_or_none()
+                    leases.hand_back(session, job_id, owner, "The worker is shutting down")
+                state = leases.lease_state(session, job_id)
         except Exception:  # a database blip: keep training, look again next time
             log.warning("could not read job %s; will retry", job_id, exc_info=True)
             continue
-        if row is None or row.lease_owner != owner or row.status in jobs.TERMINAL:
-            if row is not None and row.status in (jobs.SUCCEEDED, jobs.FAILED):
+        if state is None or state.owner != owner or state.status in jobs.TERMINAL:
+            if state is not None and state.status in (jobs.SUCCEEDED, jobs.FAILED):
                 # Most likely the trainer settled the job itself and is on its way out.
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=settings.cancel_grace_seconds)
                 if process.returncode is not None:
                     return
-            reason = "deleted" if row is None else row.status
+            reason = "deleted" if state is None else state.status
             log.info("job %s is %s; stopping its training process", job_id, reason)
             stop_process(process, settings.cancel_grace_seconds)
             return
-        if row.status != jobs.RUNNING:  # paused, or handed back: checkpoint first
-            log.info("job %s is %s; its training process checkpoints and stops", job_id, row.status)
+        if state.status != jobs.RUNNING:  # paused, or handed back: checkpoint first
+            log.info(
+                "job %s is %s; its training process checkpoints and stops", job_id, state.status
+            )
             stop_process(process, settings.shutdown_grace_seconds)
             return
 
@@ -118,9 +116,9 @@ def _settle(settings: Settings, job_id: str, owner: str, code: int | None) -> No
 
     def settle() -> bool:
         with session_scope(settings.sqlalchemy_url) as session:
-            job = session.get(Job, job_id)
-            if job is not None and job.status == jobs.RUNNING and job.lease_owner == owner:
-                outcome = jobs.record_crash(
+            state = leases.lease_state(session, job_id)
+            if state is not None and state.status == jobs.RUNNING and state.owner == owner:
+                outcome = leases.record_crash(
                     session,
                     job_id,
                     owner=owner,
@@ -128,7 +126,7 @@ def _settle(settings: Settings, job_id: str, owner: str, code: int | None) -> No
                     max_attempts=settings.max_attempts,
                 )
                 return outcome == jobs.QUEUED
-            return jobs.release_lease(session, job_id, owner) == jobs.QUEUED
+            return leases.release_lease(session, job_id, owner) == jobs.QUEUED
 
     try:
         wake = retry_for(settings.lease_seconds, settle, what=f"settling job {job_id}")

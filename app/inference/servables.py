@@ -5,11 +5,12 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from app.core.kinds import KIND_CAUSAL_LM, KIND_CLASSIFICATION, KIND_ENCODER, KIND_TABULAR
 from app.inference.registry import ModelCache, factory
 from app.services.models import LoadableModel, require_safe_weights
 
 
-@factory("predict", "classification")
+@factory("predict", KIND_CLASSIFICATION)
 class ClassifierPredictor:
     batch_size = 32
 
@@ -44,7 +45,7 @@ class ClassifierPredictor:
         return results, tokens
 
 
-@factory("predict", "tabular")
+@factory("predict", KIND_TABULAR)
 class TabularPredictor:
     def __init__(self, cache: ModelCache, model: LoadableModel):
         from app.inference.architectures import load_mlp
@@ -71,7 +72,7 @@ class TabularPredictor:
         return [_scored(row, self.id2label) for row in probs.tolist()], 0
 
 
-@factory("generate", "causal-lm")
+@factory("generate", KIND_CAUSAL_LM)
 def load_generator(cache: ModelCache, model: LoadableModel) -> Any:
     from app.inference.generation import Generator, load_causal_lm, load_tokenizer
 
@@ -87,7 +88,7 @@ def load_generator(cache: ModelCache, model: LoadableModel) -> Any:
     return Generator(load_causal_lm(model.path), tokenizer, threading.Lock())
 
 
-@factory("predict", "causal-lm")
+@factory("predict", KIND_CAUSAL_LM)
 class TextPredictor:
     """/v1/predictions for a generative model: the greedy continuation of each input."""
 
@@ -106,7 +107,7 @@ class TextPredictor:
         return results, tokens
 
 
-@factory("embed", "encoder", "classification")
+@factory("embed", KIND_ENCODER, KIND_CLASSIFICATION)
 class Embedder:
     """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe for
     all-MiniLM-L6-v2); a fine-tuned classifier embeds with its fine-tuned encoder."""

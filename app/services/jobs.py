@@ -1,7 +1,10 @@
-"""Fine-tuning jobs: creation, the state machine, leases, events and checkpoints.
+"""Fine-tuning jobs: creation and validation, the state machine, user actions, events.
 
 Every state change is one conditional UPDATE (``... WHERE status IN (...)``), so two actors can
-never both win a transition; ``transition`` is the only code that changes a job's status.
+never both win a transition; ``transition`` is the only code that changes a job's status, but
+for ``leases.claim_job``, which takes the lease in the same UPDATE. Leases and what the
+reconciler looks for are in ``app/services/leases.py``; hyperparameter defaults in
+``app/services/hyperparameters.py``.
 """
 
 from __future__ import annotations
@@ -9,25 +12,32 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, InvalidRequest, NotFound, Unprocessable
 from app.core.ids import new_id
+from app.core.kinds import (
+    CAUSAL_FORMATS,
+    FORMAT_CLASSIFICATION,
+    FORMAT_TABULAR,
+    KIND_CAUSAL_LM,
+    KIND_ENCODER,
+    LABELLED_FORMATS,
+)
 from app.core.settings import Settings
 from app.core.storage import Storage
 from app.models import Checkpoint, File, Job, JobEvent, Organization, utcnow
-from app.schemas import Architecture, Hyperparameters, JobCreate, SupervisedMethod
+from app.schemas import Architecture, HyperparametersRequest, JobCreate, SupervisedMethod
 from app.services.datasets import DatasetError, DatasetInfo, DatasetLimits, validate_dataset
-from app.services.models import CAUSAL_LM, ENCODER, MLP_MODEL, base_kind
+from app.services.hyperparameters import TRAINABLE_FORMATS, resolve_hyperparameters
+from app.services.models import MLP_MODEL, base_kind
 from app.services.pagination import page
 
 log = logging.getLogger(__name__)
@@ -36,82 +46,6 @@ VALIDATING, QUEUED, RUNNING = "validating_files", "queued", "running"
 SUCCEEDED, FAILED, CANCELLED, PAUSED = "succeeded", "failed", "cancelled", "paused"
 ACTIVE = (VALIDATING, QUEUED, RUNNING, PAUSED)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
-
-# Tasks (= training file formats) that fine-tune a causal language model.
-CAUSAL_TASKS = ("chat", "completion", "text")
-# Tasks whose validation rows must only hold labels the training rows have.
-LABELLED_TASKS = ("classification", "tabular")
-LORA_LEARNING_RATE = 2e-4
-
-_CAUSAL_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 5e-5,  # full fine-tuning; LORA_LEARNING_RATE with a LoRA adapter
-    "warmup_ratio": 0.03,
-    "weight_decay": 0.0,
-    "max_seq_length": 1024,
-    "gradient_accumulation_steps": 1,
-    "eval_every_steps": None,
-    "checkpoint_every_steps": None,
-    "max_grad_norm": 1.0,
-}
-
-# Per-task defaults for what "auto" and unset hyperparameters resolve to.
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "classification": {
-        "learning_rate": 1e-4,
-        "warmup_ratio": 0.1,
-        "weight_decay": 0.01,
-        "max_seq_length": 128,
-        "gradient_accumulation_steps": 1,
-        "eval_every_steps": None,
-        "checkpoint_every_steps": None,
-        "max_grad_norm": 1.0,
-    },
-    **{task: dict(_CAUSAL_DEFAULTS) for task in CAUSAL_TASKS},
-    "tabular": {
-        "learning_rate": 1e-3,
-        "batch_size": 64,  # what "auto" resolves to: rows are tiny
-        "warmup_ratio": 0.0,
-        "weight_decay": 1e-4,
-        "gradient_accumulation_steps": 1,
-        "eval_every_steps": None,
-        "checkpoint_every_steps": None,
-        "max_grad_norm": 1.0,
-    },
-}
-
-
-def _auto_epochs(task: str, rows: int) -> int:
-    rows = max(rows, 1)
-    if task == "tabular":
-        # Small networks on small tables: about 50k examples seen, 5 to 50 epochs.
-        return max(5, min(50, math.ceil(50_000 / rows)))
-    # Three epochs, stretched so tiny files see ~100 examples, capped near 25k for big ones.
-    if rows * 3 < 100:
-        return min(25, math.ceil(100 / rows))
-    if rows * 3 > 25_000:
-        return max(1, 25_000 // rows)
-    return 3
-
-
-def resolve_hyperparameters(
-    task: str, rows: int, requested: Hyperparameters, *, lora: bool = False
-) -> dict[str, Any]:
-    """Turn "auto" and missing values into numbers, the way OpenAI sizes its defaults."""
-    given = requested.model_dump(exclude_none=True)
-    defaults = dict(TASK_DEFAULTS[task])
-    if lora:
-        defaults["learning_rate"] = LORA_LEARNING_RATE
-    resolved = dict(defaults)
-    resolved.update({k: v for k, v in given.items() if v != "auto"})
-    if "n_epochs" not in resolved:
-        resolved["n_epochs"] = _auto_epochs(task, rows)
-    if "batch_size" not in resolved:
-        resolved["batch_size"] = 8 if rows < 500 else 16 if rows < 5000 else 32
-    multiplier = resolved.get("learning_rate_multiplier", 1.0)
-    resolved["learning_rate_multiplier"] = float(multiplier)
-    if "learning_rate" not in given:
-        resolved["learning_rate"] = defaults["learning_rate"] * multiplier
-    return resolved
 
 
 def fine_tuned_model_name(job: Job, organization: Organization) -> str:
@@ -174,139 +108,6 @@ def transition(
     return True
 
 
-def claim_job(session: Session, job_id: str, owner: str, lease_seconds: int) -> bool:
-    """Take a queued job for ``owner``; a second delivery of the same job finds nothing.
-
-    A queued job may still be leased: a worker that paused it or is shutting down keeps the
-    lease until its training process has written its checkpoint and exited. Nobody else may
-    start the job before that (or before the lease runs out, if that worker died)."""
-    now = utcnow()
-    job = session.get(Job, job_id)
-    started = job.started_at if job is not None and job.started_at else now
-    result = session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status == QUEUED,
-            or_(Job.lease_owner.is_(None), Job.lease_expires_at < now),
-        )
-        .values(
-            status=RUNNING,
-            updated_at=now,
-            lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            attempt=Job.attempt + 1,
-            started_at=started,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if not result.rowcount:
-        return False
-    add_event(session, job_id, "Fine-tuning job started")
-    return True
-
-
-def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: int) -> str | None:
-    """Extend ``owner``'s lease and return the job's status, or None when the lease is no
-    longer ours (cancelled, finished, or taken over after it ran out).
-
-    A job that was paused, or handed back because its worker is shutting down, stays leased
-    to its trainer until that trainer has checkpointed and exited; any status but
-    ``running`` tells the trainer to stop."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
-        .execution_options(synchronize_session=False)
-    )
-    if not result.rowcount:
-        return None
-    return session.scalar(select(Job.status).where(Job.id == job_id))
-
-
-def release_lease(session: Session, job_id: str, owner: str) -> str | None:
-    """Give up ``owner``'s lease once its training process is gone; the job's status then,
-    or None when it was not ours any more."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner)
-        .values(lease_owner=None, lease_expires_at=None)
-        .execution_options(synchronize_session=False)
-    )
-    if not result.rowcount:
-        return None
-    return session.scalar(select(Job.status).where(Job.id == job_id))
-
-
-def record_crash(
-    session: Session, job_id: str, *, owner: str | None, reason: str, max_attempts: int
-) -> str | None:
-    """A start of the job ended in a crash: its training process died, or stopped renewing
-    its lease. Back to the queue, to go on from its newest complete checkpoint, or failed once
-    it has crashed ``max_attempts`` times. Returns the new status, or None when the job was no
-    longer running under ``owner``."""
-    job = session.get(Job, job_id)
-    if job is None or job.status != RUNNING or (owner is not None and job.lease_owner != owner):
-        return None
-    crashes = job.crash_count + 1
-    step = job.steps_completed or 0
-    if crashes >= max_attempts:
-        failed = fail_job(
-            session,
-            job_id,
-            code="max_attempts_exceeded",
-            message=(
-                f"The training process crashed {crashes} times (max_attempts is "
-                f"{max_attempts}); the last time {reason} at step {step}. The worker's log "
-                "has the details."
-            ),
-            from_=(RUNNING,),
-            owner=job.lease_owner,
-        )
-        if failed:
-            session.execute(update(Job).where(Job.id == job_id).values(crash_count=crashes))
-        return FAILED if failed else None
-    moved = transition(
-        session,
-        job_id,
-        to=QUEUED,
-        from_=(RUNNING,),
-        owner=job.lease_owner,
-        message=(
-            f"The training process {reason} at step {step}; the job is queued again and will "
-            f"go on from its last checkpoint (crash {crashes} of at most {max_attempts})"
-        ),
-        level="warn",
-        lease_owner=None,
-        lease_expires_at=None,
-        crash_count=crashes,
-    )
-    return QUEUED if moved else None
-
-
-def record_progress(
-    session: Session,
-    job_id: str,
-    owner: str,
-    *,
-    steps_completed: int,
-    total_steps: int,
-    estimated_finish: datetime | None,
-) -> bool:
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == RUNNING, Job.lease_owner == owner)
-        .values(
-            steps_completed=steps_completed,
-            total_steps=total_steps,
-            estimated_finish=estimated_finish,
-            updated_at=utcnow(),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    return bool(result.rowcount)
-
-
 def fail_job(
     session: Session,
     job_id: str,
@@ -364,25 +165,25 @@ def _base_model_kind(settings: Settings, model_id: str) -> str:
 
 def _check_model_for_task(model: str, kind: str, task: str) -> None:
     """Refuse a base model that cannot learn the training file's task."""
-    if task == "tabular" and model != MLP_MODEL:
+    if task == FORMAT_TABULAR and model != MLP_MODEL:
         raise InvalidRequest(
             f"The training file holds tabular rows, which train '{MLP_MODEL}' (a network "
             f"designed from scratch), not '{model}'.",
             param="model",
         )
-    if model == MLP_MODEL and task != "tabular":
+    if model == MLP_MODEL and task != FORMAT_TABULAR:
         raise InvalidRequest(
             f'\'{MLP_MODEL}\' trains on tabular rows ({{"features", "label"}}); the training '
             f"file holds {task} rows.",
             param="training_file",
         )
-    if task in CAUSAL_TASKS and kind != CAUSAL_LM:
+    if task in CAUSAL_FORMATS and kind != KIND_CAUSAL_LM:
         raise InvalidRequest(
             f"Model '{model}' is an {kind} model; {task} fine-tuning needs a causal language "
             "model (GET /v1/models gives each base model's task).",
             param="model",
         )
-    if task == "classification" and kind not in (ENCODER, CAUSAL_LM):
+    if task == FORMAT_CLASSIFICATION and kind not in (KIND_ENCODER, KIND_CAUSAL_LM):
         raise InvalidRequest(
             f"Model '{model}' cannot be fine-tuned as a classifier.", param="model"
         )
@@ -390,7 +191,7 @@ def _check_model_for_task(model: str, kind: str, task: str) -> None:
 
 def _check_method_options(model: str, task: str, supervised: SupervisedMethod) -> None:
     """Refuse an adapter or an architecture where it does not apply."""
-    if supervised.adapter is not None and task not in CAUSAL_TASKS:
+    if supervised.adapter is not None and task not in CAUSAL_FORMATS:
         raise InvalidRequest(
             f"A LoRA adapter applies to chat, completion and text fine-tuning, not to {task}; "
             "use adapter 'full'.",
@@ -452,7 +253,7 @@ def create_job(
                 param="validation_file",
             )
     task = training.format or ""
-    if task not in TASK_DEFAULTS:
+    if task not in TRAINABLE_FORMATS:
         raise InvalidRequest(
             f"Files of format '{task}' cannot be trained yet.", param="training_file"
         )
@@ -460,7 +261,7 @@ def create_job(
     supervised = supervised or SupervisedMethod()
     _check_model_for_task(body.model, model_kind, task)
     _check_method_options(body.model, task, supervised)
-    requested = supervised.hyperparameters or body.hyperparameters or Hyperparameters()
+    requested = supervised.hyperparameters or body.hyperparameters or HyperparametersRequest()
     rows = int((training.stats or {}).get("rows", 0))
     lora = supervised.adapter is not None
     hyperparameters = resolve_hyperparameters(task, rows, requested, lora=lora)
@@ -550,14 +351,14 @@ def _revalidate(
 
 
 def _check_validation_matches(task: str, training: DatasetInfo, validation: DatasetInfo) -> None:
-    if task in LABELLED_TASKS and not set(validation.labels) <= set(training.labels):
+    if task in LABELLED_FORMATS and not set(validation.labels) <= set(training.labels):
         unseen = sorted(set(validation.labels) - set(training.labels))
         raise _FileProblem(
             f"The validation file has labels the training file lacks: {unseen}",
             "validation_file",
         )
     features = training.stats.get("features")
-    if task == "tabular" and validation.stats.get("features") != features:
+    if task == FORMAT_TABULAR and validation.stats.get("features") != features:
         raise _FileProblem(
             f"The validation rows have {validation.stats.get('features')} features; the "
             f"training rows have {features}.",
@@ -703,20 +504,6 @@ def resume_job(session: Session, org: Organization, job_id: str) -> Job:
     )
 
 
-def hand_back(session: Session, job_id: str, owner: str, reason: str) -> bool:
-    """Put a running job back in the queue, still leased to ``owner``, whose trainer now
-    checkpoints and exits; the lease is released after that, and another worker goes on."""
-    return transition(
-        session,
-        job_id,
-        to=QUEUED,
-        from_=(RUNNING,),
-        owner=owner,
-        message=f"{reason}; the job saves a checkpoint and goes back to the queue",
-        level="warn",
-    )
-
-
 def list_events(
     session: Session, org: Organization, job_id: str, *, limit: int, after: str | None
 ) -> tuple[Sequence[JobEvent], bool]:
@@ -728,6 +515,20 @@ def list_events(
         if cursor is None:
             raise NotFound(f"No event with id '{after}' in this job.", param="after")
     return page(session, stmt, sort=JobEvent.seq, tiebreak=JobEvent.seq, after=cursor, limit=limit)
+
+
+def events_after(
+    session: Session, job_id: str, after_seq: int
+) -> tuple[list[JobEvent], str | None]:
+    """The job's events after sequence number ``after_seq``, oldest first, and the job's
+    status (None when the job is gone): what an event stream sends next."""
+    events = session.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+        .order_by(JobEvent.seq)
+    ).all()
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    return list(events), status
 
 
 def list_checkpoints(
@@ -749,28 +550,3 @@ def list_checkpoints(
         limit=limit,
     )
     return job, rows, more
-
-
-# ---- what the reconciler looks for ------------------------------------------------------------
-
-
-def stale_job_ids(session: Session, status: str, idle_seconds: float) -> list[str]:
-    """Jobs in ``status`` untouched for ``idle_seconds`` (their wake-up may have been lost)."""
-    cutoff = utcnow() - timedelta(seconds=idle_seconds)
-    return list(
-        session.scalars(
-            select(Job.id)
-            .where(Job.status == status, Job.updated_at <= cutoff)
-            .order_by(Job.created_at)
-        )
-    )
-
-
-def touch(session: Session, job_ids: Sequence[str]) -> None:
-    if job_ids:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(job_ids))
-            .values(updated_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )

@@ -1,8 +1,8 @@
 """Models: the base models this server may fine-tune, and each organization's fine-tuned ones.
 
-Model kinds (docs/model-kinds.md): ``encoder``, ``classification``, ``causal-lm`` (optionally a
-LoRA adapter over a registered base) and ``tabular``. No torch here: a base model's kind is read
-from its ``config.json``.
+Model kinds (``app/core/kinds.py``, docs/model-kinds.md): ``encoder``, ``classification``,
+``causal-lm`` (optionally a LoRA adapter over a registered base) and ``tabular``. No torch here:
+a base model's kind is read from its ``config.json``.
 
 Nothing from a model directory is executed or unpickled (design rule 4): a directory is loadable
 only when its weights are safetensors files with valid headers, it holds no pickle weights (which
@@ -18,12 +18,12 @@ from datetime import datetime
 from fnmatch import fnmatch
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.errors import InvalidRequest, NotFound
+from app.core.kinds import KIND_CAUSAL_LM, KIND_ENCODER, KIND_TABULAR, BaseKind, model_kind
 from app.core.settings import Settings
 from app.core.storage import Storage
 from app.models import Checkpoint, FineTunedModel, Job, Organization
@@ -35,16 +35,6 @@ _SERVER_START = datetime.now().astimezone()
 MLP_MODEL = "tunehouse/mlp"
 ADAPTER_CONFIG = "adapter_config.json"
 
-ENCODER, CLASSIFICATION, CAUSAL_LM, TABULAR = "encoder", "classification", "causal-lm", "tabular"
-BaseKind = Literal["causal-lm", "encoder"]
-# Dataset formats (= Job.task) and the kind of model each one trains.
-_TASK_KINDS = {
-    "classification": CLASSIFICATION,
-    "chat": CAUSAL_LM,
-    "completion": CAUSAL_LM,
-    "text": CAUSAL_LM,
-    "tabular": TABULAR,
-}
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 # Weight files that are pickles: loading one runs whatever code it names. (A checkpoint's
 # training_state.pt is not weights: only the worker reads it, with weights_only=True.)
@@ -81,11 +71,6 @@ class LoadableModel:
         return self.task
 
 
-def model_kind(task: str) -> str:
-    """The model kind a job task (a dataset format) trains; a kind maps to itself."""
-    return _TASK_KINDS.get(task, task)
-
-
 def base_model_kind(path: Path) -> BaseKind:
     """``causal-lm`` when config.json's ``architectures`` name a causal LM head, else
     ``encoder``. Raises OSError or ValueError when config.json cannot be read."""
@@ -102,8 +87,8 @@ def _kind_from_config(config_path: Path, _mtime_ns: int, _size: int) -> BaseKind
         raise ValueError(f"{config_path} is not a JSON object")
     architectures = config.get("architectures") or []
     if any(str(name).endswith(_CAUSAL_SUFFIXES) for name in architectures):
-        return "causal-lm"
-    return "encoder"
+        return KIND_CAUSAL_LM
+    return KIND_ENCODER
 
 
 def unsafe_weights(path: Path) -> str | None:
@@ -157,7 +142,7 @@ def base_kind(settings: Settings, model_id: str) -> str | None:
     """The kind of a base model (``tabular`` for tunehouse/mlp); None when ``model_id`` is not
     a base model. Raises InvalidRequest when a registered base has no readable config.json."""
     if model_id == MLP_MODEL:
-        return TABULAR
+        return KIND_TABULAR
     path = settings.registered_base_models().get(model_id)
     if path is None:
         return None
@@ -304,6 +289,6 @@ def resolve_loadable(
         )
     base = settings.registered_base_models().get(model_id)
     if base is not None:
-        kind = base_kind(settings, model_id) or ENCODER
+        kind = base_kind(settings, model_id) or KIND_ENCODER
         return LoadableModel(model_id, kind, base, None)
     raise _not_found(model_id)

@@ -28,7 +28,7 @@ from worker.training.causal_lm import IGNORE_INDEX
 from worker.training.checkpoint import latest_complete_checkpoint
 from worker.training.loop import eval_batches, evaluate, train
 from worker.training.registry import get_task_kind
-from worker.training.spec import Hyperparameters, TrainingSpec, TrainingStopped
+from worker.training.spec import TrainingHyperparameters, TrainingSpec, TrainingStopped
 
 SYSTEM = {"role": "system", "content": "answer with the code word only"}
 # Enough to answer held-out phrasings: 23/24 for the full and >= 22/24 for the LoRA fine-tune
@@ -210,7 +210,7 @@ def encode(task: str, base: Path, rows: list[dict[str, Any]], **hp: Any) -> tupl
     spec = make_spec(task, base, Path("unused"), Path("unused"), {})
     kind.prepare(spec, rows, [])
     tokenizer = kind.load_tokenizer(spec)
-    return tokenizer, kind.encode_examples(rows, tokenizer, [], Hyperparameters(**hp))
+    return tokenizer, kind.encode_examples(rows, tokenizer, [], TrainingHyperparameters(**hp))
 
 
 def trained_text(tokenizer: Any, feature: dict[str, Any]) -> str:

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from app.core.defaults import LORA_ALPHA, LORA_DROPOUT, LORA_R, lora_target_modules
+from app.core.kinds import FORMAT_CHAT, FORMAT_COMPLETION, FORMAT_TEXT, KIND_CAUSAL_LM
 from app.inference.templates import ensure_chat_template
 from worker.training.registry import (
     Batch,
@@ -38,19 +40,13 @@ from worker.training.registry import (
     no_warning,
     register,
 )
-from worker.training.spec import Hyperparameters, TrainingSpec
+from worker.training.spec import TrainingHyperparameters, TrainingSpec
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of a token that takes no loss (PyTorch's cross_entropy default)
 LENGTH_GROUP_BATCHES = 50  # rows are sorted by length within windows of this many batches
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# LoRA on the attention projections, where each architecture names them; other architectures
-# get peft's own per-model-type defaults.
-LORA_TARGET_MODULES: dict[str, list[str]] = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gpt2": ["c_attn", "c_proj"],
-}
 # Architectures whose linear layers are transposed (GPT-2's Conv1D): peft must know.
 FAN_IN_FAN_OUT = {"gpt2"}
 
@@ -59,9 +55,9 @@ Span = tuple[int, int]  # [start, end) character offsets of text that takes loss
 
 @dataclass(frozen=True)
 class LoraSettings:
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.05
+    r: int = LORA_R
+    alpha: float = LORA_ALPHA
+    dropout: float = LORA_DROPOUT
     target_modules: list[str] | None = None  # None: the per-architecture default
     merge: bool = False  # store the merged standalone model instead of the adapter
 
@@ -123,7 +119,7 @@ def encode_spans(
 class CausalLM(TaskKind):
     """What the generative kinds share: model, tokenizer, truncation, batching, scoring."""
 
-    model_kind = "causal-lm"
+    model_kind = KIND_CAUSAL_LM
 
     def __init__(self) -> None:
         self.context_length: int | None = None  # from the base config, in prepare
@@ -175,7 +171,7 @@ class CausalLM(TaskKind):
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=lora.target_modules or LORA_TARGET_MODULES.get(model_type),
+            target_modules=lora.target_modules or lora_target_modules(model_type),
             fan_in_fan_out=model_type in FAN_IN_FAN_OUT,
             task_type=TaskType.CAUSAL_LM,
         )
@@ -192,7 +188,7 @@ class CausalLM(TaskKind):
 
     # -- rows to features --------------------------------------------------------------------
 
-    def max_length(self, hp: Hyperparameters) -> int:
+    def max_length(self, hp: TrainingHyperparameters) -> int:
         if self.context_length is not None and hp.max_seq_length > self.context_length:
             logger.info(
                 "max_seq_length %d capped at the model's %d", hp.max_seq_length, self.context_length
@@ -211,7 +207,7 @@ class CausalLM(TaskKind):
         rows: Sequence[Example],
         tokenizer: Any | None,
         labels: list[str],
-        hp: Hyperparameters,
+        hp: TrainingHyperparameters,
         warn: Warn = no_warning,
     ) -> list[Features]:
         assert tokenizer is not None
@@ -351,7 +347,7 @@ def chat_spans(
     return text, spans
 
 
-@register("chat")
+@register(FORMAT_CHAT)
 class Chat(CausalLM):
     def encode_row(
         self, row: Example, tokenizer: PreTrainedTokenizerBase
@@ -360,7 +356,7 @@ class Chat(CausalLM):
         return encode_spans(tokenizer, text, spans)
 
 
-@register("completion")
+@register(FORMAT_COMPLETION)
 class Completion(CausalLM):
     def encode_row(
         self, row: Example, tokenizer: PreTrainedTokenizerBase
@@ -374,7 +370,7 @@ class Completion(CausalLM):
         return ids + [eos], labels + [eos]
 
 
-@register("text")
+@register(FORMAT_TEXT)
 class Text(CausalLM):
     def encode_row(
         self, row: Example, tokenizer: PreTrainedTokenizerBase
@@ -388,7 +384,7 @@ class Text(CausalLM):
         rows: Sequence[Example],
         tokenizer: Any | None,
         labels: list[str],
-        hp: Hyperparameters,
+        hp: TrainingHyperparameters,
         warn: Warn = no_warning,
     ) -> list[Features]:
         # Packing: no row is truncated and no position is padding. Documents follow each other

@@ -15,6 +15,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from app.core.kinds import FORMAT_CLASSIFICATION, KIND_CLASSIFICATION
 from worker.training.registry import (
     Batch,
     Collate,
@@ -26,12 +27,12 @@ from worker.training.registry import (
     no_warning,
     register,
 )
-from worker.training.spec import Hyperparameters, TrainingSpec
+from worker.training.spec import TrainingHyperparameters, TrainingSpec
 
 
-@register("classification")
+@register(FORMAT_CLASSIFICATION)
 class Classification(TaskKind):
-    model_kind = "classification"
+    model_kind = KIND_CLASSIFICATION
 
     def labels(self, train_rows: Sequence[Example], valid_rows: Sequence[Example]) -> list[str]:
         return label_list(train_rows, valid_rows)
@@ -57,7 +58,7 @@ class Classification(TaskKind):
         rows: Sequence[Example],
         tokenizer: Any | None,
         labels: list[str],
-        hp: Hyperparameters,
+        hp: TrainingHyperparameters,
         warn: Warn = no_warning,
     ) -> list[Features]:
         assert tokenizer is not None

@@ -43,8 +43,8 @@ from worker.training.registry import (
 )
 from worker.training.spec import (
     DeadlineExceeded,
-    Hyperparameters,
     Reporter,
+    TrainingHyperparameters,
     TrainingResult,
     TrainingSpec,
     TrainingStopped,
@@ -130,7 +130,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(model: torch.nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, hp: TrainingHyperparameters) -> torch.optim.Optimizer:
     # Weight decay only on matrices: biases and LayerNorm weights (the 1-d tensors) are not
     # decayed, as in BERT and nanoGPT.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -155,7 +155,7 @@ def evaluate(kind: TaskKind, model: torch.nn.Module, batches: Iterator[Batch]) -
 
 
 def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
-    hp = Hyperparameters.from_dict(spec.hyperparameters)
+    hp = TrainingHyperparameters.from_dict(spec.hyperparameters)
     kind = get_task_kind(spec.task)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

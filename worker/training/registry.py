@@ -1,10 +1,11 @@
 """Task kinds: what differs between training a classifier, a generative model and a model
 built from scratch. Everything else (the loop, checkpoints, metrics) is shared.
 
-A kind is a class registered under the name the dataset format uses (`"classification"`,
-`"chat"`, `"completion"`, `"text"`, `"tabular"`). The built-in kinds are imported on first use
-so importing this module never loads torch. An instance lives for one run, so a kind may keep
-what `prepare` learns (the base model's context length, the feature statistics) between calls.
+A kind is a class registered under the name of the dataset format it trains on (the
+`FORMAT_*` names of `app/core/kinds.py`), and says which model kind it stores (`KIND_*`). The
+built-in kinds are imported on first use so importing this module never loads torch. An
+instance lives for one run, so a kind may keep what `prepare` learns (the base model's context
+length, the feature statistics) between calls.
 """
 
 from __future__ import annotations
@@ -15,10 +16,18 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from app.core.kinds import (
+    FORMAT_CHAT,
+    FORMAT_CLASSIFICATION,
+    FORMAT_COMPLETION,
+    FORMAT_TABULAR,
+    FORMAT_TEXT,
+)
+
 if TYPE_CHECKING:
     import torch
 
-    from worker.training.spec import Hyperparameters, TrainingSpec
+    from worker.training.spec import TrainingHyperparameters, TrainingSpec
 
 Example = dict[str, Any]  # one normalised dataset row, as iter_examples yields it
 Features = dict[str, Any]  # one encoded row, ready for the collate function
@@ -48,8 +57,8 @@ def label_list(train_rows: Sequence[Example], valid_rows: Sequence[Example]) -> 
 class TaskKind(ABC):
     """How one kind of task loads its model, turns rows into batches and scores the model."""
 
-    name: str = ""  # set by @register
-    model_kind: str = ""  # what the stored model is: "classification" | "causal-lm" | "tabular"
+    name: str = ""  # the dataset format, set by @register
+    model_kind: str = ""  # what the stored model is: a KIND_* of app/core/kinds.py
 
     def labels(self, train_rows: Sequence[Example], valid_rows: Sequence[Example]) -> list[str]:
         """The class names, in id order; generative kinds have none."""
@@ -77,7 +86,7 @@ class TaskKind(ABC):
         rows: Sequence[Example],
         tokenizer: Any | None,
         labels: list[str],
-        hp: Hyperparameters,
+        hp: TrainingHyperparameters,
         warn: Warn = no_warning,
     ) -> list[Features]:
         """Rows to unpadded features, once, before training; `warn` reports what the user
@@ -131,11 +140,11 @@ _KINDS: dict[str, type[TaskKind]] = {}
 
 # Modules that register the built-in kinds; imported lazily by get_task_kind.
 _BUILTIN_MODULES: dict[str, str] = {
-    "classification": "worker.training.classification",
-    "chat": "worker.training.causal_lm",
-    "completion": "worker.training.causal_lm",
-    "text": "worker.training.causal_lm",
-    "tabular": "worker.training.tabular",
+    FORMAT_CLASSIFICATION: "worker.training.classification",
+    FORMAT_CHAT: "worker.training.causal_lm",
+    FORMAT_COMPLETION: "worker.training.causal_lm",
+    FORMAT_TEXT: "worker.training.causal_lm",
+    FORMAT_TABULAR: "worker.training.tabular",
 }
 
 K = TypeVar("K", bound=type[TaskKind])

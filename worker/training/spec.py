@@ -11,7 +11,7 @@ from typing import Any, Protocol
 @dataclass(frozen=True)
 class TrainingSpec:
     job_id: str
-    task: str  # task-kind name in the registry (= the dataset format), e.g. "chat"
+    task: str  # the dataset format (app/core/kinds.py), the task kind's name in the registry
     base_model_dir: Path | None  # a registered base model; None for a model built from scratch
     training_file: Path  # stored, already-validated dataset file
     validation_file: Path | None
@@ -74,7 +74,7 @@ class TrainingResult:
     final_metrics: dict[str, float]  # last evaluation (valid_loss, valid_accuracy, ...)  # noqa: E501
     trained_tokens: int  # non-padding tokens seen in training, all epochs (rows for tabular)
     steps: int
-    model_kind: str  # "classification" | "causal-lm" | "tabular"
+    model_kind: str  # the stored model's kind (app/core/kinds.py)
     adapter: bool  # the stored model is a LoRA adapter of the base, not a full model
 
 
@@ -101,9 +101,11 @@ class TrainingStopped(Exception):
 
 
 @dataclass(frozen=True)
-class Hyperparameters:
+class TrainingHyperparameters:
     """The resolved hyperparameters the loop reads, typed. Keys the loop does not use yet
-    (precision, early_stopping_patience, adapter settings) are ignored here."""
+    (precision, early_stopping_patience, adapter settings) are ignored here. A job's values
+    were resolved when it was created (app/services/hyperparameters.py); these defaults only
+    fill in for a spec built by hand (tests, benchmarks)."""
 
     n_epochs: int = 3  # full passes over the training rows
     batch_size: int = 16  # rows per forward pass (micro-batch)
@@ -118,7 +120,7 @@ class Hyperparameters:
     max_duration: float | None = None  # seconds of training, all attempts, before giving up
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Hyperparameters:
+    def from_dict(cls, values: dict[str, Any]) -> TrainingHyperparameters:
         known = {f.name for f in fields(cls)}
         chosen = {k: v for k, v in values.items() if k in known and v is not None}
         hp = cls(**chosen)

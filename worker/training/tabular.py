@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from app.core.defaults import default_architecture
+from app.core.kinds import FORMAT_TABULAR, KIND_TABULAR
 from app.inference.architectures import ACTIVATIONS, MLP_ARCHITECTURE, build_mlp, load_mlp, save_mlp
 from worker.training.registry import (
     Batch,
@@ -29,18 +31,12 @@ from worker.training.registry import (
     no_warning,
     register,
 )
-from worker.training.spec import Hyperparameters, TrainingSpec
-
-DEFAULT_ARCHITECTURE: dict[str, Any] = {
-    "hidden_sizes": [256, 128],
-    "activation": "relu",
-    "dropout": 0.1,
-}
+from worker.training.spec import TrainingHyperparameters, TrainingSpec
 
 
 def architecture(spec: TrainingSpec) -> dict[str, Any]:
     """The job's architecture over the defaults, checked."""
-    chosen = {**DEFAULT_ARCHITECTURE, **(spec.supervised.get("architecture") or {})}
+    chosen = {**default_architecture(), **(spec.supervised.get("architecture") or {})}
     sizes = chosen["hidden_sizes"]
     if not isinstance(sizes, list) or not all(isinstance(s, int) and s >= 1 for s in sizes):
         raise ValueError(
@@ -67,9 +63,9 @@ def feature_statistics(rows: Sequence[Example]) -> tuple[list[float], list[float
     return mean.float().tolist(), std.float().tolist()
 
 
-@register("tabular")
+@register(FORMAT_TABULAR)
 class Tabular(TaskKind):
-    model_kind = "tabular"
+    model_kind = KIND_TABULAR
 
     def __init__(self) -> None:
         self.config: dict[str, Any] = {}  # config.json of the model, set by prepare
@@ -106,7 +102,7 @@ class Tabular(TaskKind):
         rows: Sequence[Example],
         tokenizer: Any | None,
         labels: list[str],
-        hp: Hyperparameters,
+        hp: TrainingHyperparameters,
         warn: Warn = no_warning,
     ) -> list[Features]:
         size = self.config["input_size"]

@@ -9,7 +9,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import OrgDep, SessionDep, SettingsDep
@@ -191,13 +190,7 @@ def _events_after(
     settings: Settings, job_id: str, last_seq: int
 ) -> tuple[list[JobEvent], str | None]:
     with session_scope(settings.sqlalchemy_url) as session:
-        events = session.scalars(
-            select(JobEvent)
-            .where(JobEvent.job_id == job_id, JobEvent.seq > last_seq)
-            .order_by(JobEvent.seq)
-        ).all()
-        status = session.scalar(select(jobs.Job.status).where(jobs.Job.id == job_id))
-    return list(events), status
+        return jobs.events_after(session, job_id, last_seq)
 
 
 async def _follow_events(settings: Settings, job_id: str) -> AsyncIterator[str]:

@@ -1,0 +1,127 @@
+"""What a training process leaves behind: its checkpoints as it goes, and at the end the
+fine-tuned model with its result file. The training process calls these (``worker/runner.py``);
+every write is conditional on the job still being leased to it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.ids import new_id
+from app.core.storage import Storage
+from app.models import Checkpoint, FineTunedModel, Job, Organization
+from app.services.files import store_result_file
+from app.services.jobs import RUNNING, SUCCEEDED, add_event, fine_tuned_model_name, transition
+
+
+class JobNotOurs(Exception):
+    """The job was paused, cancelled, deleted or taken over before it could be finished."""
+
+
+class TrainedModel(Protocol):
+    """What registration needs from a finished training run (the worker's TrainingResult)."""
+
+    model_kind: str  # the stored model's kind (app/core/kinds.py), not the dataset format
+    labels: list[str]  # class names in id order; [] for generative kinds
+    adapter: bool  # a LoRA adapter of the job's base model, not a full model
+    trained_tokens: int
+    steps: int
+    metrics_history: list[dict[str, float | int]]  # one row of the result CSV each
+
+
+def results_csv(history: list[dict[str, Any]]) -> bytes:
+    """The metrics events of a run as CSV, one column per metric any of them has."""
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return out.getvalue().encode()
+
+
+def register_fine_tuned_model(
+    session: Session,
+    storage: Storage,
+    job_id: str,
+    owner: str,
+    *,
+    model_dir: Path,
+    trained: TrainedModel,
+) -> Path:
+    """Register the model stored in ``model_dir`` and the job's result file, and mark the job
+    succeeded, all in the caller's transaction; raises JobNotOurs unless the job is still
+    running under ``owner``'s lease, so the transaction must then not commit.
+
+    Returns the result file written: the caller removes it if the transaction does not commit.
+    When this raises, it has removed the file itself."""
+    job = session.get(Job, job_id)
+    org = session.get(Organization, job.organization_id) if job else None
+    if job is None or org is None:
+        raise JobNotOurs(job_id)
+    name = fine_tuned_model_name(job, org)
+    results = store_result_file(
+        session, storage, org.id, f"{job_id}-results.csv", results_csv(trained.metrics_history)
+    )
+    written = storage.resolve(results.storage_path)
+    try:
+        session.add(
+            FineTunedModel(
+                id=name,
+                organization_id=org.id,
+                task=trained.model_kind,  # the model kind, not the dataset format
+                base_model=job.model,  # for a LoRA adapter: the base it applies to
+                job_id=job.id,
+                storage_path=storage.relative(model_dir),
+                labels=list(trained.labels) or None,  # generative models have none
+            )
+        )
+        adapter = f" (a LoRA adapter of {job.model})" if trained.adapter else ""
+        add_event(session, job_id, f"New fine-tuned model created: {name}{adapter}")
+        if not transition(
+            session,
+            job_id,
+            to=SUCCEEDED,
+            from_=(RUNNING,),
+            owner=owner,
+            message="The job has successfully completed",
+            fine_tuned_model=name,
+            trained_tokens=trained.trained_tokens,
+            steps_completed=trained.steps,
+            result_files=[results.id],
+            estimated_finish=None,
+        ):
+            raise JobNotOurs(job_id)
+    except BaseException:
+        written.unlink(missing_ok=True)  # stored by a transaction that will not commit
+        raise
+    return written
+
+
+def record_checkpoint(
+    session: Session, job_id: str, step: int, storage_path: str, metrics: dict[str, float]
+) -> None:
+    """Record a complete checkpoint at ``storage_path``; once per (job, step): a step
+    checkpointed again after a restart keeps its first row (the files were rewritten)."""
+    known = session.scalar(
+        select(Checkpoint.id).where(Checkpoint.job_id == job_id, Checkpoint.step_number == step)
+    )
+    if known is not None:
+        return
+    session.add(
+        Checkpoint(
+            id=new_id("ftckpt"),
+            job_id=job_id,
+            step_number=step,
+            metrics={"step": step, **metrics},
+            storage_path=storage_path,
+        )
+    )
+    session.flush()
