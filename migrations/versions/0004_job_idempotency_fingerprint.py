@@ -1,8 +1,8 @@
 """jobs: idempotency_fingerprint, the request an Idempotency-Key was first used with
 
-Revision ID: 0003_idempotency
+Revision ID: 0004
 Revises: 0003
-Create Date: 2026-12-08 10:00:00.000000
+Create Date: 2026-11-30 17:00:00.000000
 """
 
 from collections.abc import Sequence
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_idempotency"
+revision: str = "0004"
 down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
