@@ -1,4 +1,4 @@
-"""Dataset formats beyond classification (app/services/datasets.py): chat, completion, text
+"""Dataset formats beyond classification (app/services/datasets/): chat, completion, text
 (JSONL rows or a plain .txt file) and tabular (JSONL, CSV, Parquet). Each bad row is refused with
 its line (or Parquet row) number and, in words, what is wrong; an upload that fails stores
 nothing."""

@@ -1,0 +1,28 @@
+"""What a file must keep to, filled from the server's settings by the upload route."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.core.settings import Settings
+
+DEFAULT_MAX_LINE_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DatasetLimits:
+    """What a file must keep to. The defaults accept any non-empty file with lines up to 1 MiB;
+    the upload route passes the server's settings (``max_dataset_line_bytes``,
+    ``min_dataset_rows``, ``min_examples_per_label``)."""
+
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    min_rows: int = 1
+    min_examples_per_label: int = 1
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DatasetLimits:
+        return cls(
+            max_line_bytes=settings.max_dataset_line_bytes,
+            min_rows=settings.min_dataset_rows,
+            min_examples_per_label=settings.min_examples_per_label,
+        )

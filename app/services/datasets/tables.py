@@ -1,0 +1,119 @@
+"""Tables (CSV, TSV, and Parquet's rows): how a table row becomes a dataset row, and the CSV
+reader."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from app.services.datasets.errors import DatasetError
+from app.services.datasets.lines import decoded_lines
+
+# Fields of a CSV cell are unbounded by default in spirit, but the csv module caps them.
+csv.field_size_limit(16 * 1024 * 1024)
+
+# Columns that mark a table as something other than numeric features plus a label.
+_NON_FEATURE_COLUMNS = {"text", "features", "messages", "prompt", "completion"}
+
+
+def _table_cell_number(column: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(
+                f"column '{column}' must be a number, got {value!r} (a table of features has "
+                "numeric columns and a 'label' column)"
+            ) from None
+    if value is None:
+        raise ValueError(f"column '{column}' is empty")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"column '{column}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _parse_features_cell(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise ValueError(
+            f"field 'features' must be a JSON array of numbers, got {value[:40]!r}"
+        ) from None
+
+
+def _is_number_cell(value: Any) -> bool:
+    try:
+        _table_cell_number("", value)
+    except ValueError:
+        return False
+    return True
+
+
+class TableShaper:
+    """How a CSV or Parquet row becomes a dataset row: a ``features`` column holding a (JSON)
+    array; or numeric columns gathered into ``features`` beside ``label`` (when the first row's
+    cells besides ``label`` are all numbers); otherwise the row as it is."""
+
+    def __init__(self, header: list[str]):
+        self.columns = [name for name in header if name != "label"]
+        self.has_array = "features" in header
+        # Only a table with a label and no column another format names can be numeric columns;
+        # for one that can, the first row decides (None until then).
+        possible = "label" in header and self.columns and not _NON_FEATURE_COLUMNS & set(header)
+        self.from_columns: bool | None = None if possible else False
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        if self.has_array:
+            return {**row, "features": _parse_features_cell(row["features"])}
+        if self.from_columns is None:
+            self.from_columns = all(_is_number_cell(row[name]) for name in self.columns)
+        if not self.from_columns:
+            return row
+        features = [_table_cell_number(name, row[name]) for name in self.columns]
+        return {"features": features, "label": row["label"]}
+
+
+def csv_rows(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
+    lines = decoded_lines(path, max_line_bytes)
+    numbers: list[int] = []
+
+    def texts() -> Iterator[str]:
+        for number, line in lines:
+            numbers.append(number)
+            yield line
+
+    # The header is the first line that is not blank.
+    header_line = next((line for line in texts() if line.strip()), None)
+    if header_line is None:
+        return
+    delimiter = "\t" if "\t" in header_line and "," not in header_line else ","
+    header = next(csv.reader([header_line], delimiter=delimiter))
+    header = [name.strip() for name in header]
+    if len(set(header)) != len(header):
+        raise DatasetError("the header repeats a column name", numbers[-1])
+    shape = TableShaper(header)
+    reader = csv.reader(texts(), delimiter=delimiter, strict=True)
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DatasetError(f"not valid CSV ({exc})", numbers[-1] if numbers else 1) from None
+        if not cells or all(not cell.strip() for cell in cells):
+            continue
+        if len(cells) != len(header):
+            raise DatasetError(
+                f"expected {len(header)} columns as in the header, got {len(cells)}", numbers[-1]
+            )
+        try:
+            row = shape(dict(zip(header, cells, strict=True)))
+        except ValueError as exc:
+            raise DatasetError(str(exc), numbers[-1]) from None
+        yield numbers[-1], row
