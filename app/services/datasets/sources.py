@@ -9,6 +9,7 @@ from typing import Any
 
 from app.services.datasets.errors import DatasetError
 from app.services.datasets.jsonl import is_json_object, is_jsonl, jsonl_rows
+from app.services.datasets.limits import DatasetLimits
 from app.services.datasets.lines import first_line
 from app.services.datasets.parquet import is_parquet, parquet_rows
 from app.services.datasets.plain_text import paragraph_rows
@@ -26,10 +27,11 @@ class Source:
 
 
 def open_source(
-    path: Path, fmt: str | None, filename_hint: str | None, max_line_bytes: int
+    path: Path, fmt: str | None, filename_hint: str | None, limits: DatasetLimits
 ) -> Source:
     if is_parquet(path):
-        return Source("row", parquet_rows(path))
+        return Source("row", parquet_rows(path, limits))
+    max_line_bytes = limits.max_line_bytes
     first = first_line(path, max_line_bytes)
     if first is None:
         raise DatasetError("the file is empty")

@@ -38,7 +38,7 @@ def _checked_rows(
     path: Path, fmt: str | None, filename_hint: str | None, limits: DatasetLimits
 ) -> Iterator[_Checked]:
     expected = format_named(fmt) if fmt else None
-    source = open_source(path, fmt, filename_hint, limits.max_line_bytes)
+    source = open_source(path, fmt, filename_hint, limits)
     for number, raw in source.rows:
         try:
             expected, row = check_row(raw, expected)
