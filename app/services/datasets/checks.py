@@ -22,6 +22,13 @@ def type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error message quotes a user's value
+    without growing to the size of a line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _require_keys(row: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
     """Every one of ``keys`` present, and nothing else."""
     for key in keys:
@@ -70,13 +77,13 @@ def _check_message(index: int, message: Any) -> dict[str, Any]:
         )
     role, content = message["role"], message["content"]
     if role not in CHAT_ROLES:
-        shown = repr(role) if isinstance(role, str) else type_name(role)
-        raise ValueError(f"{where}: unknown role {shown} (use one of {', '.join(CHAT_ROLES)})")
+        named = shown(role) if isinstance(role, str) else type_name(role)
+        raise ValueError(f"{where}: unknown role {named} (use one of {', '.join(CHAT_ROLES)})")
     if not isinstance(content, str):
         raise ValueError(f"{where}: field 'content' must be a string, got {type_name(content)}")
     weight = message.get("weight", 1)
     if isinstance(weight, bool) or weight not in (0, 1):
-        raise ValueError(f"{where}: field 'weight' must be 0 or 1, got {weight!r}")
+        raise ValueError(f"{where}: field 'weight' must be 0 or 1, got {shown(weight)}")
     return {"role": role, "content": content, "weight": int(weight)}
 
 
@@ -115,7 +122,7 @@ def _check_feature(index: int, value: Any) -> float:
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise ValueError(f"features[{index}] must be a finite number, got {value!r}")
+        raise ValueError(f"features[{index}] must be a finite number, got {shown(value)}")
     return number
 
 

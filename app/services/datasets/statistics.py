@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from app.services.datasets.checks import CHAT_ROLES
+from app.services.datasets.checks import CHAT_ROLES, shown
 from app.services.datasets.errors import DatasetError
 from app.services.datasets.limits import DatasetLimits
 
@@ -69,7 +69,7 @@ class LabelCounts:
         """The counts, sorted by label; raises when fewer than 2 labels, or a label with fewer
         examples than ``limits.min_examples_per_label`` (at the line it first occurs)."""
         if len(self.counts) < 2:
-            only = ", ".join(repr(label) for label in self.counts)
+            only = ", ".join(shown(label) for label in self.counts)
             raise ValueError(
                 f"a classifier needs at least 2 distinct labels, found {len(self.counts)} ({only})"
             )
@@ -80,7 +80,7 @@ class LabelCounts:
             count = self.counts[label]
             seen = "only once" if count == 1 else f"only {count} times"
             raise DatasetError(
-                f"label {label!r} is seen {seen} in the file; each label needs at least "
+                f"label {shown(label)} is seen {seen} in the file; each label needs at least "
                 f"{needed} examples (min_examples_per_label)",
                 self.first_seen[label],
             )

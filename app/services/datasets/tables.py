@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from app.services.datasets.checks import shown
 from app.services.datasets.errors import DatasetError
+from app.services.datasets.jsonl import parse_json
 from app.services.datasets.lines import decoded_lines
 
 # Fields of a CSV cell are unbounded by default in spirit, but the csv module caps them.
@@ -26,13 +28,13 @@ def _table_cell_number(column: str, value: Any) -> float:
             value = float(value.strip())
         except ValueError:
             raise ValueError(
-                f"column '{column}' must be a number, got {value!r} (a table of features has "
+                f"column '{column}' must be a number, got {shown(value)} (a table of features has "
                 "numeric columns and a 'label' column)"
             ) from None
     if value is None:
         raise ValueError(f"column '{column}' is empty")
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"column '{column}' must be a finite number, got {value!r}")
+        raise ValueError(f"column '{column}' must be a finite number, got {shown(value)}")
     return float(value)
 
 
@@ -40,10 +42,10 @@ def _parse_features_cell(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        return json.loads(value)
+        return parse_json(value)  # ValueError(reason) for JSON nested too deeply, or a huge number
     except json.JSONDecodeError:
         raise ValueError(
-            f"field 'features' must be a JSON array of numbers, got {value[:40]!r}"
+            f"field 'features' must be a JSON array of numbers, got {shown(value)}"
         ) from None
 
 
