@@ -1,0 +1,160 @@
+"""Datasets that answered 500 or cost too much (issue 9, A10), uploaded as a user would: each
+gets a 400 in OpenAI's error envelope naming the line, and nothing is stored."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.support import jsonl, sentiment_rows
+from tests.test_bad_input import assert_error, changes_nothing
+
+GOOD = {"text": "the film was great", "label": "positive"}
+OTHER = {"text": "the film was awful", "label": "negative"}
+
+
+def refused(api, content: bytes, name: str, words: str) -> str:  # type: ignore[no-untyped-def]
+    """Upload ``content`` as ``name``; assert a 400 naming the file and ``words``, with nothing
+    stored; return the message."""
+    with changes_nothing(api):
+        response = api.client.post(
+            "/v1/files",
+            headers=api.headers(),
+            files={"file": (name, content, "application/octet-stream")},
+            data={"purpose": "fine-tune"},
+        )
+        error = assert_error(response, 400, param="file", words=words)
+    assert error["code"] == "invalid_file"
+    assert error["type"] == "invalid_request_error"
+    message = str(error["message"])
+    assert message.startswith(f"Invalid file '{name}': "), message
+    assert len(message) < 500, message  # it quotes the user's value, never the line
+    return message
+
+
+def good_lines(*rows: object) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+# ---- JSON the json module cannot read ----------------------------------------------------------
+
+DEEP = 100_000
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "[" * DEEP + "]" * DEEP,
+        '{"a": ' * DEEP + "1" + "}" * DEEP,
+        '{"text": "x", "label": ' + "[" * DEEP + "]" * DEEP + "}",
+        # Not even closed: still refused by its depth, not by a RecursionError.
+        "[" * DEEP,
+    ],
+    ids=["arrays", "objects", "inside-a-row", "unclosed"],
+)
+def test_a_deeply_nested_line_is_refused_by_its_line(api, line: str) -> None:  # type: ignore[no-untyped-def]
+    content = good_lines(GOOD, OTHER) + line.encode() + b"\n" + good_lines(GOOD)
+    message = refused(api, content, "train.jsonl", "line 3: the JSON nests deeper than 64 levels")
+    assert "64" in message
+
+
+def test_nesting_within_the_depth_limit_is_read_as_json(api) -> None:  # type: ignore[no-untyped-def]
+    """Sixty levels are JSON like any other: the row is refused for its shape, not its depth;
+    brackets inside strings do not count."""
+    content = good_lines(GOOD, {"text": "[" * 5000, "label": "x"}) + (
+        b'{"text": "x", "label": ' + b"[" * 60 + b"]" * 60 + b"}\n"
+    )
+    refused(api, content, "train.jsonl", "line 3: field 'label' must be a string or an integer")
+
+
+def test_a_deeply_nested_first_line_of_a_text_file(api) -> None:  # type: ignore[no-untyped-def]
+    """A .txt whose first line looks like JSON is asked whether it is JSONL: that question
+    must not fail either. Plain text it is, and its one paragraph is a fine row."""
+    content = ("[" * DEEP).encode() + b"\n\nsecond paragraph\n"
+    response = api.client.post(
+        "/v1/files",
+        headers=api.headers(),
+        files={"file": ("notes.txt", content, "text/plain")},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
+    assert (response.json()["format"], response.json()["stats"]["rows"]) == ("text", 2)
+
+
+def test_an_integer_of_4301_digits_is_refused_by_its_line(api) -> None:  # type: ignore[no-untyped-def]
+    huge = "7" * 4301
+    content = good_lines(GOOD, OTHER, GOOD) + f'{{"text": "x", "label": {huge}}}\n'.encode()
+    message = refused(api, content, "train.jsonl", "line 4: a number has more than 4300 digits")
+    assert huge not in message
+
+
+def test_an_integer_within_the_limit_is_a_label(api) -> None:  # type: ignore[no-untyped-def]
+    content = good_lines(GOOD, OTHER, {"text": "x", "label": int("7" * 4300)})
+    response = api.client.post(
+        "/v1/files",
+        headers=api.headers(),
+        files={"file": ("train.jsonl", content, "application/octet-stream")},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("cell", "words"),
+    [
+        ("[" + "7" * 4301 + "]", "line 3: a number has more than 4300 digits"),
+        ("[" * DEEP + "]" * DEEP, "line 3: the JSON nests deeper than 64 levels"),
+    ],
+    ids=["huge-integer", "deep"],
+)
+def test_a_csv_features_cell_is_read_the_same_way(api, cell: str, words: str) -> None:  # type: ignore[no-untyped-def]
+    content = f'features,label\n"[1, 2]",a\n"{cell}",b\n"[3, 4]",a\n'.encode()
+    refused(api, content, "train.csv", words)
+
+
+def test_a_csv_number_cell_of_4301_digits_is_a_number_too_large(api) -> None:  # type: ignore[no-untyped-def]
+    """float() reads any number of digits: the cell is refused as not finite, and the message
+    does not quote all of it."""
+    content = f"f0,f1,label\n1,2,a\n3,{'9' * 4301},b\n".encode()
+    refused(api, content, "train.csv", "line 3: column 'f1' must be a finite number, got inf")
+
+
+# ---- plain text: a paragraph is a row ----------------------------------------------------------
+
+
+def test_a_text_file_without_blank_lines_is_not_one_huge_row(api) -> None:  # type: ignore[no-untyped-def]
+    """3 MB of text with no blank line after a first paragraph: the second paragraph passes
+    the row limit (1 MiB, max_dataset_line_bytes) and is refused at the line it starts on."""
+    assert api.settings.max_dataset_line_bytes == 1024 * 1024
+    line = ("all work and no play makes a dull model " * 2).strip() + "\n"
+    content = b"a first short paragraph\nof two lines\n\n" + line.encode() * 40_000
+    assert len(content) > 3_000_000
+    message = refused(api, content, "book.txt", "line 4: the paragraph starting at this line")
+    assert "longer than 1048576 bytes" in message
+    assert "max_dataset_line_bytes" in message
+
+
+def test_paragraphs_within_the_limit_are_rows(api) -> None:  # type: ignore[no-untyped-def]
+    line = "x" * 999 + "\n"
+    paragraph = line.encode() * 1000  # 1,000,000 bytes with its newlines: under 1 MiB
+    content = paragraph + b"\n" + paragraph
+    response = api.client.post(
+        "/v1/files",
+        headers=api.headers(),
+        files={"file": ("book.txt", content, "text/plain")},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["stats"]["rows"] == 2
+    assert response.json()["stats"]["text_chars"]["max"] == 999_999
+
+
+def test_a_jsonl_of_sentiment_rows_is_untouched(api) -> None:  # type: ignore[no-untyped-def]
+    response = api.client.post(
+        "/v1/files",
+        headers=api.headers(),
+        files={"file": ("t.jsonl", jsonl(sentiment_rows(20, seed=3)), "application/json")},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
