@@ -158,3 +158,123 @@ def test_a_jsonl_of_sentiment_rows_is_untouched(api) -> None:  # type: ignore[no
         data={"purpose": "fine-tune"},
     )
     assert response.status_code == 200, response.text
+
+
+# ---- labels: a file object stays small ---------------------------------------------------------
+
+
+def labelled(labels: list[str]) -> bytes:
+    return jsonl({"text": f"example {i}", "label": label} for i, label in enumerate(labels))
+
+
+def test_stats_list_the_most_frequent_labels_and_count_the_rest(api) -> None:  # type: ignore[no-untyped-def]
+    """5,000 distinct labels: the file object lists 100 of them (the most frequent) with the
+    number of distinct labels, and stays a few kilobytes in the listing too."""
+    labels = [f"label-{i:04d}" for i in range(5000)] + ["label-4999"] * 3 + ["label-2500"] * 2
+    response = api.client.post(
+        "/v1/files",
+        headers=api.headers(),
+        files={"file": ("train.jsonl", labelled(labels), "application/octet-stream")},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
+    assert len(response.content) < 8 * 1024, len(response.content)
+    stats = response.json()["stats"]
+    assert (stats["rows"], stats["distinct_labels"], stats["label_counts_truncated"]) == (
+        5005,
+        5000,
+        True,
+    )
+    counts = stats["label_counts"]
+    assert len(counts) == 100
+    # The most frequent first, then ties in label order.
+    assert counts["label-4999"] == 4 and counts["label-2500"] == 3
+    assert list(counts) == sorted(counts)
+    assert set(counts) == {"label-4999", "label-2500"} | {f"label-{i:04d}" for i in range(98)}
+    listing = api.client.get("/v1/files", headers=api.headers())
+    assert len(listing.content) < 8 * 1024
+    assert listing.json()["data"][0]["stats"] == stats
+
+
+def test_long_labels_are_listed_within_a_byte_budget(api) -> None:  # type: ignore[no-untyped-def]
+    labels = [f"{i:03d}" + "x" * 2000 for i in range(40)]
+    response = api.client.post(
+        "/v1/files",
+        headers=api.headers(),
+        files={"file": ("train.jsonl", labelled(labels), "application/octet-stream")},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
+    stats = response.json()["stats"]
+    assert (stats["distinct_labels"], stats["label_counts_truncated"]) == (40, True)
+    assert len(stats["label_counts"]) == 8  # 8 names of 2,003 bytes fit in 16 KiB
+    assert len(response.content) < 20 * 1024
+
+
+def test_few_labels_are_all_listed(api) -> None:  # type: ignore[no-untyped-def]
+    response = api.client.post(
+        "/v1/files",
+        headers=api.headers(),
+        files={"file": ("t.jsonl", labelled(["a", "b", "b", "c"]), "application/octet-stream")},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
+    stats = response.json()["stats"]
+    assert stats["label_counts"] == {"a": 1, "b": 2, "c": 1}
+    assert (stats["distinct_labels"], stats["label_counts_truncated"]) == (3, False)
+
+
+def test_300k_distinct_labels_are_refused_at_the_label_past_the_limit(api) -> None:  # type: ignore[no-untyped-def]
+    """The issue's file: 300,000 distinct labels put 4.5 MB of stats into every listing. A
+    file may hold max_dataset_labels (10,000) distinct labels: the next is refused at its
+    line."""
+    content = labelled([f"l{i}" for i in range(300_000)])
+    refused(
+        api,
+        content,
+        "train.jsonl",
+        "line 10001: label 'l10000' is one label too many: a file may hold at most 10000 "
+        "distinct labels (max_dataset_labels)",
+    )
+
+
+def test_the_label_limit_applies_to_tabular_files(api, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    rows = [{"features": [i, i + 1], "label": i % 7} for i in range(20)]
+    content = jsonl(rows)
+    from app.core.settings import Settings
+    from app.services.datasets import DatasetLimits, validate_dataset
+
+    monkeypatch.setenv("TUNEHOUSE_MAX_DATASET_LABELS", "5")
+    limits = DatasetLimits.from_settings(Settings(_env_file=None))  # type: ignore[call-arg]
+    assert limits.max_labels == 5
+    path = api.settings.data_dir / "tabular.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"^line 6: label '5' is one label too many"):
+        validate_dataset(path, limits=limits)
+
+
+def test_a_job_checks_validation_labels_against_every_training_label(api) -> None:  # type: ignore[no-untyped-def]
+    """The stats list 100 labels, but the job's check compares the full sets (read afresh):
+    a validation label past the first 100 is known; one the training file lacks fails the
+    job."""
+    from tests.test_jobs_api import create, retrieve
+
+    def upload(labels: list[str]) -> str:
+        response = api.client.post(
+            "/v1/files",
+            headers=api.headers(),
+            files={"file": ("t.jsonl", labelled(labels), "application/octet-stream")},
+            data={"purpose": "fine-tune"},
+        )
+        assert response.status_code == 200, response.text
+        return str(response.json()["id"])
+
+    training = upload([f"label-{i:03d}" for i in range(150)] * 2)
+    late = upload(["label-120", "label-149"])
+    unseen = upload(["label-120", "label-150"])
+    fine = retrieve(api, create(api, training, validation_file=late).json()["id"])
+    assert fine["status"] == "queued", fine
+    failed = retrieve(api, create(api, training, validation_file=unseen).json()["id"])
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "invalid_validation_file"
+    assert "['label-150']" in failed["error"]["message"]

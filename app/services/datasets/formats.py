@@ -9,6 +9,7 @@ from typing import Any
 
 from app.services.datasets import checks
 from app.services.datasets.errors import DatasetError
+from app.services.datasets.limits import DatasetLimits
 from app.services.datasets.statistics import (
     ChatStats,
     ClassificationStats,
@@ -19,6 +20,7 @@ from app.services.datasets.statistics import (
 )
 
 RowChecker = Callable[[dict[str, Any]], dict[str, Any]]
+StatsFactory = Callable[[DatasetLimits], FormatStats]
 
 
 @dataclass(frozen=True)
@@ -26,14 +28,14 @@ class RowFormat:
     name: str  # also the task kind that trains on it
     keys: frozenset[str]  # the keys that identify the format
     check: RowChecker  # returns the normalised row or raises ValueError(reason)
-    stats: Callable[[], FormatStats] = FormatStats
+    stats: StatsFactory = FormatStats  # called with the file's limits
 
 
 FORMATS: dict[str, RowFormat] = {}
 
 
 def register_format(
-    name: str, keys: set[str], stats: Callable[[], FormatStats] = FormatStats
+    name: str, keys: set[str], stats: StatsFactory = FormatStats
 ) -> Callable[[RowChecker], RowChecker]:
     def decorate(check: RowChecker) -> RowChecker:
         FORMATS[name] = RowFormat(name, frozenset(keys), check, stats)

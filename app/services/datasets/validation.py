@@ -19,11 +19,8 @@ from app.services.datasets.statistics import FormatStats
 class DatasetInfo:
     format: str
     rows: int
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def labels(self) -> list[str]:
-        return sorted(self.stats.get("label_counts", {}))
+    stats: dict[str, Any] = field(default_factory=dict)  # what the file object shows (bounded)
+    labels: list[str] = field(default_factory=list)  # every label, sorted (stats lists a few)
 
 
 @dataclass(frozen=True)
@@ -63,7 +60,7 @@ def validate_dataset(
     fmt_name, unit = "", "line"
     for checked in _checked_rows(path, fmt, filename_hint, limits):
         if stats is None:
-            stats, fmt_name, unit = checked.format.stats(), checked.format.name, checked.unit
+            stats, fmt_name, unit = checked.format.stats(limits), checked.format.name, checked.unit
         try:
             stats.add(checked.row, checked.number)
         except ValueError as exc:
@@ -76,12 +73,12 @@ def validate_dataset(
             f"{limits.min_rows} (min_dataset_rows)"
         )
     try:
-        summary = stats.result(limits)
+        summary = stats.result()
     except DatasetError as exc:
         raise DatasetError(exc.reason, exc.line, unit) from None
     except ValueError as exc:
         raise DatasetError(str(exc)) from None
-    return DatasetInfo(format=fmt_name, rows=stats.rows, stats=summary)
+    return DatasetInfo(fmt_name, stats.rows, summary, stats.labels())
 
 
 def iter_examples(
