@@ -8,20 +8,26 @@ from __future__ import annotations
 import errno
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from app.core.db import session_scope
+from app.core.migrate import upgrade
 from app.core.process import local_owner_prefix
 from app.core.storage import TMP_MAX_AGE_SECONDS, Storage
 from app.main import create_app
+from app.services import keys
 from tests.conftest import make_settings
 from tests.support import ROOT, jsonl, sentiment_rows
 from tests.test_bad_input import assert_error, changes_nothing
+from tests.test_uploads import BOUNDARY, Server, multipart, read_response
 
 
 class FullDisk(io.FileIO):
@@ -181,3 +187,87 @@ def test_the_sweep_removes_what_no_live_process_owns(tmp_path: Path) -> None:
     assert {p for p in tmp.iterdir()} == {mine, elsewhere, unowned_fresh}
     for path in (gone, unowned_old, elsewhere_old, old_folder):
         assert not path.exists()
+
+
+# ---- concurrent uploads on one storage -----------------------------------------------------------
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    settings = make_settings(tmp_path / "data")
+    upgrade(settings.sqlalchemy_url)
+    with session_scope(settings.sqlalchemy_url) as session:
+        key = keys.create_key(session, "org-a").key
+    with Server(settings, key) as running:
+        yield running
+
+
+def test_another_process_starting_mid_upload_leaves_the_upload_alone(server: Server) -> None:
+    """A second API process starts on the same storage while an upload is half received: its
+    sweep keeps the upload's temporary file, and the upload completes."""
+    content = jsonl(sentiment_rows(40, seed=6))
+    payload = multipart(content, b"train.jsonl")
+    head = server.request_head(f"Content-Length: {len(payload)}\r\n")
+    tmp = Storage(server.settings.storage_root).tmp_dir
+    half = len(payload) // 2
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + payload[:half])
+        deadline = time.monotonic() + 30
+        while not list(tmp.iterdir()):
+            assert time.monotonic() < deadline, "the upload never reached the disk"
+            time.sleep(0.05)
+        env = {**os.environ, "TUNEHOUSE_DATA_DIR": str(server.settings.data_dir)}
+        started = subprocess.run(
+            [sys.executable, "-c", "from app.main import create_app; create_app()"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert started.returncode == 0, started.stderr[-2000:]
+        assert len(list(tmp.iterdir())) == 1
+        sock.sendall(payload[half:])
+        status, body = read_response(sock)
+    assert status == 200, body
+    assert body["bytes"] == len(content)
+    assert list(tmp.iterdir()) == []
+
+
+def test_concurrent_uploads_good_and_bad_leave_nothing_in_tmp(server: Server) -> None:
+    """Twelve clients at once: good files, bad datasets, forms with too many fields, bodies cut
+    off mid-file. The good ones are stored; nothing else is left anywhere."""
+    good = jsonl(sentiment_rows(30, seed=7))
+    bad = good + b'{"text": "x", "label": ' + b"[" * 1000 + b"\n"
+    too_many = b"".join(
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nv\r\n'.encode()
+        for i in range(40)
+    ) + multipart(good, b"t.jsonl")
+
+    def send(kind: str) -> int:
+        payload = {
+            "good": multipart(good, b"t.jsonl"),
+            "bad": multipart(bad, b"t.jsonl"),
+            "fields": too_many,
+            "cut": multipart(good, b"t.jsonl")[:-200],
+        }[kind]
+        if kind == "cut":  # the client leaves before the body ends
+            head = server.request_head(f"Content-Length: {len(payload) + 200}\r\n")
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                sock.sendall(head + payload)
+            return 0
+        head = server.request_head(f"Content-Length: {len(payload)}\r\n")
+        status, _, _ = server.send(head, iter([payload]))
+        return status
+
+    kinds = ["good", "bad", "fields", "cut"] * 3
+    with ThreadPoolExecutor(max_workers=len(kinds)) as pool:
+        statuses = list(pool.map(send, kinds))
+    assert statuses == [200, 400, 400, 0] * 3
+    tmp = Storage(server.settings.storage_root).tmp_dir
+    deadline = time.monotonic() + 30  # the cut-off bodies end when the server sees them go
+    while list(tmp.iterdir()):
+        assert time.monotonic() < deadline, list(tmp.iterdir())
+        time.sleep(0.1)
+    stored = list((server.settings.storage_root / "files").iterdir())
+    assert len(stored) == 3
