@@ -160,6 +160,27 @@ def test_a_jsonl_of_sentiment_rows_is_untouched(api) -> None:  # type: ignore[no
     assert response.status_code == 200, response.text
 
 
+def test_a_csv_row_spanning_lines_keeps_to_the_row_limit(api) -> None:  # type: ignore[no-untyped-def]
+    """A quoted cell may span lines; the row it makes is refused past the row limit, at the
+    line it starts on (a quote left open used to take up to 16 MiB into one row)."""
+    long_cell = "\n".join(["a line of a very long review"] * 80_000)  # ~2.3 MB
+    content = f'text,label\n"fine",a\n"{long_cell}",b\n"also fine",a\n'.encode()
+    message = refused(api, content, "train.csv", "line 3: the row starting at this line")
+    assert "longer than 1048576 bytes" in message
+
+
+def test_a_csv_row_spanning_a_few_lines_is_fine(api) -> None:  # type: ignore[no-untyped-def]
+    content = b'text,label\n"two\nlines",a\n"one line",b\n'
+    response = api.client.post(
+        "/v1/files",
+        headers=api.headers(),
+        files={"file": ("train.csv", content, "text/csv")},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["stats"]["rows"] == 2
+
+
 # ---- labels: a file object stays small ---------------------------------------------------------
 
 

@@ -81,13 +81,37 @@ class TableShaper:
         return {"features": features, "label": row["label"]}
 
 
+class _Record:
+    """The lines of the CSV record being read: a quoted cell may span lines, and the record,
+    like a line, keeps to the row limit."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.start, self.size = 0, 0
+
+    def begin(self) -> None:
+        self.start, self.size = 0, 0
+
+    def add(self, number: int, line: str) -> None:
+        self.start = self.start or number
+        self.size += len(line.encode("utf-8")) + 1
+        if self.size > self.max_bytes + 1:  # the last line's end is not the record's
+            raise DatasetError(
+                f"the row starting at this line is longer than {self.max_bytes} bytes, this "
+                "server's limit (max_dataset_line_bytes); is a quote left open?",
+                self.start,
+            )
+
+
 def csv_rows(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
     lines = decoded_lines(path, max_line_bytes)
     numbers: list[int] = []
+    record = _Record(max_line_bytes)
 
     def texts() -> Iterator[str]:
         for number, line in lines:
             numbers.append(number)
+            record.add(number, line)
             yield line
 
     # The header is the first line that is not blank.
@@ -102,6 +126,7 @@ def csv_rows(path: Path, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
     shape = TableShaper(header)
     reader = csv.reader(texts(), delimiter=delimiter, strict=True)
     while True:
+        record.begin()
         try:
             cells = next(reader)
         except StopIteration:
