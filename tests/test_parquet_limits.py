@@ -55,9 +55,11 @@ def refusal(tmp_path: Path, content: bytes, limits: DatasetLimits | None = None)
 
 
 # The API in a process of its own, so that its peak memory is the upload's alone: a small
-# Parquet upload first (imports and pools warmed), then the bomb, measured by ru_maxrss.
+# Parquet upload first (imports and pools warmed), then the bomb, then four bombs at once,
+# measured by ru_maxrss (the process's peak resident memory).
 PROBE = """
 import json, resource, sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from fastapi.testclient import TestClient
 from app.core.db import session_scope
@@ -87,10 +89,15 @@ with TestClient(create_app(settings)) as client:
     before = peak_mb()
     response = upload(bomb_path)
     growth = peak_mb() - before
+    # Then four at once: each is bounded, so together they are too.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda _: upload(bomb_path).status_code, range(4)))
+    growth_together = peak_mb() - before
     after = sorted(str(p) for p in settings.storage_root.rglob("*") if p.is_file())
     listed = client.get("/v1/files", headers=headers).json()["data"]
 print(json.dumps({
     "status": response.status_code, "body": response.json(), "growth_mb": growth,
+    "together": together, "growth_together_mb": growth_together,
     "stored_same": stored == after, "listed": len(listed),
 }))
 """
@@ -132,7 +139,12 @@ def test_the_939_byte_bomb_is_refused_by_its_row_with_memory_to_spare(tmp_path: 
     assert outcome["stored_same"] and outcome["listed"] == 1, outcome
     # Before the fix the upload grew the process by ~480 MB (32 x 8 MiB, twice over).
     assert outcome["growth_mb"] < 100, outcome
-    print(f"peak memory growth of the bomb's upload: {outcome['growth_mb']:.0f} MB")
+    assert outcome["together"] == [400] * 4, outcome
+    assert outcome["growth_together_mb"] < 200, outcome
+    print(
+        f"peak memory growth: one bomb {outcome['growth_mb']:.0f} MB, "
+        f"four at once {outcome['growth_together_mb']:.0f} MB"
+    )
 
 
 def test_a_bomb_without_dictionaries_is_refused_from_the_footer(tmp_path: Path) -> None:
