@@ -124,6 +124,20 @@ def _dictionary_columns(schema: pq.ParquetSchema) -> list[str]:
 # ---- while reading: each row's size in Arrow ---------------------------------------------------
 
 
+def _is_string_kind(kind: pa.DataType) -> bool:
+    import pyarrow as pa
+
+    return any(
+        check(kind)
+        for check in (
+            pa.types.is_string,
+            pa.types.is_large_string,
+            pa.types.is_binary,
+            pa.types.is_large_binary,
+        )
+    )
+
+
 def _cell_bytes(array: pa.Array) -> np.ndarray:
     """The bytes each cell of ``array`` holds decoded (strings by their UTF-8 bytes, lists and
     structs by the sum of their parts), without turning any into Python objects."""
@@ -140,10 +154,9 @@ def _cell_bytes(array: pa.Array) -> np.ndarray:
         sizes = values[indices]
         sizes[~pc.is_valid(array).to_numpy(zero_copy_only=False)] = 0
         return sizes
-    if pa.types.is_string(kind) or pa.types.is_binary(kind) or pa.types.is_large_string(kind):
-        return _filled(pc.binary_length(array))
-    if pa.types.is_large_binary(kind):
-        return _filled(pc.binary_length(array))
+    if _is_string_kind(kind):
+        lengths = pc.fill_null(pc.binary_length(array), 0)
+        return lengths.cast("int64").to_numpy(zero_copy_only=False)
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
         parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
         children = _cell_bytes(array.flatten())
@@ -159,12 +172,6 @@ def _cell_bytes(array: pa.Array) -> np.ndarray:
     except ValueError:  # another variable-width type: its share of the buffers
         width = max(1, array.nbytes // max(count, 1))
     return np.full(count, width, dtype=np.int64)
-
-
-def _filled(lengths: pa.Array) -> np.ndarray:
-    import pyarrow.compute as pc
-
-    return pc.fill_null(lengths, 0).cast("int64").to_numpy(zero_copy_only=False)
 
 
 def _row_bytes(batch: pa.RecordBatch) -> np.ndarray:
@@ -238,18 +245,27 @@ def _open(path: Path, limits: DatasetLimits) -> tuple[pq.ParquetFile, int]:
     except ImportError:  # pragma: no cover - pyarrow is installed with the server
         raise DatasetError("reading Parquet files needs pyarrow on the server") from None
     try:
-        metadata = pq.ParquetFile(path).metadata
+        with pq.ParquetFile(path) as footer:
+            metadata = footer.metadata
         widest = _check_metadata(metadata, limits)
-        parquet = pq.ParquetFile(path, read_dictionary=_dictionary_columns(metadata.schema))
+        dictionaries = _dictionary_columns(metadata.schema)
+        parquet = pq.ParquetFile(path, metadata=metadata, read_dictionary=dictionaries)
     except (pyarrow.ArrowException, OSError) as exc:
         raise DatasetError(f"not a valid Parquet file ({exc})") from None
     return parquet, max(1, min(PARQUET_BATCH_ROWS, BATCH_BYTES // widest))
 
 
 def parquet_rows(path: Path, limits: DatasetLimits) -> Iterator[tuple[int, Any]]:
+    parquet, batch_rows = _open(path, limits)
+    with parquet:
+        yield from _checked_rows(parquet, batch_rows, limits)
+
+
+def _checked_rows(
+    parquet: pq.ParquetFile, batch_rows: int, limits: DatasetLimits
+) -> Iterator[tuple[int, Any]]:
     import pyarrow
 
-    parquet, batch_rows = _open(path, limits)
     try:
         shape = TableShaper(list(parquet.schema_arrow.names))
     except (pyarrow.ArrowException, OSError) as exc:
@@ -271,8 +287,9 @@ def parquet_rows(path: Path, limits: DatasetLimits) -> Iterator[tuple[int, Any]]
             for row in batch.slice(start, stop - start).to_pylist():
                 number += 1
                 try:
-                    yield number, shape(row)
+                    shaped = shape(row)
                 except ValueError as exc:
                     raise DatasetError(str(exc), number, "row") from None
+                yield number, shaped
         if refused:
             raise refused[1]
