@@ -20,13 +20,16 @@ import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.core.errors import InsufficientStorage, InvalidRequest, TooLarge
 from app.core.storage import owned_tmp_file
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 MAX_FIELD_BYTES = 4096
 # An upload sends 'purpose' and perhaps the two 'expires_after' fields; room for a few more.
@@ -67,7 +70,7 @@ class _Receiver:
         self._fields_seen = 0
         self._in_file = False
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": self._header_field,
