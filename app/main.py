@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
     )
     use_pool_limits(settings.sqlalchemy_url, pool)
     Storage(settings.storage_root).ensure()
+    Storage(settings.storage_root).sweep_tmp()  # what dead processes' uploads left behind
     if settings.uses_filesystem_broker:
         settings.ensure_broker_dirs()
     errors.install(app)

@@ -1,4 +1,4 @@
-"""Dataset validation (app/services/datasets.py): the formats a user uploads, and for every bad
+"""Dataset validation (app/services/datasets/): the formats a user uploads, and for every bad
 row the line number and, in words, what is wrong with it."""
 
 from __future__ import annotations

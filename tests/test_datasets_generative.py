@@ -1,4 +1,4 @@
-"""Dataset formats beyond classification (app/services/datasets.py): chat, completion, text
+"""Dataset formats beyond classification (app/services/datasets/): chat, completion, text
 (JSONL rows or a plain .txt file) and tabular (JSONL, CSV, Parquet). Each bad row is refused with
 its line (or Parquet row) number and, in words, what is wrong; an upload that fails stores
 nothing."""
@@ -289,7 +289,13 @@ def test_tabular_jsonl(write) -> None:  # type: ignore[no-untyped-def]
     path = write(lines(*TABULAR, {"features": [1, 2, 3], "label": 7}))
     info = validate_dataset(path)
     assert info.format == "tabular"
-    assert info.stats == {"rows": 4, "features": 3, "label_counts": {"7": 1, "a": 2, "b": 1}}
+    assert info.stats == {
+        "rows": 4,
+        "features": 3,
+        "label_counts": {"7": 1, "a": 2, "b": 1},
+        "distinct_labels": 3,
+        "label_counts_truncated": False,
+    }
     assert info.labels == ["7", "a", "b"]
     rows = list(iter_examples(path, fmt="tabular"))
     assert rows[0] == {"features": [0.5, 1.0, -2.0], "label": "a"}
@@ -336,6 +342,8 @@ def test_csv_with_a_features_array_column(api) -> None:  # type: ignore[no-untyp
         "rows": 3,
         "features": 2,
         "label_counts": {"cat": 2, "dog": 1},
+        "distinct_labels": 2,
+        "label_counts_truncated": False,
     }
 
 
@@ -373,7 +381,13 @@ def test_parquet_with_a_list_column(api) -> None:  # type: ignore[no-untyped-def
     response = upload(api, content, name="train.parquet")
     assert response.status_code == 200, response.text
     assert response.json()["format"] == "tabular"
-    assert response.json()["stats"] == {"rows": 3, "features": 2, "label_counts": {"x": 2, "y": 1}}
+    assert response.json()["stats"] == {
+        "rows": 3,
+        "features": 2,
+        "label_counts": {"x": 2, "y": 1},
+        "distinct_labels": 2,
+        "label_counts_truncated": False,
+    }
 
 
 def test_parquet_with_numeric_columns_read_in_batches(write) -> None:  # type: ignore[no-untyped-def]

@@ -238,3 +238,76 @@ def test_a_filename_over_the_part_header_limit_is_refused(api) -> None:  # type:
     assert response.status_code == 400
     assert "header size" in response.json()["error"]["message"]
     assert storage_tree(api.settings) == before
+
+
+# ---- what is not the file is bounded too --------------------------------------------------------
+
+
+def chunk_frame(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def test_a_hundred_thousand_fields_without_a_content_length_are_refused_early(
+    server: Server,
+) -> None:
+    """100,000 form fields in a chunked body (27 MB) were all kept in memory, and the upload
+    then succeeded. The 17th field is refused, long before the rest is sent."""
+    fields = 100_000
+
+    def many_fields() -> Iterator[bytes]:
+        value = "v" * 200
+        for start in range(0, fields, 500):
+            parts = "".join(
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="field{i}"\r\n\r\n'
+                f"{value}\r\n"
+                for i in range(start, start + 500)
+            )
+            yield chunk_frame(parts.encode())
+        content = jsonl(sentiment_rows(20, seed=1))
+        yield chunk_frame(multipart(content, b"train.jsonl")) + b"0\r\n\r\n"
+
+    before = storage_tree(server.settings)
+    head = server.request_head("Transfer-Encoding: chunked\r\n")
+    status, body, sent = server.send(head, many_fields())
+    assert status == 400, body
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert error["type"] == "invalid_request_error"
+    assert "more than 16 fields" in str(error["message"])
+    assert sent < 8 * 1024 * 1024, sent  # of about 27 MB offered
+    assert storage_tree(server.settings) == before
+
+
+def test_a_huge_epilogue_without_a_content_length_is_refused_early(server: Server) -> None:
+    """Bytes after the last boundary are not the file either (the parser skips them, so
+    without a bound the server read them for as long as a client sent them): a body without a
+    Content-Length holds at most FORM_OVERHEAD_BYTES (64 KiB) besides its file."""
+
+    def form_then_epilogue() -> Iterator[bytes]:
+        yield chunk_frame(multipart(jsonl(sentiment_rows(20, seed=1)), b"t.jsonl"))
+        junk = b"x" * CHUNK
+        for _ in range(STREAMED // CHUNK):
+            yield chunk_frame(junk)
+        yield b"0\r\n\r\n"
+
+    before = storage_tree(server.settings)
+    head = server.request_head("Transfer-Encoding: chunked\r\n")
+    status, body, sent = server.send(head, form_then_epilogue())
+    assert status == 413, body
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert (error["type"], error["code"]) == ("request_too_large", "form_too_large")
+    assert "65536" in str(error["message"])
+    assert sent < 8 * 1024 * 1024, sent  # of 50 MiB offered
+    assert storage_tree(server.settings) == before
+
+
+def test_a_few_fields_are_fine(api) -> None:  # type: ignore[no-untyped-def]
+    data = {"purpose": "fine-tune", **{f"extra{i}": "x" for i in range(15)}}
+    response = api.client.post(
+        "/v1/files",
+        headers=api.headers(),
+        files={"file": ("t.jsonl", jsonl(sentiment_rows(20, seed=4)), "application/json")},
+        data=data,
+    )
+    assert response.status_code == 200, response.text

@@ -56,6 +56,14 @@ class TooLarge(TunehouseError):
     error_type = "request_too_large"
 
 
+class InsufficientStorage(TunehouseError):
+    """The server's disk is full (RFC 4918's 507): its fault, not the request's, and it may
+    pass, so the SDK may retry."""
+
+    status_code = 507
+    error_type = "server_error"
+
+
 class ServiceUnavailable(TunehouseError):
     status_code = 503
     error_type = "service_unavailable"

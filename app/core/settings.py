@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     # refuses a label seen only once; it stays 1 by default because an upload may be a small
     # validation file, where one example of a label is fine.
     min_examples_per_label: int = Field(default=1, ge=1)
+    # Most bytes of data a dataset may hold once decompressed (a Parquet file is compressed, and
+    # its dictionaries let one stored value stand for many cells); default: max_upload_bytes.
+    max_dataset_uncompressed_bytes: int | None = Field(default=None, gt=0)
+    # Most distinct labels a classification or tabular file may hold (a file's stats list the
+    # 100 most frequent whatever this is).
+    max_dataset_labels: int = Field(default=10_000, ge=2)
     max_prediction_inputs: int = Field(default=256, gt=0)
     # Most tokens one completion may generate.
     max_new_tokens: int = Field(default=2048, ge=1)

@@ -1,12 +1,52 @@
-"""Where things live on disk. Paths are built from server-generated ids only, never names."""
+"""Where things live on disk. Paths are built from server-generated ids only, never names.
+
+``tmp/`` holds files on their way in (an upload being received and validated). Each is named
+after the process that owns it, so a process starting on a storage directory that others share
+(a cluster) can sweep what a dead process left there without touching another live process's
+upload: ``sweep_tmp`` removes the files whose owner on this machine is gone, and anything left
+untouched for a day."""
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import shutil
+import tempfile
+import time
 from pathlib import Path
+from typing import BinaryIO
+
+from app.core.process import holder_is_gone, process_identity
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A temporary file's name: "<purpose>~<owner>~<random>", where <owner> is process_identity
+# ("host:pid-namespace:pid:tmp"); "~" is in no host name.
+_OWNER_SEPARATOR = "~"
+# Anything in tmp/ untouched this long belongs to nobody: an upload in flight writes to its
+# file as the bytes arrive, and a received one is validated and moved within minutes.
+TMP_MAX_AGE_SECONDS = 24 * 3600
+
+logger = logging.getLogger("tunehouse.storage")
+
+
+def owned_tmp_file(directory: Path, purpose: str) -> tuple[Path, BinaryIO]:
+    """A new file in ``directory``, open for writing, named after this process."""
+    directory.mkdir(parents=True, exist_ok=True)
+    prefix = f"{purpose}{_OWNER_SEPARATOR}{process_identity('tmp')}{_OWNER_SEPARATOR}"
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=directory)
+    try:
+        return Path(name), os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+def tmp_owner(name: str) -> str | None:
+    """The process identity a temporary file's name carries, if any."""
+    parts = name.split(_OWNER_SEPARATOR)
+    return parts[1] if len(parts) == 3 else None
 
 
 class Storage:
@@ -47,6 +87,28 @@ class Storage:
     def ensure(self) -> None:
         for sub in ("tmp", "files", "jobs", "models"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def sweep_tmp(self, max_age_seconds: float = TMP_MAX_AGE_SECONDS) -> int:
+        """Remove from ``tmp/`` what no live process owns: entries whose owner on this
+        machine is gone, and entries untouched for ``max_age_seconds`` (an owner on another
+        machine, or none). Returns how many were removed."""
+        if not self.tmp_dir.is_dir():
+            return 0
+        removed, now = 0, time.time()
+        for entry in self.tmp_dir.iterdir():
+            try:
+                untouched = now - entry.lstat().st_mtime
+            except FileNotFoundError:  # its owner just moved or removed it
+                continue
+            if untouched > max_age_seconds or holder_is_gone(tmp_owner(entry.name)):
+                if entry.is_dir() and not entry.is_symlink():
+                    self.remove_tree(entry)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            logger.info("removed %d abandoned temporary file(s) from %s", removed, self.tmp_dir)
+        return removed
 
     @staticmethod
     def remove_tree(path: Path) -> None:

@@ -1,28 +1,43 @@
 """Streaming multipart uploads: the file part goes straight to a temporary file on disk while
 its sha256 and size are counted, so a large upload is never held in memory and an oversized
 one is refused before the rest of the body is read: at once when its Content-Length says so,
-otherwise as soon as the count passes the limit. The client's filename is a label only (control
-characters dropped, at most 255 characters); the file is stored under a server-made name."""
+otherwise as soon as the count passes the limit. What is not the file (fields, part headers,
+boundaries) is bounded too: at most MAX_FORM_FIELDS fields of MAX_FIELD_BYTES, and
+FORM_OVERHEAD_BYTES in all. The client's filename is a label only (control characters dropped,
+at most 255 characters); the file is stored under a server-made name.
+
+Whatever goes wrong while the body is received (a malformed form, a limit, a client that
+leaves, a full disk), the temporary file is closed and removed before the error leaves here; a
+full disk is a 507 ``disk_full``."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, BinaryIO
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.core.errors import InvalidRequest, TooLarge
+from app.core.errors import InsufficientStorage, InvalidRequest, TooLarge
+from app.core.storage import owned_tmp_file
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 MAX_FIELD_BYTES = 4096
+# An upload sends 'purpose' and perhaps the two 'expires_after' fields; room for a few more.
+MAX_FORM_FIELDS = 16
 # A form's parts besides the file (boundaries, part headers, short fields) fit in this much.
 FORM_OVERHEAD_BYTES = 64 * 1024
 MAX_FILENAME_CHARS = 255
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -48,13 +63,14 @@ class _Receiver:
         self._header_name = b""
         self._header_value = b""
         self._disposition = b""
-        self._file: IO[bytes] | None = None
+        self._file: BinaryIO | None = None
         self._hash = hashlib.sha256()
         self._field_name: str | None = None
         self._field_value = bytearray()
+        self._fields_seen = 0
         self._in_file = False
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": self._header_field,
@@ -87,12 +103,16 @@ class _Receiver:
             if self._file is not None:
                 raise InvalidRequest("Send exactly one 'file' part.", param="file")
             self.upload.filename = filename_label(params.get(b"filename", b""))
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = _mkstemp(self.tmp_dir)
-            self.upload.path = Path(tmp)
-            self._file = os.fdopen(fd, "wb")
+            self.upload.path, self._file = owned_tmp_file(self.tmp_dir, "upload")
             self._in_file = True
         else:
+            self._fields_seen += 1
+            if self._fields_seen > MAX_FORM_FIELDS:
+                raise InvalidRequest(
+                    f"The form has more than {MAX_FORM_FIELDS} fields; an upload sends 'file', "
+                    "'purpose' and, if it wants, 'expires_after[anchor]' and "
+                    "'expires_after[seconds]'."
+                )
             self._field_name, self._field_value = name, bytearray()
             self._in_file = False
 
@@ -121,12 +141,24 @@ class _Receiver:
             self.upload.fields[self._field_name] = value
             self._field_name = None
 
-    def close(self) -> None:
+    def finish(self) -> Upload:
+        """Flush the file to the disk (fsync) and close it; the upload, whole."""
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
+            self._file = None
         self.upload.sha256 = self._hash.hexdigest()
+        return self.upload
+
+    def abort(self) -> None:
+        """Close and remove the temporary file, whatever state it is in. Closing flushes what
+        is buffered, which fails again on a full disk: the file is closed all the same."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        self.upload.discard()
 
 
 def filename_label(raw: bytes) -> str:
@@ -155,10 +187,20 @@ def _refuse_declared_size(content_length: str | None, max_bytes: int) -> None:
         )
 
 
-def _mkstemp(directory: Path) -> tuple[int, str]:
-    import tempfile
+def _refuse_form_overhead(received: int, file_bytes: int) -> None:
+    """Refuse a body whose bytes besides the file's (many fields, long headers, a preamble or
+    an epilogue) pass FORM_OVERHEAD_BYTES: a body without a Content-Length is bounded too."""
+    if received - file_bytes > FORM_OVERHEAD_BYTES:
+        raise TooLarge(
+            f"The form's parts besides the file hold more than {FORM_OVERHEAD_BYTES} bytes.",
+            code="form_too_large",
+        )
 
-    return tempfile.mkstemp(prefix="upload-", dir=directory)
+
+def _disk_full() -> InsufficientStorage:
+    return InsufficientStorage(
+        "The server's disk is full: the file was not stored. Try again later.", code="disk_full"
+    )
 
 
 async def receive_upload(
@@ -177,17 +219,23 @@ async def receive_upload(
         raise InvalidRequest("Send the file as multipart/form-data with 'file' and 'purpose'.")
     receiver = _Receiver(tmp_dir, max_bytes)
     parser = MultipartParser(boundary, receiver.callbacks())
+    received, upload = 0, None
     try:
         async for chunk in body:
+            received += len(chunk)
             parser.write(chunk)
+            _refuse_form_overhead(received, receiver.upload.size)
         parser.finalize()
-    except BaseException as exc:
-        receiver.close()
-        receiver.upload.discard()
-        if isinstance(exc, FormParserError):
-            raise InvalidRequest(f"The multipart body is malformed: {exc}") from None
+        upload = receiver.finish()
+    except FormParserError as exc:
+        raise InvalidRequest(f"The multipart body is malformed: {exc}") from None
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise _disk_full() from exc
         raise
-    receiver.close()
-    if receiver.upload.path is None:
+    finally:
+        if upload is None:
+            receiver.abort()
+    if upload.path is None:
         raise InvalidRequest("The form has no 'file' part.", param="file")
-    return receiver.upload
+    return upload

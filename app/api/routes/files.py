@@ -51,6 +51,7 @@ _UPLOAD_BODY = {
         400: {"model": ErrorResponse, "description": "Invalid form or dataset (line and reason)"},
         401: _ERRORS[401],
         413: {"model": ErrorResponse, "description": "File over the size limit"},
+        507: {"model": ErrorResponse, "description": "The server's disk is full (disk_full)"},
     },
 )
 async def upload_file(
@@ -65,10 +66,13 @@ async def upload_file(
         max_bytes=settings.max_upload_bytes,
         content_length=request.headers.get("content-length"),
     )
-    # Validation reads the whole file: keep it off the event loop.
-    limits = DatasetLimits.from_settings(settings)
-    file = await run_in_threadpool(files.store_upload, session, storage, org, upload, limits)
-    await run_in_threadpool(session.commit)
+    try:
+        # Validation reads the whole file: keep it off the event loop.
+        limits = DatasetLimits.from_settings(settings)
+        file = await run_in_threadpool(files.store_upload, session, storage, org, upload, limits)
+        await run_in_threadpool(session.commit)
+    finally:
+        upload.discard()  # the temporary file, unless it was stored (a request cancelled here)
     return file_object(file)
 
 

@@ -1,0 +1,138 @@
+"""Row checkers: a raw row in, the normalised row out, or a ValueError that says in words what
+is wrong with it. One checker per format; ``formats.py`` registers them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+CHAT_ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = ("role", "content", "weight")
+
+
+def type_name(value: Any) -> str:
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error message quotes a user's value
+    without growing to the size of a line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _require_keys(row: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
+    """Every one of ``keys`` present, and nothing else."""
+    for key in keys:
+        if key not in row:
+            raise ValueError(f"missing required field '{key}'")
+    unknown = sorted(set(row) - set(keys))
+    if unknown:
+        names = " and ".join(f"'{key}'" for key in keys)
+        raise ValueError(f"unknown field '{unknown[0]}' ({what} has only {names})")
+
+
+def _check_string(row: dict[str, Any], key: str, *, allow_empty: bool = False) -> str:
+    value = row[key]
+    if not isinstance(value, str):
+        raise ValueError(f"field '{key}' must be a string, got {type_name(value)}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"field '{key}' is empty")
+    return value
+
+
+def _check_label(label: Any) -> str:
+    if isinstance(label, bool) or not isinstance(label, str | int):
+        raise ValueError(f"field 'label' must be a string or an integer, got {type_name(label)}")
+    if isinstance(label, str) and not label.strip():
+        raise ValueError("field 'label' is empty")
+    return str(label)
+
+
+def check_classification_row(row: dict[str, Any]) -> dict[str, Any]:
+    _require_keys(row, ("text", "label"), "a classification row")
+    return {"text": _check_string(row, "text"), "label": _check_label(row["label"])}
+
+
+def _check_message(index: int, message: Any) -> dict[str, Any]:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise ValueError(f"{where} must be an object, got {type_name(message)}")
+    for key in ("role", "content"):
+        if key not in message:
+            raise ValueError(f"{where}: missing required field '{key}'")
+    unknown = sorted(set(message) - set(MESSAGE_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown field '{unknown[0]}' (a message has only 'role', 'content' "
+            "and 'weight')"
+        )
+    role, content = message["role"], message["content"]
+    if role not in CHAT_ROLES:
+        named = shown(role) if isinstance(role, str) else type_name(role)
+        raise ValueError(f"{where}: unknown role {named} (use one of {', '.join(CHAT_ROLES)})")
+    if not isinstance(content, str):
+        raise ValueError(f"{where}: field 'content' must be a string, got {type_name(content)}")
+    weight = message.get("weight", 1)
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise ValueError(f"{where}: field 'weight' must be 0 or 1, got {shown(weight)}")
+    return {"role": role, "content": content, "weight": int(weight)}
+
+
+def check_chat_row(row: dict[str, Any]) -> dict[str, Any]:
+    _require_keys(row, ("messages",), "a chat row")
+    messages = row["messages"]
+    if not isinstance(messages, list):
+        raise ValueError(f"field 'messages' must be an array, got {type_name(messages)}")
+    if not messages:
+        raise ValueError("field 'messages' is empty")
+    normalised = [_check_message(i, m) for i, m in enumerate(messages)]
+    assistant = [m for m in normalised if m["role"] == "assistant"]
+    if not assistant:
+        raise ValueError("no assistant message: a chat row needs one to learn from")
+    if not any(m["weight"] == 1 for m in assistant):
+        raise ValueError("every assistant message has weight 0: there is nothing to learn from")
+    return {"messages": normalised}
+
+
+def check_completion_row(row: dict[str, Any]) -> dict[str, Any]:
+    _require_keys(row, ("prompt", "completion"), "a completion row")
+    prompt = _check_string(row, "prompt", allow_empty=True)
+    return {"prompt": prompt, "completion": _check_string(row, "completion")}
+
+
+def check_text_row(row: dict[str, Any]) -> dict[str, Any]:
+    _require_keys(row, ("text",), "a text row")
+    return {"text": _check_string(row, "text")}
+
+
+def _check_feature(index: int, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"features[{index}] must be a number, got {type_name(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"features[{index}] must be a finite number, got {shown(value)}")
+    return number
+
+
+def check_tabular_row(row: dict[str, Any]) -> dict[str, Any]:
+    _require_keys(row, ("features", "label"), "a tabular row")
+    features = row["features"]
+    if not isinstance(features, list):
+        kind = type_name(features)
+        raise ValueError(f"field 'features' must be an array of numbers, got {kind}")
+    if not features:
+        raise ValueError("field 'features' is empty")
+    values = [_check_feature(i, v) for i, v in enumerate(features)]
+    return {"features": values, "label": _check_label(row["label"])}
