@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
+from app.inference.loading import load_pretrained
 from app.inference.sampling import Generation, GenerationParams, Piece
 from app.inference.templates import DEFAULT_CHAT_TEMPLATE
 
@@ -52,8 +53,7 @@ class _StopWhenSet(StoppingCriteria):
 
 
 def load_causal_lm(path: Path) -> Any:
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
-    return model
+    return load_pretrained(AutoModelForCausalLM, path)
 
 
 def load_tokenizer(path: Path) -> Any:

@@ -79,23 +79,19 @@ class ModelCache:
             with self._lock:
                 self._items[key] = servable
                 self._loading.pop(key, None)
-                while len(self._items) > self.capacity:
-                    self.evict_lru()
+                evicted = [
+                    self._items.popitem(last=False) for _ in range(self.capacity, len(self._items))
+                ]
+            for (use, model_id, _), old in evicted:  # outside the lock: release may take it
+                _release(old)
+                log.info("evicted %s (%s)", model_id, use)
             return servable
-
-    def evict_lru(self) -> None:
-        (use, model_id, _), servable = self._items.popitem(last=False)
-        release = getattr(servable, "release", None)
-        if release is not None:
-            release()
-        log.info("evicted %s (%s)", model_id, use)
 
     def forget(self, model_id: str) -> None:
         with self._lock:
-            for key in [k for k in self._items if k[1] == model_id]:
-                release = getattr(self._items.pop(key), "release", None)
-                if release is not None:
-                    release()
+            gone = [self._items.pop(key) for key in [k for k in self._items if k[1] == model_id]]
+        for servable in gone:
+            _release(servable)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -140,6 +136,12 @@ class ModelCache:
             elif name in names:  # the last adapter: drop the base with it
                 with self._lock:
                     self._bases.pop(str(base_path), None)
+
+
+def _release(servable: Any) -> None:
+    release = getattr(servable, "release", None)
+    if release is not None:
+        release()
 
 
 # Register the built-in servables (they import torch only when a model is loaded).

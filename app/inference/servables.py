@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from app.inference.loading import load_pretrained
 from app.inference.registry import ModelCache, factory
 from app.services.models import LoadableModel, require_safe_weights
 
@@ -18,9 +19,7 @@ class ClassifierPredictor:
 
         require_safe_weights(model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(model.path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model.path, use_safetensors=True
-        ).eval()
+        self.model = load_pretrained(AutoModelForSequenceClassification, model.path)
         self.id2label = {int(k): str(v) for k, v in self.model.config.id2label.items()}
 
     def predict(self, inputs: list[Any]) -> tuple[list[dict[str, Any]], int]:
@@ -118,7 +117,7 @@ class Embedder:
 
         require_safe_weights(model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(model.path)
-        self.model = AutoModel.from_pretrained(model.path, use_safetensors=True).eval()
+        self.model = load_pretrained(AutoModel, model.path)
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         import torch
