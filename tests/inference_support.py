@@ -5,7 +5,9 @@ forward passes until the test lets them go."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -174,3 +176,23 @@ def wait_for(predicate: Any, timeout: float = 30, what: str = "condition") -> No
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+class raw_request:  # noqa: N801 - used as a context manager, like open()
+    """A request sent on a raw socket, which is closed (the client hangs up) on exit."""
+
+    def __init__(self, live: Live, route: str, body: dict[str, Any]):
+        host, port = live.base_url.removeprefix("http://").split(":")
+        payload = json.dumps(body).encode()
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        head = (
+            f"POST {route} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {live.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        )
+        self.sock.sendall(head.encode() + payload)
+
+    def __enter__(self) -> socket.socket:
+        return self.sock
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()

@@ -5,8 +5,6 @@ generating."""
 
 from __future__ import annotations
 
-import json
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import make_settings
-from tests.inference_support import TEXTS, Live, Throttle, live_server, wait_for
+from tests.inference_support import TEXTS, Live, Throttle, live_server, raw_request, wait_for
 from tests.tiny_models import build_causal_lm
 
 
@@ -174,29 +172,9 @@ def test_a_completion_whose_client_hangs_up_stops_generating(
     with _live(tmp_path, tiny_base, inference_concurrency=1) as live:
         throttle = Throttle(delay=0.02).install(monkeypatch)
         body = {**COMPLETION, "max_tokens": 400, "temperature": 0, "stream": stream}
-        with _raw_request(live, "/v1/completions", body):
+        with raw_request(live, "/v1/completions", body):
             wait_for(lambda: throttle.calls >= 3, what="the generation to start")
         hung_up_at = throttle.calls
         # The one slot comes back once the abandoned generation has stopped.
         assert _post(live, "/v1/completions", COMPLETION).status_code == 200
         assert throttle.calls - hung_up_at < 50, "the abandoned generation ran on"
-
-
-class _raw_request:  # noqa: N801 - used as a context manager, like open()
-    """A request sent on a raw socket, which is closed (the client hangs up) on exit."""
-
-    def __init__(self, live: Live, route: str, body: dict[str, Any]):
-        host, port = live.base_url.removeprefix("http://").split(":")
-        payload = json.dumps(body).encode()
-        self.sock = socket.create_connection((host, int(port)), timeout=30)
-        head = (
-            f"POST {route} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {live.key}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-        )
-        self.sock.sendall(head.encode() + payload)
-
-    def __enter__(self) -> socket.socket:
-        return self.sock
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()

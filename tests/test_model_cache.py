@@ -23,6 +23,7 @@ from tests.inference_support import (
     Throttle,
     live_server,
     make_adapter,
+    raw_request,
     register_copy,
     wait_for,
 )
@@ -162,6 +163,25 @@ def test_a_deleted_model_serves_its_running_request_then_its_files_go(
         assert running.result(timeout=30) == expected
     wait_for(lambda: not directory.exists(), what="the deleted model's files to go")
     assert live.complete(other, PROMPT) == reference[f"{other}|generate"]
+
+
+def test_a_stream_whose_client_hangs_up_gives_its_model_back(
+    live: Live, adapter_dirs: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed completion holds its model until it ends, however it ends: the files of a
+    model deleted under it go once its client has hung up."""
+    doomed = register_copy(live, adapter_dirs[0], "doomed", seed=8)
+    directory = live.settings.storage_root / "models" / f"ftjob-doomed{8:010d}"
+    throttle = Throttle().install(monkeypatch)
+    throttle.gate.clear()
+    body = {"model": doomed, "prompt": PROMPT, "max_tokens": 8, "stream": True}
+    with raw_request(live, "/v1/completions", body):
+        wait_for(lambda: throttle.calls > 0, what="the generation to start")
+        with live.client() as http:
+            assert http.delete(f"/v1/models/{doomed}").status_code == 200
+        assert directory.is_dir(), "the files stay while the stream runs"
+    throttle.gate.set()  # the abandoned generation stops at its next token
+    wait_for(lambda: not directory.exists(), what="the deleted model's files to go")
 
 
 def _adapters_ids(live: Live) -> list[str]:
