@@ -124,6 +124,26 @@ def test_completions_n_seed_and_stop(served: Served) -> None:
     assert [c.text for c in sampled[0].choices] == [c.text for c in sampled[1].choices]
 
 
+def test_streamed_completions_hold_every_choice_and_prompt(served: Served) -> None:
+    """Each sample used to end the whole stream when it finished (its generation's stop event
+    was the request's cancel event): only choice 0 was sent."""
+    request = {"model": "tiny-llama", "max_tokens": 6, "temperature": 0, "n": 2}
+    whole = served.client.completions.create(prompt=["the quick", "once upon"], **request)
+    chunks = list(
+        served.client.completions.create(
+            prompt=["the quick", "once upon"], stream=True,
+            stream_options={"include_usage": True}, **request,
+        )
+    )  # fmt: skip
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert texts == {choice.index: choice.text for choice in whole.choices}
+    assert sorted(texts) == [0, 1, 2, 3]
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
 def test_embeddings_base64_decodes_to_the_float_vectors(served: Served) -> None:
     texts = ["a lovely meal", "a terrible meal"]
     floats = served.client.embeddings.create(model=BASE_MODEL, input=texts, encoding_format="float")
@@ -200,8 +220,9 @@ def test_lora_adapters_share_their_base_and_answer_concurrently(
 
     cache = served.http.app.state.model_cache  # type: ignore[attr-defined]
     assert len(cache._bases) == 1, "all adapters sit on one shared base"
-    (peft_model, _, names) = next(iter(cache._bases.values()))
-    assert names == set(adapters)
+    shared = next(iter(cache._bases.values()))
+    assert set(shared.model.peft_config) == set(adapters)
+    assert shared.adapters == {adapter: 1 for adapter in adapters}
 
     results: dict[str, list[str]] = {model: [] for model in sequential}
 

@@ -47,15 +47,16 @@ def envelope(
     headers = dict(headers or {})
     if not retry:
         headers["x-should-retry"] = "false"
-    body = {
-        "error": {
-            "message": message,
-            "type": type or _TYPES.get(status, "api_error"),
-            "param": param,
-            "code": code,
-        }
-    }
+    body = error_body(message, type=type or _TYPES.get(status, "api_error"), param=param, code=code)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_body(
+    message: str, *, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error envelope: the body of every error response, and of the event that ends a
+    stream whose status has already been sent."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 # Parts of a pydantic error location that name a member of a union, not a field:

@@ -102,6 +102,16 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(default=2048, ge=1)
     # Fine-tuned models kept loaded by an inference process.
     model_cache_size: int = Field(default=4, ge=1)
+    # Completions one request may ask for: prompts × n.
+    max_choices_per_request: int = Field(default=16, ge=1)
+    # Tokens one request may generate in all: choices × max_tokens (predictions: 128 an input).
+    max_tokens_per_request: int = Field(default=16384, ge=1)
+    # Inference requests an inference process runs at once (loading or running a model).
+    inference_concurrency: int = Field(default=4, ge=1)
+    # Inference requests that may wait for a slot (holding no thread); more get a 503.
+    inference_queue_size: int = Field(default=64, ge=0)
+    # Seconds an inference request waits for a slot before it gets a 503 with Retry-After.
+    inference_queue_timeout_seconds: float = Field(default=30.0, gt=0)
     # Requests one API key may make per minute (0: no limit); counted in Redis when Redis is
     # the broker, so all API processes share it, and per process otherwise.
     rate_limit_per_minute: int = Field(default=0, ge=0)

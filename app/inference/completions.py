@@ -1,24 +1,37 @@
 """/v1/chat/completions and /v1/completions, OpenAI's shapes, streamed as server-sent events
-when asked: the first token leaves as soon as it exists."""
+when asked: the first token leaves as soon as it exists. Both routes answer through ``_answer``;
+what differs between them is a ``_Format``.
+
+A completion runs in an inference slot (app/inference/concurrency.py) and stops generating when
+its client goes away, streamed or not.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel
 
 from app.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
+from app.api.errors import error_body
 from app.core.errors import InvalidRequest, TunehouseError
 from app.core.ids import random_token
 from app.core.settings import Settings
-from app.inference.router import ERRORS, servable
-from app.inference.sampling import GenerationParams
+from app.inference.bounds import check_choices, tokens_per_choice
+from app.inference.concurrency import HeldStream, InferenceGate, inference_gate
+from app.inference.protocols import TextGenerator
+from app.inference.registry import Lease, ModelCache
+from app.inference.router import ERRORS, find_model
+from app.inference.sampling import Generation, GenerationParams
 from app.inference.schemas import (
     ChatChoice,
     ChatCompletion,
@@ -29,34 +42,249 @@ from app.inference.schemas import (
     CompletionRequest,
     Usage,
 )
+from app.services.models import LoadableModel
 
-if TYPE_CHECKING:
-    from app.inference.generation import Generator
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["inference"])
 
-_STREAM = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks"}}
+_STREAM: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks"}
+}
+
+# The prompts of a request, as token ids, from the model's tokenizer.
+Encode = Callable[[TextGenerator], list[list[int]]]
 
 
-def _params(body: Any, settings: Settings, max_tokens: int | None, index: int) -> GenerationParams:
+@dataclass(frozen=True)
+class _Format:
+    """What differs between a chat completion and a text completion."""
+
+    id_prefix: str
+    chunk_object: str
+    # The fields of a streamed choice that carry a piece of text.
+    piece: Callable[[str], dict[str, Any]]
+    # One choice of the whole (non-streamed) answer, and the answer.
+    choice: Callable[[int, Generation], BaseModel]
+    answer: Callable[..., BaseModel]
+    # The fields of the chunk that opens each streamed choice, if any.
+    opening: dict[str, Any] | None = None
+
+
+CHAT = _Format(
+    id_prefix="chatcmpl",
+    chunk_object="chat.completion.chunk",
+    piece=lambda text: {"delta": {"content": text} if text else {}},
+    choice=lambda index, result: ChatChoice(
+        index=index,
+        message=ChatCompletionMessage(content=result.text),
+        finish_reason=result.finish_reason,
+    ),
+    answer=ChatCompletion,
+    opening={"delta": {"role": "assistant", "content": ""}},
+)
+TEXT = _Format(
+    id_prefix="cmpl",
+    chunk_object="text_completion",
+    piece=lambda text: {"text": text},
+    choice=lambda index, result: CompletionChoice(
+        index=index, text=result.text, finish_reason=result.finish_reason
+    ),
+    answer=Completion,
+)
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, responses={**ERRORS, **_STREAM})
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    org: OrgDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> Any:
+    messages = [{"role": _role(m.role), "content": m.text()} for m in body.messages]
+    tokens_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = _params(body, settings, 1, max_tokens, tokens_param, prompt_param="messages")
+    model = await find_model(session, settings, storage, org, body.model)
+    return await _answer(request, body, CHAT, model, lambda g: [g.chat_prompt(messages)], params)
+
+
+@router.post("/completions", response_model=Completion, responses={**ERRORS, **_STREAM})
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+    org: OrgDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> Any:
+    if body.echo or body.suffix:
+        raise InvalidRequest("echo and suffix are not supported.", param="echo")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    params = _params(body, settings, len(prompts), body.max_tokens, "max_tokens", "prompt")
+    model = await find_model(session, settings, storage, org, body.model)
+    return await _answer(
+        request, body, TEXT, model, lambda g: [g.encode(text) for text in prompts], params
+    )
+
+
+def _role(role: str) -> str:
+    # OpenAI's newer "developer" role is the system prompt of older templates.
+    return "system" if role == "developer" else role
+
+
+def _params(
+    body: Any,
+    settings: Settings,
+    prompts: int,
+    max_tokens: int | None,
+    tokens_param: str,
+    prompt_param: str,
+) -> list[GenerationParams]:
+    """The parameters of each of the ``n`` samples of a prompt, within the server's bounds."""
     if body.logprobs:
         raise InvalidRequest("logprobs are not supported.", param="logprobs")
     if body.tools:
         raise InvalidRequest("tools are not supported.", param="tools")
-    limit = settings.max_new_tokens
-    if max_tokens is not None and max_tokens > limit:
-        raise InvalidRequest(f"max_tokens is at most {limit} on this server.", param="max_tokens")
-    return GenerationParams(
-        max_tokens=max_tokens or min(256, limit),
-        temperature=body.temperature,
-        top_p=body.top_p,
-        stop=body.stop_sequences(),
-        # n samples of one request differ, yet a seeded request is repeatable.
-        seed=None if body.seed is None else body.seed + index,
+    choices = check_choices(settings, prompts, body.n, prompt_param=prompt_param)
+    per_choice = tokens_per_choice(settings, choices, max_tokens, param=tokens_param)
+    return [
+        GenerationParams(
+            max_tokens=per_choice,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stop_sequences(),
+            # n samples of one request differ, yet a seeded request is repeatable.
+            seed=None if body.seed is None else body.seed + index,
+        )
+        for index in range(body.n)
+    ]
+
+
+def _runs(
+    prompts: list[list[int]], params: list[GenerationParams]
+) -> list[tuple[list[int], GenerationParams]]:
+    """One run per choice, in the order of the choices' indexes: each prompt's n samples."""
+    return [(prompt, sample) for prompt in prompts for sample in params]
+
+
+async def _answer(
+    request: Request,
+    body: Any,
+    form: _Format,
+    model: LoadableModel,
+    encode: Encode,
+    params: list[GenerationParams],
+) -> Any:
+    cache: ModelCache = request.app.state.model_cache
+    gate = inference_gate(request.app)
+    head = {
+        "id": f"{form.id_prefix}-{random_token()}",
+        "created": int(time.time()),
+        "model": body.model,
+    }
+    cancel = threading.Event()
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunk_head = {**head, "object": form.chunk_object, "system_fingerprint": None}
+        return await _stream(gate, cache, model, form, chunk_head, encode, params, include_usage)
+
+    def generate() -> tuple[int, list[Generation]]:
+        with cache.lease(model, "generate") as generator:
+            prompts = encode(generator)
+            results = []
+            for prompt, sample in _runs(prompts, params):
+                if cancel.is_set():  # the client has gone: nobody reads the rest
+                    break
+                results.append(generator.complete(prompt, sample, cancel))
+        return sum(map(len, prompts)), results
+
+    async with gate.slot():
+        prompt_tokens, results = await gate.run_until_disconnect(request, cancel, generate)
+    completion_tokens = sum(result.completion_tokens for result in results)
+    return form.answer(
+        **head,
+        choices=[form.choice(index, result) for index, result in enumerate(results)],
+        usage=_usage(prompt_tokens, completion_tokens),
     )
 
 
-def _chunk(head: dict[str, Any], index: int, finish: str | None, **fields: Any) -> dict[str, Any]:
+async def _stream(
+    gate: InferenceGate,
+    cache: ModelCache,
+    model: LoadableModel,
+    form: _Format,
+    head: dict[str, Any],
+    encode: Encode,
+    params: list[GenerationParams],
+    include_usage: bool,
+) -> HeldStream:
+    """The answer as server-sent events. The slot and the model's lease are taken here, so a
+    saturated server or a model that cannot load still answers with a status and an envelope;
+    the stream gives them back when it ends."""
+    slot = await gate.acquire()
+    try:
+        with anyio.CancelScope(shield=True):  # the lease a load returns must not be lost
+            lease, prompts = await gate.run(_open, cache, model, encode)
+    except BaseException:
+        slot.release()
+        raise
+    cancel = threading.Event()
+    events = _events(form, head, lease.servable, prompts, params, include_usage, cancel)
+    return HeldStream(events, cancel, gate, slot, lease.close)
+
+
+def _open(
+    cache: ModelCache, model: LoadableModel, encode: Encode
+) -> tuple[Lease[TextGenerator], list[list[int]]]:
+    lease = cache.lease(model, "generate")
+    try:
+        return lease, encode(lease.servable)
+    except BaseException:
+        lease.close()
+        raise
+
+
+def _events(
+    form: _Format,
+    head: dict[str, Any],
+    generator: TextGenerator,
+    prompts: list[list[int]],
+    params: list[GenerationParams],
+    include_usage: bool,
+    cancel: threading.Event,
+) -> Iterator[str]:
+    completion_tokens = 0
+    try:
+        for index, (prompt, sample) in enumerate(_runs(prompts, params)):
+            if cancel.is_set():
+                return
+            if form.opening is not None:
+                yield _sse(_chunk(head, index, None, form.opening))
+            with closing(generator.stream(prompt, sample, cancel)) as pieces:
+                for piece in pieces:
+                    if piece.text or piece.finish_reason:
+                        fields = form.piece(piece.text)
+                        yield _sse(_chunk(head, index, piece.finish_reason, fields))
+                    if piece.finish_reason:
+                        completion_tokens += piece.completion_tokens
+        if include_usage:
+            usage = _usage(sum(map(len, prompts)), completion_tokens)
+            yield _sse({**head, "choices": [], "usage": usage.model_dump()})
+    except TunehouseError as exc:
+        yield _sse(error_body(exc.message, type=exc.error_type, param=exc.param, code=exc.code))
+    except Exception:
+        # The status has been sent: the error goes in the stream, its details in the log.
+        log.exception("generation failed mid-stream")
+        yield _sse(error_body("The server had an error while generating.", type="server_error"))
+    yield "data: [DONE]\n\n"
+
+
+def _chunk(
+    head: dict[str, Any], index: int, finish: str | None, fields: dict[str, Any]
+) -> dict[str, Any]:
     """One streamed chunk of one choice (chat chunks carry a delta, text chunks text)."""
     choice = {"index": index, **fields, "finish_reason": finish, "logprobs": None}
     return {**head, "choices": [choice]}
@@ -72,211 +300,3 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
 
 def _sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-def _stream_events(
-    make_chunk: Any,
-    runs: list[tuple[list[int], GenerationParams]],
-    generator: Generator,
-    include_usage: bool,
-    usage_chunk: Any,
-    first_chunk: Any = None,
-) -> StreamingResponse:
-    cancel = threading.Event()
-    events = _events(make_chunk, runs, generator, include_usage, usage_chunk, first_chunk, cancel)
-    return StreamingResponse(_relay(events, cancel), media_type="text/event-stream")
-
-
-async def _relay(events: Iterator[str], cancel: threading.Event) -> AsyncIterator[str]:
-    """Send each event as it comes; if the client goes away, stop the generation at once (it
-    holds the model's lock, which the next request is waiting for)."""
-    try:
-        while (event := await run_in_threadpool(next, events, None)) is not None:
-            yield event
-    finally:
-        cancel.set()
-
-
-def _events(
-    make_chunk: Any,
-    runs: list[tuple[list[int], GenerationParams]],
-    generator: Generator,
-    include_usage: bool,
-    usage_chunk: Any,
-    first_chunk: Any,
-    cancel: threading.Event,
-) -> Iterator[str]:
-    prompt_tokens = completion_tokens = 0
-    try:
-        for index, (prompt, params) in enumerate(runs):
-            if cancel.is_set():
-                return
-            prompt_tokens += len(prompt)
-            if first_chunk is not None:
-                yield _sse(first_chunk(index))
-            for piece in generator.stream(prompt, params, cancel):
-                if piece.text or piece.finish_reason:
-                    yield _sse(make_chunk(index, piece.text, piece.finish_reason))
-                if piece.finish_reason:
-                    completion_tokens += piece.completion_tokens
-        if include_usage:
-            yield _sse(usage_chunk(_usage(prompt_tokens, completion_tokens).model_dump()))
-    except TunehouseError as exc:
-        yield _sse(
-            {
-                "error": {
-                    "message": exc.message,
-                    "type": exc.error_type,
-                    "param": exc.param,
-                    "code": exc.code,
-                }
-            }
-        )
-    except Exception:
-        yield _sse(
-            {
-                "error": {
-                    "message": "The server had an error while generating.",
-                    "type": "api_error",
-                    "param": None,
-                    "code": None,
-                }
-            }
-        )
-    yield "data: [DONE]\n\n"
-
-
-@router.post("/chat/completions", response_model=ChatCompletion, responses={**ERRORS, **_STREAM})
-def chat_completions(
-    body: ChatCompletionRequest,
-    request: Request,
-    org: OrgDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-) -> Any:
-    generator: Generator = servable(
-        request, session, settings, storage, org, body.model, "generate"
-    )
-    messages = [{"role": _role(m.role), "content": m.text()} for m in body.messages]
-    prompt = generator.chat_prompt(messages)
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    runs = [(prompt, _params(body, settings, max_tokens, i)) for i in range(body.n)]
-    completion_id, created = f"chatcmpl-{random_token()}", int(time.time())
-    head = {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": body.model,
-        "system_fingerprint": None,
-    }
-
-    if body.stream:
-
-        def first(index: int) -> dict[str, Any]:
-            return _chunk(head, index, None, delta={"role": "assistant", "content": ""})
-
-        def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
-            return _chunk(head, index, finish, delta={"content": text} if text else {})
-
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream_events(
-            chunk,
-            runs,
-            generator,
-            include_usage,
-            lambda usage: {**head, "choices": [], "usage": usage},
-            first,
-        )
-
-    choices, completion_tokens = [], 0
-    for index, (ids, params) in enumerate(runs):
-        result = generator.complete(ids, params)
-        completion_tokens += result.completion_tokens
-        choices.append(
-            ChatChoice(
-                index=index,
-                message=ChatCompletionMessage(content=result.text),
-                finish_reason=result.finish_reason,  # type: ignore[arg-type]
-            )
-        )
-    return ChatCompletion(
-        id=completion_id,
-        created=created,
-        model=body.model,
-        choices=choices,
-        usage=_usage(len(prompt), completion_tokens),
-    )
-
-
-def _role(role: str) -> str:
-    # OpenAI's newer "developer" role is the system prompt of older templates.
-    return "system" if role == "developer" else role
-
-
-@router.post("/completions", response_model=Completion, responses={**ERRORS, **_STREAM})
-def completions(
-    body: CompletionRequest,
-    request: Request,
-    org: OrgDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-) -> Any:
-    if body.echo or body.suffix:
-        raise InvalidRequest("echo and suffix are not supported.", param="echo")
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts or len(prompts) > settings.max_prediction_inputs:
-        raise InvalidRequest(
-            "prompt must hold 1 or more prompts, within the limit.", param="prompt"
-        )
-    generator: Generator = servable(
-        request, session, settings, storage, org, body.model, "generate"
-    )
-    runs = [
-        (generator.encode(text), _params(body, settings, body.max_tokens, i))
-        for text in prompts
-        for i in range(body.n)
-    ]
-    completion_id, created = f"cmpl-{random_token()}", int(time.time())
-    head = {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": body.model,
-        "system_fingerprint": None,
-    }
-
-    if body.stream:
-
-        def chunk(index: int, text: str, finish: str | None) -> dict[str, Any]:
-            return _chunk(head, index, finish, text=text)
-
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _stream_events(
-            chunk,
-            runs,
-            generator,
-            include_usage,
-            lambda usage: {**head, "choices": [], "usage": usage},
-        )
-
-    choices, prompt_tokens, completion_tokens = [], 0, 0
-    for index, (ids, params) in enumerate(runs):
-        result = generator.complete(ids, params)
-        prompt_tokens += len(ids)
-        completion_tokens += result.completion_tokens
-        choices.append(
-            CompletionChoice(
-                index=index,
-                text=result.text,
-                finish_reason=result.finish_reason,  # type: ignore[arg-type]
-            )
-        )
-    return Completion(
-        id=completion_id,
-        created=created,
-        model=body.model,
-        choices=choices,
-        usage=_usage(prompt_tokens, completion_tokens),
-    )

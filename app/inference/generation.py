@@ -9,10 +9,11 @@ can share one base model: the adapter is switched inside the lock.
 
 from __future__ import annotations
 
+import collections.abc as abc
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from app.inference.sampling import Generation, GenerationParams, Piece
+from app.inference.loading import load_pretrained
+from app.inference.sampling import FinishReason, Generation, GenerationParams, Piece
 from app.inference.templates import DEFAULT_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -42,18 +44,20 @@ class _QueueStreamer(BaseStreamer):
 
 
 class _StopWhenSet(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
+    """Stops the generation once any of ``events`` is set."""
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
 
     def __call__(
         self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+        stop = any(event.is_set() for event in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)
 
 
 def load_causal_lm(path: Path) -> Any:
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
-    return model
+    return load_pretrained(AutoModelForCausalLM, path)
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -67,7 +71,8 @@ def load_tokenizer(path: Path) -> Any:
 
 class Generator:
     """One tokenizer over a (possibly shared) model. ``activate`` runs inside the model's lock
-    before each generation (it selects a LoRA adapter, or does nothing)."""
+    before each generation (it selects a LoRA adapter, or does nothing); ``on_release`` runs
+    when the cache lets this generator go (a LoRA adapter leaves its base)."""
 
     def __init__(
         self,
@@ -75,11 +80,13 @@ class Generator:
         tokenizer: Any,
         lock: threading.Lock,
         activate: Callable[[], None] = lambda: None,
+        on_release: Callable[[], None] = lambda: None,
     ):
         self.model, self.tokenizer, self.lock, self.activate = model, tokenizer, lock, activate
+        self.release = on_release
         config = model.config
         self.context_length = int(
-            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+            getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 2048)
         )
 
     # -- prompts ---------------------------------------------------------------------------------
@@ -101,24 +108,27 @@ class Generator:
         prompt_ids: list[int],
         params: GenerationParams,
         cancel: threading.Event | None = None,
-    ) -> Iterator[Piece]:
+    ) -> abc.Generator[Piece, None, None]:
         """Yield text pieces as they become final; the last piece has the finish_reason.
         Setting ``cancel`` (a client went away) stops the generation at the next token."""
         max_new = min(params.max_tokens, max(self.context_length - len(prompt_ids), 0))
         if max_new <= 0:
             yield Piece("", "length", 0)
             return
-        streamer, stop_event = _QueueStreamer(), cancel or threading.Event()
+        # This sequence's own stop (a stop sequence, the end), apart from the caller's cancel,
+        # which may go on to the request's next sequence.
+        streamer, stop_event = _QueueStreamer(), threading.Event()
+        stops = (stop_event,) if cancel is None else (stop_event, cancel)
         failure: list[BaseException] = []
         thread = threading.Thread(
             target=self._generate,
-            args=(prompt_ids, params, max_new, streamer, stop_event, failure),
+            args=(prompt_ids, params, max_new, streamer, stops, failure),
             daemon=True,
         )
         thread.start()
         generated: list[int] = []
         emitted = ""
-        finish: str | None = None
+        finish: FinishReason | None = None
         eos = self.tokenizer.eos_token_id
         try:
             while True:
@@ -160,7 +170,7 @@ class Generator:
         params: GenerationParams,
         max_new: int,
         streamer: _QueueStreamer,
-        stop_event: threading.Event,
+        stops: tuple[threading.Event, ...],
         failure: list[BaseException],
     ) -> None:
         try:
@@ -170,7 +180,7 @@ class Generator:
                 "attention_mask": torch.ones_like(input_ids),
                 "max_new_tokens": max_new,
                 "streamer": streamer,
-                "stopping_criteria": [_StopWhenSet(stop_event)],
+                "stopping_criteria": [_StopWhenSet(*stops)],
                 "pad_token_id": self.tokenizer.pad_token_id,
                 "eos_token_id": self.tokenizer.eos_token_id,
             }
@@ -179,6 +189,9 @@ class Generator:
             else:
                 kwargs.update(do_sample=False)
             with self.lock, torch.inference_mode():
+                if any(stop.is_set() for stop in stops):  # stopped while waiting for the lock
+                    streamer.end()
+                    return
                 self.activate()
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
@@ -188,9 +201,14 @@ class Generator:
             failure.append(exc)
             streamer.end()
 
-    def complete(self, prompt_ids: list[int], params: GenerationParams) -> Generation:
+    def complete(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        cancel: threading.Event | None = None,
+    ) -> Generation:
         result = Generation()
-        for piece in self.stream(prompt_ids, params):
+        for piece in self.stream(prompt_ids, params, cancel):
             result.text += piece.text
             result.completion_tokens = piece.completion_tokens or result.completion_tokens
             if piece.finish_reason:

@@ -1,20 +1,26 @@
-"""Inference routes: predictions for every kind of model, and embeddings. Models load and run
-in worker threads, off the event loop."""
+"""Inference routes: predictions for every kind of model, and embeddings. Each request finds its
+model with a short database session, then waits for an inference slot (app/inference/
+concurrency.py) and runs the model in an inference thread, off the event loop."""
 
 from __future__ import annotations
 
 import base64
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
 from app.core.errors import InvalidRequest
 from app.core.settings import Settings
 from app.core.storage import Storage
-from app.inference.registry import ModelCache, Use
+from app.inference.bounds import check_choices, check_tokens
+from app.inference.concurrency import inference_gate
+from app.inference.protocols import Embedder, Predictor, Use
+from app.inference.registry import ModelCache
 from app.inference.schemas import (
     Embedding,
     EmbeddingRequest,
@@ -25,33 +31,61 @@ from app.inference.schemas import (
     PredictionUsage,
     Usage,
 )
+from app.inference.servables import TextPredictor
 from app.models import Organization
 from app.schemas import ErrorResponse
-from app.services.models import resolve_loadable
+from app.services.models import CAUSAL_LM, LoadableModel, resolve_loadable
 
 router = APIRouter(tags=["inference"])
+
+T = TypeVar("T")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid input or wrong kind of model"},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "No such model for this organization"},
+    503: {
+        "model": ErrorResponse,
+        "description": "Inference is saturated: no slot came free in time, or the queue is full",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before retrying",
+                "schema": {"type": "integer"},
+            }
+        },
+    },
 }
 
 
-def servable(
-    request: Request,
-    session: Session,
-    settings: Settings,
-    storage: Storage,
-    org: Organization,
-    model_id: str,
-    use: Use,
-) -> Any:
-    """Find the organization's model and return it loaded for ``use``."""
-    loadable = resolve_loadable(session, settings, storage, org, model_id)
-    session.close()  # the model may run long after the database is needed
+async def find_model(
+    session: Session, settings: Settings, storage: Storage, org: Organization, model_id: str
+) -> LoadableModel:
+    """The organization's model. The request's session is closed once it is found: a request
+    that waits for a slot or runs a model holds no database connection."""
+
+    def find() -> LoadableModel:
+        try:
+            return resolve_loadable(session, settings, storage, org, model_id)
+        finally:
+            session.close()
+
+    return await run_in_threadpool(find)
+
+
+async def run_model(
+    request: Request, model: LoadableModel, use: Use, work: Callable[[Any], T]
+) -> T:
+    """``work(servable)`` in an inference slot, with ``model`` loaded for ``use`` and leased
+    until ``work`` returns."""
     cache: ModelCache = request.app.state.model_cache
-    return cache.get(loadable, use)
+
+    def leased() -> T:
+        with cache.lease(model, use) as servable:
+            return work(servable)
+
+    gate = inference_gate(request.app)
+    async with gate.slot():
+        return await gate.run(leased)
 
 
 def _inputs(value: Any, limit: int) -> list[Any]:
@@ -71,7 +105,7 @@ def _inputs(value: Any, limit: int) -> list[Any]:
     response_model_exclude_none=True,
     responses=ERRORS,
 )
-def predict(
+async def predict(
     body: PredictionRequest,
     request: Request,
     org: OrgDep,
@@ -80,17 +114,24 @@ def predict(
     storage: StorageDep,
 ) -> PredictionResponse:
     inputs = _inputs(body.input, settings.max_prediction_inputs)
-    model = servable(request, session, settings, storage, org, body.model, "predict")
-    results, tokens = model.predict(inputs)
-    return PredictionResponse(
-        model=body.model,
-        data=[Prediction(index=i, **r) for i, r in enumerate(results)],
-        usage=PredictionUsage(prompt_tokens=tokens, total_tokens=tokens),
-    )
+    model = await find_model(session, settings, storage, org, body.model)
+    if model.kind == CAUSAL_LM:  # each input is a generation
+        choices = check_choices(settings, len(inputs), 1, prompt_param="input")
+        check_tokens(settings, choices, TextPredictor.max_tokens, param="input")
+
+    def answer(predictor: Predictor) -> PredictionResponse:
+        results, tokens = predictor.predict(inputs)
+        return PredictionResponse(
+            model=body.model,
+            data=[Prediction(index=i, **r) for i, r in enumerate(results)],
+            usage=PredictionUsage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+
+    return await run_model(request, model, "predict", answer)
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
-def embeddings(
+async def embeddings(
     body: EmbeddingRequest,
     request: Request,
     org: OrgDep,
@@ -101,22 +142,26 @@ def embeddings(
     texts = _inputs(body.input, settings.max_prediction_inputs)
     if any(not isinstance(t, str) or not t for t in texts):
         raise InvalidRequest("Every input must be a non-empty string.", param="input")
-    model = servable(request, session, settings, storage, org, body.model, "embed")
-    vectors, tokens = model.embed(texts)
-    if body.dimensions is not None:
-        if body.dimensions > len(vectors[0]):
-            raise InvalidRequest(
-                f"dimensions must be at most {len(vectors[0])} for this model.",
-                param="dimensions",
-            )
-        vectors = [_renormalise(v[: body.dimensions]) for v in vectors]
-    data = [
-        Embedding(index=i, embedding=_encode(v, body.encoding_format))
-        for i, v in enumerate(vectors)
-    ]
-    return EmbeddingResponse(
-        data=data, model=body.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens)
-    )
+    model = await find_model(session, settings, storage, org, body.model)
+
+    def answer(embedder: Embedder) -> EmbeddingResponse:
+        vectors, tokens = embedder.embed(texts)
+        if body.dimensions is not None:
+            if body.dimensions > len(vectors[0]):
+                raise InvalidRequest(
+                    f"dimensions must be at most {len(vectors[0])} for this model.",
+                    param="dimensions",
+                )
+            vectors = [_renormalise(v[: body.dimensions]) for v in vectors]
+        data = [
+            Embedding(index=i, embedding=_encode(v, body.encoding_format))
+            for i, v in enumerate(vectors)
+        ]
+        return EmbeddingResponse(
+            data=data, model=body.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens)
+        )
+
+    return await run_model(request, model, "embed", answer)
 
 
 def _encode(vector: list[float], encoding: str) -> list[float] | str:

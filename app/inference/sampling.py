@@ -4,6 +4,9 @@ before any model is loaded)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
@@ -20,12 +23,12 @@ class Piece:
     """A piece of generated text; the last piece of a sequence carries its finish_reason."""
 
     text: str
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     completion_tokens: int = 0
 
 
 @dataclass
 class Generation:
     text: str = ""
-    finish_reason: str = "stop"
+    finish_reason: FinishReason = "stop"
     completion_tokens: int = 0

@@ -11,11 +11,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Bounds of our own (OpenAI's where it has them): the characters of one text (tokenizers
-# truncate to the model's context, but only after reading it all), and the messages of a chat.
+# truncate to the model's context, but only after reading it all), the messages of a chat, the
+# prompts of a completion request and the samples of each. The server's settings bound the
+# work further: prompts × n, and the tokens generated in all (app/inference/bounds.py).
 MAX_TEXT_CHARS = 100_000
 MAX_MESSAGES = 1024
+MAX_PROMPTS = 64
+MAX_N = 16
 # torch.manual_seed takes a 64-bit seed; n samples use seed, seed + 1, ...
-SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1}
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
@@ -46,13 +50,14 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=320)
-    # At most the server's max_new_tokens, checked by the route.
+    # At most the server's max_new_tokens, and within max_tokens_per_request for all the
+    # choices together, checked by the route.
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: Text | list[Text] | None = None
-    seed: int | None = Field(default=None, **SEED_RANGE)
-    n: int = Field(default=1, ge=1, le=16)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Accepted but not supported when set to something that would change the answer.
@@ -79,8 +84,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    # How many prompts: at most the server's max_prediction_inputs, checked by the route.
-    prompt: Text | list[Text]
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
     echo: bool = False
     suffix: Text | None = None
 

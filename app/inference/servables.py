@@ -1,13 +1,17 @@
-"""What each kind of model serves. Every loader reads safetensors only; no remote code."""
+"""What each kind of model serves. Every loader reads safetensors only; no remote code. The cache
+checks a model's weights once, before its factory runs (``ModelCache._build``)."""
 
 from __future__ import annotations
 
 import threading
+from functools import partial
 from typing import Any
 
 from app.core.kinds import KIND_CAUSAL_LM, KIND_CLASSIFICATION, KIND_ENCODER, KIND_TABULAR
+from app.inference.loading import load_pretrained
+from app.inference.protocols import TextGenerator
 from app.inference.registry import ModelCache, factory
-from app.services.models import LoadableModel, require_safe_weights
+from app.services.models import LoadableModel
 
 
 @factory("predict", KIND_CLASSIFICATION)
@@ -17,11 +21,8 @@ class ClassifierPredictor:
     def __init__(self, cache: ModelCache, model: LoadableModel):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        require_safe_weights(model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(model.path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model.path, use_safetensors=True
-        ).eval()
+        self.model = load_pretrained(AutoModelForSequenceClassification, model.path)
         self.id2label = {int(k): str(v) for k, v in self.model.config.id2label.items()}
 
     def predict(self, inputs: list[Any]) -> tuple[list[dict[str, Any]], int]:
@@ -50,7 +51,6 @@ class TabularPredictor:
     def __init__(self, cache: ModelCache, model: LoadableModel):
         from app.inference.architectures import load_mlp
 
-        require_safe_weights(model.path)
         self.model, self.config = load_mlp(model.path)
         self.model.eval()
         self.id2label = dict(enumerate(str(label) for label in self.config["labels"]))
@@ -73,42 +73,51 @@ class TabularPredictor:
 
 
 @factory("generate", KIND_CAUSAL_LM)
-def load_generator(cache: ModelCache, model: LoadableModel) -> Any:
+def load_generator(cache: ModelCache, model: LoadableModel) -> TextGenerator:
     from app.inference.generation import Generator, load_causal_lm, load_tokenizer
 
-    require_safe_weights(model.path)  # before anything in the directory is read
     tokenizer = load_tokenizer(model.path)
-    if model.base_path is not None:  # a LoRA adapter: share its base
-        peft_model, lock = cache.attach_adapter(model.base_path, model.path, model.id)
-        generator = Generator(
-            peft_model, tokenizer, lock, activate=lambda: peft_model.set_adapter(model.id)
-        )
-        generator.release = lambda: cache.detach_adapter(model.base_path, model.id)  # type: ignore[attr-defined]
-        return generator
-    return Generator(load_causal_lm(model.path), tokenizer, threading.Lock())
+    if model.base_path is None:
+        return Generator(load_causal_lm(model.path), tokenizer, threading.Lock())
+    # A LoRA adapter: it shares its base with the other adapters of that base.
+    shared = cache.attach_adapter(model.base_path, model.path, model.id)
+    return Generator(
+        shared.model,
+        tokenizer,
+        shared.lock,
+        activate=partial(shared.model.set_adapter, model.id),
+        on_release=partial(cache.detach_adapter, model.base_path, model.id),
+    )
 
 
-@factory("predict", KIND_CAUSAL_LM)
+@factory("predict", KIND_CAUSAL_LM, wraps="generate")
 class TextPredictor:
-    """/v1/predictions for a generative model: the greedy continuation of each input."""
+    """/v1/predictions for a generative model: the greedy continuation of each input. It holds
+    a lease on the model's generate servable, which stays loaded while this one is."""
+
+    max_tokens = 128
 
     def __init__(self, cache: ModelCache, model: LoadableModel):
-        self.generator = cache.get(model, "generate")
+        self._generator = cache.lease(model, "generate")
 
     def predict(self, inputs: list[Any]) -> tuple[list[dict[str, Any]], int]:
-        from app.inference.generation import GenerationParams
+        from app.inference.sampling import GenerationParams
 
-        params = GenerationParams(max_tokens=128, temperature=0.0)
+        generator = self._generator.servable
+        params = GenerationParams(max_tokens=self.max_tokens, temperature=0.0)
         results, tokens = [], 0
         for text in _texts(inputs):
-            prompt = self.generator.encode(text)
+            prompt = generator.encode(text)
             tokens += len(prompt)
-            results.append({"text": self.generator.complete(prompt, params).text})
+            results.append({"text": generator.complete(prompt, params).text})
         return results, tokens
+
+    def release(self) -> None:
+        self._generator.close()
 
 
 @factory("embed", KIND_ENCODER, KIND_CLASSIFICATION)
-class Embedder:
+class SentenceEmbedder:
     """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe for
     all-MiniLM-L6-v2); a fine-tuned classifier embeds with its fine-tuned encoder."""
 
@@ -117,9 +126,8 @@ class Embedder:
     def __init__(self, cache: ModelCache, model: LoadableModel):
         from transformers import AutoModel, AutoTokenizer
 
-        require_safe_weights(model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(model.path)
-        self.model = AutoModel.from_pretrained(model.path, use_safetensors=True).eval()
+        self.model = load_pretrained(AutoModel, model.path)
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         import torch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request
 
 from app.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
@@ -54,8 +56,10 @@ def delete_model(
         )
     path = models.delete_model(session, storage, org, model)
     session.commit()
+    remove_files = partial(storage.remove_tree, path)
     cache = getattr(request.app.state, "model_cache", None)
-    if cache is not None:
-        cache.forget(model)
-    storage.remove_tree(path)
+    if cache is None:  # a control process serves no model
+        remove_files()
+    else:  # after the last request of this process that uses the model
+        cache.forget(model, then=remove_files)
     return DeletedResponse(id=model, object="model")
