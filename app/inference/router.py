@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
 from app.core.errors import InvalidRequest
+from app.core.kinds import KIND_CAUSAL_LM
 from app.core.settings import Settings
 from app.core.storage import Storage
 from app.inference.bounds import check_choices, check_tokens
@@ -34,7 +35,7 @@ from app.inference.schemas import (
 from app.inference.servables import TextPredictor
 from app.models import Organization
 from app.schemas import ErrorResponse
-from app.services.models import CAUSAL_LM, LoadableModel, resolve_loadable
+from app.services.models import LoadableModel, resolve_loadable
 
 router = APIRouter(tags=["inference"])
 
@@ -115,7 +116,7 @@ async def predict(
 ) -> PredictionResponse:
     inputs = _inputs(body.input, settings.max_prediction_inputs)
     model = await find_model(session, settings, storage, org, body.model)
-    if model.kind == CAUSAL_LM:  # each input is a generation
+    if model.kind == KIND_CAUSAL_LM:  # each input is a generation
         choices = check_choices(settings, len(inputs), 1, prompt_param="input")
         check_tokens(settings, choices, TextPredictor.max_tokens, param="input")
 
