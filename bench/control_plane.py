@@ -2,38 +2,41 @@
 simulated workers train 10,000 queued jobs on PostgreSQL + Redis.
 
     .venv/bin/python bench/control_plane.py [--jobs 10000] [--workers 200] [--duration 150]
-    .venv/bin/python bench/control_plane.py --jobs 2000 --workers 40 --duration 30  # quick
+    .venv/bin/python bench/control_plane.py --jobs 2000 --workers 40 --duration 30  # quicker
 
 Each phase gets a fresh PostgreSQL database (dropped afterwards), migrated with Alembic:
 
-- setup (not measured): organizations with an API key each, one real training file per
-  organization, and the queued jobs bulk-inserted with their first events. One organization
-  ("big") holds half of the jobs, the others share the rest; the jobs were created over the
-  last hour and have waited since, so the reconciler finds them idle;
+- setup (not measured): organizations with an API key each, one real training file each, and
+  the queued jobs bulk-inserted with their first events, then ANALYZE. One organization ("big")
+  holds half of the jobs, the others share the rest; the jobs were created over the last hour
+  and have waited since, so the reconciler finds them idle;
 - a real API process (`python -m app.cli api`, as tests/stacks.py starts it);
-- simulated workers: threads in a few processes (`--threads-per-process`, 50 by default, so
-  the workers' own GIL does not slow the API or the reconciler, each in its own process).
+- simulated workers: threads in a few processes (`--threads-per-process`, 50 by default;
+  reniced, so that on one machine they take less of the CPU the measured processes need; the
+  API and the reconciler each have a process of their own, so the workers' GIL is not theirs).
   Each worker takes a wake-up from a Redis list (the stand-in for the Celery queue: the
   reconciler's re-sent wake-ups go to the real Celery queue in Redis and are not consumed) and
   runs the job through the same code as `worker/supervisor.py` and `worker/runner.py`: reads
-  the job, `leases.claim_job`, reads the spec (job and training file), then, for
-  `--job-seconds` (+-30%) with a no-op trainer, `leases.record_progress` and the supervisor's
-  `leases.lease_state` poll every second, a metrics event every 5 s, `leases.renew_lease` every
-  `--heartbeat` s, and finishes through the real success path,
-  `results.register_fine_tuned_model` (a model directory with one small file, and the result
-  CSV: a few hundred bytes each, not what dominates), then the supervisor's settle
+  the job, `leases.claim_job`, reads the spec (job and training file), then, with a no-op
+  trainer for `--job-seconds` (+-30%), `leases.record_progress` after each step
+  (`--step-seconds`: the runner writes at most one a second), a metrics event every 5 steps,
+  the supervisor's `leases.lease_state` every `--poll-seconds` (cancel_poll_seconds) and
+  `leases.renew_lease` every `--heartbeat` seconds; it finishes through the real success path,
+  `results.register_fine_tuned_model` (it writes a result CSV of a few hundred bytes, and the
+  trainer a one-file model directory: not what dominates), then the supervisor's settle
   (`lease_state`, `release_lease`);
 - a reconciler process calling `worker.reconciler.reconcile_once` every `--reconcile-every`
-  seconds (the real beat does every 30 s), each pass timed;
-- one HTTP client in this process, at `--rate` requests per second: create (in an
-  organization of its own, each created job cancelled at once, untimed, so the others keep
-  their size), retrieve, list (limit=20) and list with `after` (a random job of the
+  seconds (the beat's default is 30), each pass timed;
+- `--clients` HTTP clients (threads of this process, sharing `--rate` requests a second):
+  create (in an organization of its own, each created job cancelled at once, untimed, so the
+  others keep their size), retrieve, list (limit=20) and list with `after` (a random job of the
   organization as the cursor), for a typical organization and for the big one.
 
 The baseline is the same phase with 10 jobs and 1 worker, measured in the same run; the table
-gives p50 and p99 of each, and the ratios. `--explain` prints PostgreSQL's plans (EXPLAIN
-ANALYZE) of the control plane's queries on the large database; their execution times are
-always printed.
+gives p50 and p99 of each, and the ratios, then the CPU the API, the reconciler and the
+workers used (on a shared machine the latencies are mostly the wait for a CPU).
+`--explain` prints PostgreSQL's plans (EXPLAIN ANALYZE) of the control plane's queries on the
+large database; their execution times are always printed.
 """
 
 from __future__ import annotations
@@ -436,8 +439,9 @@ def reconciler_process(world: World, every: float, stop_at: float, out: Any) -> 
         session.execute(text("SELECT 1"))
     passes: list[tuple[float, dict[str, Any]]] = []
     while time.time() < stop_at:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         summary = reconcile_once(settings)
+        summary["cpu_seconds"] = time.process_time() - cpu  # the pass's own, waits excluded
         passes.append((time.perf_counter() - started, summary))
         time.sleep(max(0.0, min(every - (time.perf_counter() - started), stop_at - time.time())))
     out.put(passes)
@@ -554,6 +558,7 @@ def client_loop(
                     # Untimed: the create-only organization's jobs stay out of everyone's way.
                     job_id = response.json()["id"]
                     http.post(f"{JOBS_PATH}/{job_id}/cancel", headers=headers)
+                    samples.setdefault("cancel (untimed)", []).append(0.0)
     return samples, errors
 
 
@@ -748,33 +753,43 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
 
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def print_table(base: PhaseResult, scale: PhaseResult, args: argparse.Namespace) -> None:
     def series(result: PhaseResult) -> Samples:
         return {**result.samples, "reconcile pass": [s for s, _ in result.reconcile]}
 
     b, s = series(base), series(scale)
     label = f"{args.workers} workers, {args.jobs} jobs"
-    print(f"\n| ms | n | 1 worker, 10 jobs: p50 | p99 | {label}: p50 | p99 | ratio p50 | "
-          "ratio p99 | goal (p99) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    head = ["ms", "n (baseline, scale)", "1 worker, 10 jobs: p50", "p99", f"{label}: p50", "p99",
+            "ratio p50", "ratio p99", "goal (p99)"]  # fmt: skip
+    print("\n" + _row(head) + "\n" + _row(["---"] * len(head)))
     for name in s:
-        if not b.get(name) or not s[name]:
+        if not b.get(name) or not s[name] or name.endswith("(untimed)"):
             continue
         goal = next((g for k, g in GOALS.items() if name.startswith(k)), None)
         bp50, bp99 = percentile(b[name], 0.5), percentile(b[name], 0.99)
         sp50, sp99 = percentile(s[name], 0.5), percentile(s[name], 0.99)
-        verdict = (
-            "" if goal is None else f"< {goal * 1000:.0f}: {'met' if sp99 < goal else 'MISSED'}"
-        )
-        print(f"| {name} | {len(s[name])} | {_ms(bp50)} | {_ms(bp99)} | {_ms(sp50)} | "
-              f"{_ms(sp99)} | {sp50 / bp50:.1f} | {sp99 / bp99:.1f} | {verdict} |")  # fmt: skip
+        verdict = ""
+        if goal is not None:
+            verdict = f"< {goal * 1000:.0f}: {'met' if sp99 < goal else 'MISSED'}"
+        cells = [name, f"{len(b[name])}, {len(s[name])}", _ms(bp50), _ms(bp99), _ms(sp50),
+                 _ms(sp99), f"{sp50 / bp50:.1f}", f"{sp99 / bp99:.1f}", verdict]  # fmt: skip
+        print(_row(cells))
     print("\nQueries on PostgreSQL after the run, EXPLAIN ANALYZE execution time (ms):")
-    print(f"| query | 10 jobs | {args.jobs} jobs |\n|---|---|---|")
+    print(_row(["query", "10 jobs", f"{args.jobs} jobs"]) + "\n" + _row(["---"] * 3))
     for name, ms in scale.explain.items():
-        print(f"| {name} | {base.explain.get(name, 0):.2f} | {ms:.2f} |")
+        print(_row([name, f"{base.explain.get(name, 0):.2f}", f"{ms:.2f}"]))
     for name, result in (("baseline", base), ("scale", scale)):
+        requests = sum(len(v) for v in result.samples.values())
+        cpu = [p["cpu_seconds"] for _, p in result.reconcile]
         w = result.workers
-        print(f"\n{name}: seeded in {result.seed_seconds:.1f} s; finished {w['finished']:.0f}, "
+        print(f"\n{name}: {requests} requests, API CPU {_ms(result.api_cpu_seconds / requests)} "
+              "ms a request (the creates' validation included); reconcile pass CPU p50 "
+              f"{_ms(percentile(cpu, 0.5))} ms, max {_ms(max(cpu))} ms")  # fmt: skip
+        print(f"  seeded in {result.seed_seconds:.1f} s; jobs finished {w['finished']:.0f}, "
               f"stopped at the end {w['stopped']:.0f}, claims lost {w['claims_lost']:.0f}, "
               f"heartbeats {w['heartbeats']:.0f}, worker errors {w['errors']:.0f}; CPU seconds: "
               f"workers {w['cpu_seconds']:.0f}, API {result.api_cpu_seconds:.0f}; "
