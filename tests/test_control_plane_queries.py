@@ -154,12 +154,12 @@ def test_pages_file_checks_and_idle_jobs_read_about_the_rows_they_return(
         with session_scope(url) as session:
             org = keys.get_or_create_organization(session, ORG)
             unused = files.store_result_file(session, storage, org.id, "metrics.csv", b"a\n1\n")
-            # Newest first, so a cursor on the 41st oldest job is 360 jobs deep.
-            deep = backlog[40]
+            # Newest first: a cursor on the 201st oldest job is 199 jobs deep.
+            deep = backlog[200]
 
             def page_after() -> None:
                 rows, more = jobs.list_jobs(session, org, limit=20, after=deep)
-                assert [r.id for r in rows] == backlog[39:19:-1] and more
+                assert [r.id for r in rows] == backlog[199:179:-1] and more
 
             def delete_unused_file() -> None:
                 files.delete_file(session, storage, org, unused.id)
