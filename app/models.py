@@ -98,8 +98,13 @@ class File(Base):
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
-        Index("ix_jobs_org_created", "organization_id", "created_at"),
-        Index("ix_jobs_status", "status"),
+        # An organization's jobs, newest first, paged by (created_at, id) (pagination.page).
+        Index("ix_jobs_org_created_id", "organization_id", "created_at", "id"),
+        # The reconciler's jobs of one status, longest idle first (leases.stale_job_ids).
+        Index("ix_jobs_status_updated", "status", "updated_at"),
+        # Which jobs use a file (files.delete_file refuses to delete one in use).
+        Index("ix_jobs_training_file", "training_file"),
+        Index("ix_jobs_validation_file", "validation_file"),
         UniqueConstraint("organization_id", "idempotency_key", name="uq_jobs_idempotency"),
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
@@ -195,12 +196,28 @@ def record_progress(
 # ---- what the reconciler looks for ------------------------------------------------------------
 
 
-def expired_or_local_leases(session: Session, local_prefix: str, now: datetime) -> Sequence[Job]:
+# The most jobs of one status a reconciler pass picks up (stale_job_ids). A backlog of 10,000
+# queued jobs is idle by nature: re-sending all of their wake-ups on every pass took minutes
+# (a wake-up costs a few milliseconds) and flooded the broker with duplicates. A pass takes the
+# longest idle ones and touches them, so the next pass takes the next ones and every job comes
+# round: a broker that lost everything gets 200 wake-ups back a minute at the default interval.
+STALE_JOBS_PER_PASS = 100
+
+
+class HeldLease(NamedTuple):
+    """The lease of a running job, as the reconciler weighs it (not the whole row)."""
+
+    id: str
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+
+
+def expired_or_local_leases(session: Session, local_prefix: str, now: datetime) -> list[HeldLease]:
     """Running jobs whose lease ran out (or was never set), and those leased to a process of
     this machine (owners starting with ``local_prefix``), whose holder may be gone: not every
     running job."""
-    return session.scalars(
-        select(Job).where(
+    rows = session.execute(
+        select(Job.id, Job.lease_owner, Job.lease_expires_at).where(
             Job.status == RUNNING,
             or_(
                 Job.lease_expires_at.is_(None),
@@ -208,17 +225,22 @@ def expired_or_local_leases(session: Session, local_prefix: str, now: datetime) 
                 Job.lease_owner.startswith(local_prefix, autoescape=True),
             ),
         )
-    ).all()
+    )
+    return [HeldLease(*row) for row in rows]
 
 
-def stale_job_ids(session: Session, status: str, idle_seconds: float) -> list[str]:
-    """Jobs in ``status`` untouched for ``idle_seconds`` (their wake-up may have been lost)."""
+def stale_job_ids(
+    session: Session, status: str, idle_seconds: float, limit: int | None = None
+) -> list[str]:
+    """Jobs in ``status`` untouched for ``idle_seconds`` (their wake-up may have been lost),
+    the longest idle first, at most ``limit`` (default STALE_JOBS_PER_PASS)."""
     cutoff = utcnow() - timedelta(seconds=idle_seconds)
     return list(
         session.scalars(
             select(Job.id)
             .where(Job.status == status, Job.updated_at <= cutoff)
-            .order_by(Job.created_at)
+            .order_by(Job.updated_at, Job.created_at)
+            .limit(STALE_JOBS_PER_PASS if limit is None else limit)
         )
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, and_, or_
+from sqlalchemy import Select, tuple_
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 T = TypeVar("T")
@@ -23,11 +23,12 @@ def page(
 ) -> tuple[Sequence[Any], bool]:
     """Rows after the cursor row ``after`` (an ORM object or None), and whether more follow."""
     if after is not None:
-        key, tie = getattr(after, sort.key), getattr(after, tiebreak.key)
-        if descending:
-            stmt = stmt.where(or_(sort < key, and_(sort == key, tiebreak < tie)))
-        else:
-            stmt = stmt.where(or_(sort > key, and_(sort == key, tiebreak > tie)))
+        # One row-value comparison, (sort, tiebreak) < (the cursor's): an index on
+        # (..., sort, tiebreak) starts the page at the cursor instead of filtering every row
+        # before it, as "sort < key OR (sort = key AND tiebreak < tie)" would.
+        row = tuple_(sort, tiebreak)
+        cursor = (getattr(after, sort.key), getattr(after, tiebreak.key))  # bound as the columns
+        stmt = stmt.where(row < cursor if descending else row > cursor)
     order = (sort.desc(), tiebreak.desc()) if descending else (sort.asc(), tiebreak.asc())
     rows = session.scalars(stmt.order_by(*order).limit(limit + 1)).all()
     return rows[:limit], len(rows) > limit
