@@ -8,7 +8,7 @@
 - ix_jobs_training_file and ix_jobs_validation_file: deleting a file looks for a job using it
   without reading all of the organization's jobs.
 
-Revision ID: 0005_control_plane_indexes
+Revision ID: 0005
 Revises: 0004
 Create Date: 2026-11-30 18:00:00.000000
 """
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0005_control_plane_indexes"
+revision: str = "0005"
 down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
