@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from pathlib import Path
@@ -32,8 +33,19 @@ class Storage:
         return self.job_dir(job_id) / "checkpoints"
 
     def model_dir(self, job_id: str) -> Path:
-        """A finished model lives under the id of the job that trained it."""
+        """A finished model lives under the id of the job that trained it, in the directory
+        of the attempt that trained it (``attempt_model_dir``)."""
         return self.root / "models" / self._safe(job_id)
+
+    def attempt_model_dir(self, job_id: str, attempt: str) -> Path:
+        """Where one attempt at a job (``attempt_name``) puts its finished model: a directory
+        of its own, so that a stale attempt and the one that took its job over never write,
+        replace or remove each other's files."""
+        return self.model_dir(job_id) / self._safe(attempt)
+
+    def final_output_dir(self, job_id: str, attempt: str) -> Path:
+        """Where one attempt's training writes its model, before it is registered."""
+        return self.job_dir(job_id) / f"final-{self._safe(attempt)}"
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))
@@ -51,3 +63,9 @@ class Storage:
     @staticmethod
     def remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def attempt_name(lease_owner: str) -> str:
+    """A storage id for one attempt at a job, from its lease holder (``host:ns:pid:token``,
+    which is not a safe path part): unique per claim, as the holder is."""
+    return "lease-" + hashlib.sha256(lease_owner.encode()).hexdigest()[:16]
