@@ -24,7 +24,7 @@ from app.core.db import session_scope
 from app.core.process import die_with_parent
 from app.core.retry import retry_for
 from app.core.settings import Settings, get_settings
-from app.core.storage import Storage, attempt_name
+from app.core.storage import Storage, attempt_name, redact_paths
 from app.models import File, Job, utcnow
 from app.services import jobs, leases, results
 from app.services.models import MLP_MODEL
@@ -193,6 +193,7 @@ class DatabaseReporter:
         )
 
     def message(self, text: str, level: str = "info") -> None:
+        text = redact_paths(text, self.storage.root)
         self._write(lambda session: jobs.add_event(session, self.job_id, text, level=level))
 
     def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
@@ -291,6 +292,9 @@ def _spec(settings: Settings, job_id: str, owner: str) -> Any:
 
 
 def _fail(reporter: DatabaseReporter, code: str, message: str) -> None:
+    # Files named relative to the storage root, never by the server's absolute paths.
+    message = redact_paths(message, reporter.storage.root)
+
     def fail() -> None:
         with session_scope(reporter.url) as session:
             jobs.fail_job(

@@ -8,6 +8,9 @@ import shutil
 from pathlib import Path
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# An absolute path in a message: a slash that starts a word (not "a/b", "ft:org/x" or a URL's
+# "//"), then one or more segments.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])(?:/[^\s/'\"`:,;()\[\]{}<>]+)+/?")
 
 
 class Storage:
@@ -69,3 +72,13 @@ def attempt_name(lease_owner: str) -> str:
     """A storage id for one attempt at a job, from its lease holder (``host:ns:pid:token``,
     which is not a safe path part): unique per claim, as the holder is."""
     return "lease-" + hashlib.sha256(lease_owner.encode()).hexdigest()[:16]
+
+
+def redact_paths(text: str, root: Path | None = None) -> str:
+    """``text`` without the server's absolute paths, for what a user reads (a job's error and
+    its events): a path under ``root`` (the storage root) is named relative to it
+    (``files/file-abc``), any other absolute path by its last part only."""
+    if root is not None:
+        for prefix in dict.fromkeys((str(root), str(root.resolve()))):
+            text = text.replace(prefix.rstrip("/") + "/", "")
+    return _ABSOLUTE_PATH.sub(lambda match: Path(match.group(0)).name, text)

@@ -30,6 +30,7 @@ from app.core.kinds import (
     KIND_ENCODER,
 )
 from app.core.settings import Settings
+from app.core.storage import redact_paths
 from app.models import Checkpoint, File, Job, JobEvent, Organization, utcnow
 from app.schemas import Architecture, HyperparametersRequest, JobCreate, SupervisedMethod
 from app.services.hyperparameters import TRAINABLE_FORMATS, resolve_hyperparameters
@@ -118,6 +119,9 @@ def fail_job(
     when: Iterable[ColumnElement[bool]] = (),
     **values: Any,
 ) -> bool:
+    """Fail the job (conditional, as every move) with an error a user reads: absolute paths
+    of the server are taken out of ``message`` (``storage.redact_paths``)."""
+    message = redact_paths(message)
     return transition(
         session,
         job_id,
