@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 
 from app.core.db import get_engine, session_scope
@@ -140,6 +140,20 @@ def test_each_job_is_committed_before_the_next_file_is_read(
         )
 
 
+def transactions_open(url: str) -> int:
+    """Other connections to this PostgreSQL database that are inside a transaction."""
+    with get_engine(url).connect() as connection:
+        return int(
+            connection.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid() AND xact_start IS NOT NULL"
+                )
+            )
+            or 0
+        )
+
+
 @pytest.mark.postgres
 def test_one_reconciler_acts_at_a_time_on_postgres(
     postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -154,12 +168,14 @@ def test_one_reconciler_acts_at_a_time_on_postgres(
         read = job_files.validate_dataset
 
         def held_read(path: Path, **kwargs: Any) -> Any:
+            open_transactions.append(transactions_open(url))
             reading.set()
             assert release.wait(30), "the test did not release the first pass"
             return read(path, **kwargs)
 
         monkeypatch.setattr(job_files, "validate_dataset", held_read)
         results: list[dict[str, Any]] = []
+        open_transactions: list[int] = []
         first = threading.Thread(target=lambda: results.append(reconciler.reconcile_once(settings)))
         first.start()
         try:
@@ -171,6 +187,7 @@ def test_one_reconciler_acts_at_a_time_on_postgres(
         finally:
             release.set()
             first.join(30)
+        assert open_transactions == [0]  # the file was read with no transaction open
         assert results and results[0]["enqueued"] == 1
         assert statuses(settings, [job_id]) == [jobs.QUEUED]
         assert reconciler.reconcile_once(settings) == {"enqueued": 1, "expired": 0, "failed": 0}

@@ -14,12 +14,13 @@ any: a pass never keeps SQLite's write lock from the API and the trainers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Connection, text
+from sqlalchemy.orm import Session
 
 from app.core.db import get_engine, session_scope
 from app.core.process import holder_is_gone, local_owner_prefix
@@ -33,42 +34,63 @@ log = logging.getLogger(__name__)
 _LOCK_KEY = 0x7475_6E65  # "tune"
 
 
+Sessions = Callable[[], AbstractContextManager[Session]]
+
+
 @contextmanager
-def _one_reconciler(url: str) -> Iterator[bool]:
-    """Whether this pass may act: on PostgreSQL, a session-level advisory lock held on a
-    connection of its own for the whole pass (in autocommit: the pass commits job by job and
-    reads files in between, so no transaction may span it); SQLite serialises writers itself.
-    """
+def _pass_sessions(url: str) -> Iterator[Sessions | None]:
+    """The units of work of one pass, or None when another reconciler is in the middle of one.
+
+    On PostgreSQL the pass runs on one connection of its own, which holds a session-level
+    advisory lock from start to end, between its short transactions: the pass commits job by
+    job and reads files with no transaction open. SQLite serialises writers itself."""
     engine = get_engine(url)
     if engine.dialect.name != "postgresql":
-        yield True
+        yield partial(session_scope, url)
         return
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+    with engine.connect() as connection:
         taken = bool(connection.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY}))
+        connection.commit()
+        if not taken:
+            yield None
+            return
         try:
-            yield taken
+            yield partial(_session_on, connection)
         finally:
-            if taken:
-                connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+            connection.rollback()
+            connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+            connection.commit()
 
 
-def _validate_stale(settings: Settings, idle: float) -> list[str]:
+@contextmanager
+def _session_on(connection: Connection) -> Iterator[Session]:
+    """``session_scope`` on the pass's connection: one transaction, committed on success."""
+    session = Session(bind=connection, expire_on_commit=False)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def _validate_stale(sessions: Sessions, settings: Settings, idle: float) -> list[str]:
     """Validate the ``validating_files`` jobs an API process left behind, one at a time, each
     file read outside any transaction; the ids of those now queued."""
-    url = settings.sqlalchemy_url
-    with session_scope(url) as session:
+    with sessions() as session:
         validating = leases.stale_job_ids(session, jobs.VALIDATING, idle)
-    sessions = partial(session_scope, url)
     return [j for j in validating if job_files.validate_job_files(settings, j, sessions=sessions)]
 
 
-def _requeue_expired(settings: Settings) -> tuple[list[str], int]:
+def _requeue_expired(sessions: Sessions, settings: Settings) -> tuple[list[str], int]:
     """Running jobs whose trainer is gone: the lease ran out, or (found at once) the process
     holding it on this machine no longer exists. Each counts as a crash, recorded only if the
     lease was not renewed since it was read here (a heartbeat may land in between), and
     committed job by job."""
     now = utcnow()
-    with session_scope(settings.sqlalchemy_url) as session:
+    with sessions() as session:
         running = [
             (job.id, job.lease_owner, job.lease_expires_at)
             for job in leases.expired_or_local_leases(session, local_owner_prefix(), now)
@@ -78,7 +100,7 @@ def _requeue_expired(settings: Settings) -> tuple[list[str], int]:
         expired = expires_at is None or expires_at < now
         if not expired and not holder_is_gone(owner):
             continue
-        with session_scope(settings.sqlalchemy_url) as session:
+        with sessions() as session:
             outcome = leases.record_crash(
                 session,
                 job_id,
@@ -96,12 +118,12 @@ def _requeue_expired(settings: Settings) -> tuple[list[str], int]:
 
 def reconcile_once(settings: Settings, *, at_start: bool = False) -> dict[str, Any]:
     idle = 0.0 if at_start else settings.requeue_after_seconds
-    with _one_reconciler(settings.sqlalchemy_url) as ours:
-        if not ours:
+    with _pass_sessions(settings.sqlalchemy_url) as sessions:
+        if sessions is None:
             return {"skipped": True}
-        newly_queued = _validate_stale(settings, idle)
-        requeued, failed = _requeue_expired(settings)
-        with session_scope(settings.sqlalchemy_url) as session:
+        newly_queued = _validate_stale(sessions, settings, idle)
+        requeued, failed = _requeue_expired(sessions, settings)
+        with sessions() as session:
             lost = leases.stale_job_ids(session, jobs.QUEUED, idle)
             wake = list(dict.fromkeys(newly_queued + requeued + lost))
             leases.touch(session, wake)
