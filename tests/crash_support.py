@@ -29,7 +29,7 @@ from app.core.db import session_scope
 from app.core.settings import Settings
 from app.core.storage import Storage
 from app.main import create_app
-from app.models import Job, JobEvent
+from app.models import FineTunedModel, Job, JobEvent
 from app.services import jobs
 from tests.stacks import FAST_TIMINGS, base_env
 from tests.support import ROOT, free_port, jsonl, training_processes, tunehouse, wait_until
@@ -267,7 +267,12 @@ class Deployment:
     def final_weights(self, job_id: str) -> dict[str, Any]:
         from safetensors.torch import load_file
 
-        model_dir = Storage(self.settings.storage_root).model_dir(job_id)
+        with session_scope(self.settings.sqlalchemy_url) as session:
+            job = session.get(Job, job_id)
+            assert job is not None and job.fine_tuned_model is not None
+            model = session.get(FineTunedModel, job.fine_tuned_model)
+            assert model is not None
+        model_dir = Storage(self.settings.storage_root).resolve(model.storage_path)
         return load_file(model_dir / "model.safetensors")
 
 

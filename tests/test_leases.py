@@ -7,13 +7,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from app.core.db import get_engine, session_scope
 from app.core.errors import Conflict
@@ -25,7 +27,7 @@ from app.core.settings import Settings
 from app.core.storage import Storage
 from app.models import File, Job, JobEvent, utcnow
 from app.schemas import JobCreate
-from app.services import jobs, keys, leases
+from app.services import job_files, jobs, keys, leases
 from app.services.datasets import validate_dataset
 from tests.conftest import make_settings
 from tests.support import (
@@ -111,8 +113,8 @@ class World:
             job, created = jobs.create_job(session, self.settings, org, body)
             assert created
             job_id = job.id
-        with session_scope(self.url) as session:
-            assert jobs.validate_job_files(session, self.settings, job_id)
+        sessions = partial(session_scope, self.url)
+        assert job_files.validate_job_files(self.settings, job_id, sessions=sessions)
         assert self.job(job_id).status == jobs.QUEUED
         return job_id
 
@@ -402,3 +404,46 @@ def test_a_lease_whose_holder_is_gone_from_this_machine_is_not_waited_out(
     assert "lost its worker" in world.events(job_id)[-1].message
     assert world.job(alive).status == jobs.RUNNING  # our own process: alive
     assert world.job(elsewhere).status == jobs.RUNNING  # another machine: wait for the lease
+
+
+@pytest.mark.parametrize("earlier_crashes", [0, 1], ids=["would-requeue", "would-fail"])
+@pytest.mark.parametrize("lease", ["ran-out", "holder-gone"])
+def test_reconciler_leaves_a_lease_renewed_after_it_looked(
+    world: World, monkeypatch: pytest.MonkeyPatch, lease: str, earlier_crashes: int
+) -> None:
+    """Issue 9 A7: the reconciler reads a lease that looks lost; the trainer's heartbeat
+    renews it (committed by another session) before the reconciler records the crash. The
+    heartbeat wins: the job runs on under its owner, and no crash is counted."""
+    job_id = world.new_job()
+    if lease == "ran-out":
+        owner = "worker-a"
+        assert world.claim(job_id, owner)
+        world.expire_lease(job_id)
+    else:  # a process of this machine that the reconciler finds gone
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        host, namespace, _, _ = process_identity("x").split(":")
+        owner = f"{host}:{namespace}:{dead.pid}:abcdef"
+        assert world.claim(job_id, owner, lease_seconds=600)
+    with session_scope(world.url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(crash_count=earlier_crashes))
+    events_before = len(world.events(job_id))
+    read_leases = leases.expired_or_local_leases
+
+    def read_then_heartbeat(session: Session, prefix: str, now: datetime) -> Sequence[Job]:
+        found = read_leases(session, prefix, now)
+        assert job_id in [job.id for job in found]
+        with session_scope(world.url) as heartbeat:
+            assert leases.renew_lease(heartbeat, job_id, owner, 600) == jobs.RUNNING
+        return found
+
+    monkeypatch.setattr(leases, "expired_or_local_leases", read_then_heartbeat)
+    summary = reconciler.reconcile_once(world.settings)
+    assert summary == {"enqueued": 0, "expired": 0, "failed": 0}
+    job = world.job(job_id)
+    assert (job.status, job.lease_owner, job.error) == (jobs.RUNNING, owner, None)
+    assert job.crash_count == earlier_crashes
+    assert job.lease_expires_at is not None
+    assert job.lease_expires_at > utcnow() + timedelta(seconds=500)
+    assert len(world.events(job_id)) == events_before
+    assert world.wakeups_for(job_id) == 0

@@ -7,54 +7,110 @@
   they have crashed ``max_attempts`` times. A lease held by a process of this machine that no
   longer exists is not waited out: a restarted worker takes its job back at once.
 One reconciler acts at a time: on PostgreSQL an advisory lock decides; SQLite serialises
-writers itself.
+writers itself. Each job's change is its own short transaction, and files are read outside
+any: a pass never keeps SQLite's write lock from the API and the trainers.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
-from app.core.db import session_scope
+from app.core.db import get_engine, session_scope
 from app.core.process import holder_is_gone, local_owner_prefix
 from app.core.queue import enqueue_job
 from app.core.settings import Settings
 from app.models import utcnow
-from app.services import jobs, leases
+from app.services import job_files, jobs, leases
 
 log = logging.getLogger(__name__)
 
 _LOCK_KEY = 0x7475_6E65  # "tune"
 
 
-def _take_lock(session: Session) -> bool:
-    if session.get_bind().dialect.name != "postgresql":
-        return True
-    return bool(session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _LOCK_KEY}))
+Sessions = Callable[[], AbstractContextManager[Session]]
 
 
-def _requeue_expired(session: Session, settings: Settings) -> tuple[list[str], int]:
+@contextmanager
+def _pass_sessions(url: str) -> Iterator[Sessions | None]:
+    """The units of work of one pass, or None when another reconciler is in the middle of one.
+
+    On PostgreSQL the pass runs on one connection of its own, which holds a session-level
+    advisory lock from start to end, between its short transactions: the pass commits job by
+    job and reads files with no transaction open. SQLite serialises writers itself."""
+    engine = get_engine(url)
+    if engine.dialect.name != "postgresql":
+        yield partial(session_scope, url)
+        return
+    with engine.connect() as connection:
+        taken = bool(connection.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY}))
+        connection.commit()
+        if not taken:
+            yield None
+            return
+        try:
+            yield partial(_session_on, connection)
+        finally:
+            connection.rollback()
+            connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+            connection.commit()
+
+
+@contextmanager
+def _session_on(connection: Connection) -> Iterator[Session]:
+    """``session_scope`` on the pass's connection: one transaction, committed on success."""
+    session = Session(bind=connection, expire_on_commit=False)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def _validate_stale(sessions: Sessions, settings: Settings, idle: float) -> list[str]:
+    """Validate the ``validating_files`` jobs an API process left behind, one at a time, each
+    file read outside any transaction; the ids of those now queued."""
+    with sessions() as session:
+        validating = leases.stale_job_ids(session, jobs.VALIDATING, idle)
+    return [j for j in validating if job_files.validate_job_files(settings, j, sessions=sessions)]
+
+
+def _requeue_expired(sessions: Sessions, settings: Settings) -> tuple[list[str], int]:
     """Running jobs whose trainer is gone: the lease ran out, or (found at once) the process
-    holding it on this machine no longer exists. Each counts as a crash."""
+    holding it on this machine no longer exists. Each counts as a crash, recorded only if the
+    lease was not renewed since it was read here (a heartbeat may land in between), and
+    committed job by job."""
     now = utcnow()
-    running = leases.expired_or_local_leases(session, local_owner_prefix(), now)
+    with sessions() as session:
+        running = [
+            (job.id, job.lease_owner, job.lease_expires_at)
+            for job in leases.expired_or_local_leases(session, local_owner_prefix(), now)
+        ]
     requeued, failed = [], 0
-    for job in running:
-        expired = job.lease_expires_at is None or job.lease_expires_at < now
-        if not expired and not holder_is_gone(job.lease_owner):
+    for job_id, owner, expires_at in running:
+        expired = expires_at is None or expires_at < now
+        if not expired and not holder_is_gone(owner):
             continue
-        outcome = leases.record_crash(
-            session,
-            job.id,
-            owner=job.lease_owner,
-            reason="stopped renewing its lease" if expired else "lost its worker",
-            max_attempts=settings.max_attempts,
-        )
+        with sessions() as session:
+            outcome = leases.record_crash(
+                session,
+                job_id,
+                owner=owner,
+                reason="stopped renewing its lease" if expired else "lost its worker",
+                max_attempts=settings.max_attempts,
+                not_renewed_after=now if expired else expires_at,
+            )
         if outcome == jobs.QUEUED:
-            requeued.append(job.id)
+            requeued.append(job_id)
         elif outcome == jobs.FAILED:
             failed += 1
     return requeued, failed
@@ -62,15 +118,15 @@ def _requeue_expired(session: Session, settings: Settings) -> tuple[list[str], i
 
 def reconcile_once(settings: Settings, *, at_start: bool = False) -> dict[str, Any]:
     idle = 0.0 if at_start else settings.requeue_after_seconds
-    with session_scope(settings.sqlalchemy_url) as session:
-        if not _take_lock(session):
+    with _pass_sessions(settings.sqlalchemy_url) as sessions:
+        if sessions is None:
             return {"skipped": True}
-        validating = leases.stale_job_ids(session, jobs.VALIDATING, idle)
-        newly_queued = [j for j in validating if jobs.validate_job_files(session, settings, j)]
-        requeued, failed = _requeue_expired(session, settings)
-        lost = leases.stale_job_ids(session, jobs.QUEUED, idle)
-        wake = list(dict.fromkeys(newly_queued + requeued + lost))
-        leases.touch(session, wake)
+        newly_queued = _validate_stale(sessions, settings, idle)
+        requeued, failed = _requeue_expired(sessions, settings)
+        with sessions() as session:
+            lost = leases.stale_job_ids(session, jobs.QUEUED, idle)
+            wake = list(dict.fromkeys(newly_queued + requeued + lost))
+            leases.touch(session, wake)
     for job_id in wake:
         enqueue_job(settings, job_id)
     summary = {"enqueued": len(wake), "expired": len(requeued), "failed": failed}

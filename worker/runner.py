@@ -24,7 +24,7 @@ from app.core.db import session_scope
 from app.core.process import die_with_parent
 from app.core.retry import retry_for
 from app.core.settings import Settings, get_settings
-from app.core.storage import Storage
+from app.core.storage import Storage, attempt_name, redact_paths
 from app.models import File, Job, utcnow
 from app.services import jobs, leases, results
 from app.services.models import MLP_MODEL
@@ -88,6 +88,12 @@ class DatabaseReporter:
 
     def should_stop(self) -> bool:
         return self._stop.is_set()
+
+    def still_ours(self) -> bool:
+        """The job is running under our lease (as of now: read before touching files)."""
+        with session_scope(self.url) as session:
+            state = leases.lease_state(session, self.job_id)
+        return state == leases.LeaseState(jobs.RUNNING, self.owner)
 
     def checkpoint_on_stop(self) -> bool:
         """Stopping to be resumed later (a pause, a worker shutting down) saves a checkpoint
@@ -187,6 +193,7 @@ class DatabaseReporter:
         )
 
     def message(self, text: str, level: str = "info") -> None:
+        text = redact_paths(text, self.storage.root)
         self._write(lambda session: jobs.add_event(session, self.job_id, text, level=level))
 
     def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
@@ -198,34 +205,52 @@ class DatabaseReporter:
 
 def _finish(reporter: DatabaseReporter, job_id: str, output_dir: Path, result: Any) -> None:
     """Register the model and the result file and mark the job succeeded, in one transaction
-    that only commits while the job is still ours (retried while the database is away).
-    Otherwise the model is thrown away."""
-    storage = reporter.storage
-    model_dir = storage.model_dir(job_id)
-    storage.remove_tree(model_dir)
+    that only commits while the job is still ours (retried while the database is away; a try
+    whose reply was lost but that did commit makes the next one a no-op).
+
+    The model goes to a directory of this attempt's own, and only once the job was found still
+    ours; an attempt that lost its job removes its own files, never another's."""
+    storage, seconds = reporter.storage, reporter.settings.lease_seconds
+    model_dir = storage.attempt_model_dir(job_id, attempt_name(reporter.owner))
+    if not retry_for(seconds, reporter.still_ours, what="reading the lease"):
+        storage.remove_tree(output_dir)
+        raise results.JobNotOurs(job_id)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(output_dir, model_dir)
+    stored: list[Path] = []  # the result file of each try
 
-    def register() -> None:
-        written: Path | None = None
-        try:
-            with session_scope(reporter.url) as session:
-                written = results.register_fine_tuned_model(
-                    session, storage, job_id, reporter.owner, model_dir=model_dir, trained=result
-                )
-        except BaseException:
-            if written is not None:  # a result file stored by a transaction that did not commit
-                written.unlink(missing_ok=True)
-            raise
+    def register() -> results.Registration:
+        with session_scope(reporter.url) as session:
+            registration = results.register_fine_tuned_model(
+                session, storage, job_id, reporter.owner, model_dir=model_dir, trained=result
+            )
+            if registration.result_file is not None:
+                stored.append(registration.result_file)
+        return registration
 
     try:
-        retry_for(reporter.settings.lease_seconds, register, what="registering")
+        kept = retry_for(seconds, register, what="registering").result_file
     except Exception:
-        storage.remove_tree(model_dir)
-        raise
+        # The last try failed, but an earlier one may have committed with its reply lost.
+        # When that cannot be told (the database is still away), the files stay.
+        done = retry_for(seconds, lambda: _registration(reporter, model_dir), what="reading")
+        if done is None:
+            storage.remove_tree(model_dir)
+            for path in stored:
+                path.unlink(missing_ok=True)
+            raise
+        kept = done.result_file
+    for path in stored:
+        if path != kept:  # stored by a try that did not commit
+            path.unlink(missing_ok=True)
 
 
-def _spec(settings: Settings, job_id: str) -> Any:
+def _registration(reporter: DatabaseReporter, model_dir: Path) -> results.Registration | None:
+    with session_scope(reporter.url) as session:
+        return results.registration(session, reporter.storage, reporter.job_id, model_dir)
+
+
+def _spec(settings: Settings, job_id: str, owner: str) -> Any:
     from worker.training.checkpoint import latest_complete_checkpoint
     from worker.training.spec import TrainingSpec
 
@@ -253,7 +278,7 @@ def _spec(settings: Settings, job_id: str) -> Any:
             ),
             training_file=path_of(job.training_file),
             validation_file=path_of(job.validation_file),
-            output_dir=storage.job_dir(job.id) / "final",
+            output_dir=storage.final_output_dir(job.id, attempt_name(owner)),
             checkpoints_dir=storage.checkpoints_dir(job.id),
             hyperparameters=dict(job.hyperparameters),
             seed=job.seed,
@@ -267,6 +292,9 @@ def _spec(settings: Settings, job_id: str) -> Any:
 
 
 def _fail(reporter: DatabaseReporter, code: str, message: str) -> None:
+    # Files named relative to the storage root, never by the server's absolute paths.
+    message = redact_paths(message, reporter.storage.root)
+
     def fail() -> None:
         with session_scope(reporter.url) as session:
             jobs.fail_job(
@@ -306,7 +334,9 @@ def run_training_process(job_id: str, owner: str) -> None:
     hf_logging.disable_progress_bar()
 
     try:
-        spec = retry_for(settings.lease_seconds, lambda: _spec(settings, job_id), what="reading")
+        spec = retry_for(
+            settings.lease_seconds, lambda: _spec(settings, job_id, owner), what="reading"
+        )
         result = train(spec, reporter)
         retry_for(settings.lease_seconds, reporter.flush, what="writing events")
         _finish(reporter, job_id, spec.output_dir, result)

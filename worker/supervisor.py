@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
+from functools import partial
 
 from app.core.db import session_scope
 from app.core.ids import random_token
@@ -31,8 +32,7 @@ from app.core.process import process_identity
 from app.core.queue import enqueue_job
 from app.core.retry import retry_for
 from app.core.settings import Settings
-from app.models import Job
-from app.services import jobs, leases
+from app.services import job_files, jobs, leases
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,13 @@ def supervise_job(settings: Settings, job_id: str) -> None:
         enqueue_job(settings, job_id)  # this delivery is acknowledged; send another
         return
     with session_scope(url) as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            log.info("job %s is gone; nothing to do", job_id)
-            return
-        if job.status == jobs.VALIDATING:
-            # The API stopped before validating; finish its work here.
-            jobs.validate_job_files(session, settings, job_id)
+        state = leases.lease_state(session, job_id)
+    if state is None:
+        log.info("job %s is gone; nothing to do", job_id)
+        return
+    if state.status == jobs.VALIDATING:
+        # The API stopped before validating; finish its work here.
+        job_files.validate_job_files(settings, job_id, sessions=partial(session_scope, url))
     owner = worker_identity()
     with session_scope(url) as session:
         if not leases.claim_job(session, job_id, owner, settings.lease_seconds):

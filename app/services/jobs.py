@@ -1,10 +1,10 @@
-"""Fine-tuning jobs: creation and validation, the state machine, user actions, events.
+"""Fine-tuning jobs: creation, the state machine, user actions, events.
 
 Every state change is one conditional UPDATE (``... WHERE status IN (...)``), so two actors can
 never both win a transition; ``transition`` is the only code that changes a job's status, but
 for ``leases.claim_job``, which takes the lease in the same UPDATE. Leases and what the
-reconciler looks for are in ``app/services/leases.py``; hyperparameter defaults in
-``app/services/hyperparameters.py``.
+reconciler looks for are in ``app/services/leases.py``; validating a new job's files in
+``app/services/job_files.py``; hyperparameter defaults in ``app/services/hyperparameters.py``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import json
 import logging
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -29,13 +28,11 @@ from app.core.kinds import (
     FORMAT_TABULAR,
     KIND_CAUSAL_LM,
     KIND_ENCODER,
-    LABELLED_FORMATS,
 )
 from app.core.settings import Settings
-from app.core.storage import Storage
+from app.core.storage import redact_paths
 from app.models import Checkpoint, File, Job, JobEvent, Organization, utcnow
 from app.schemas import Architecture, HyperparametersRequest, JobCreate, SupervisedMethod
-from app.services.datasets import DatasetError, DatasetInfo, DatasetLimits, validate_dataset
 from app.services.hyperparameters import TRAINABLE_FORMATS, resolve_hyperparameters
 from app.services.models import MLP_MODEL, base_kind
 from app.services.pagination import page
@@ -84,12 +81,14 @@ def transition(
     message: str | None = None,
     level: str = "info",
     owner: str | None = None,
+    when: Iterable[ColumnElement[bool]] = (),
     **values: Any,
 ) -> bool:
     """Move a job to ``to`` if (and only if) it is in one of ``from_`` (and, when ``owner`` is
-    given, still leased by it). Records ``message`` as an event when the move happens."""
+    given, still leased by it, and the row meets every condition in ``when``). Records
+    ``message`` as an event when the move happens."""
     now = utcnow()
-    stmt = update(Job).where(Job.id == job_id, Job.status.in_(tuple(from_)))
+    stmt = update(Job).where(Job.id == job_id, Job.status.in_(tuple(from_)), *when)
     if owner is not None:
         stmt = stmt.where(Job.lease_owner == owner)
     if to in TERMINAL:
@@ -117,20 +116,27 @@ def fail_job(
     param: str | None = None,
     owner: str | None = None,
     from_: Iterable[str] = ACTIVE,
+    when: Iterable[ColumnElement[bool]] = (),
+    **values: Any,
 ) -> bool:
+    """Fail the job (conditional, as every move) with an error a user reads: absolute paths
+    of the server are taken out of ``message`` (``storage.redact_paths``)."""
+    message = redact_paths(message)
     return transition(
         session,
         job_id,
         to=FAILED,
         from_=from_,
         owner=owner,
+        when=when,
         message=f"The job failed: {message}",
         level="error",
         error={"code": code, "message": message, "param": param},
+        **values,
     )
 
 
-# ---- creation and validation -----------------------------------------------------------------
+# ---- creation ------------------------------------------------------------------------------
 
 
 def _fine_tuning_file(session: Session, org: Organization, file_id: str, param: str) -> File:
@@ -328,81 +334,6 @@ def _replayed(job: Job, fingerprint: str | None) -> Job:
             code="idempotency_key_reused",
         )
     return job
-
-
-class _FileProblem(Exception):
-    """A job's file that cannot be trained on: fails the job with ``code`` and ``param``."""
-
-    def __init__(self, message: str, param: str, code: str | None = None):
-        super().__init__(message)
-        self.message, self.param, self.code = message, param, code or f"invalid_{param}"
-
-
-def _revalidate(
-    session: Session, storage: Storage, file_id: str, param: str, limits: DatasetLimits
-) -> DatasetInfo:
-    file = session.get(File, file_id)
-    if file is None:
-        raise _FileProblem(f"File '{file_id}' was deleted before the job started.", param)
-    try:
-        return validate_dataset(storage.resolve(file.storage_path), fmt=file.format, limits=limits)
-    except (DatasetError, OSError) as exc:
-        raise _FileProblem(f"File '{file_id}' is not valid: {exc}", param) from None
-
-
-def _check_validation_matches(task: str, training: DatasetInfo, validation: DatasetInfo) -> None:
-    if task in LABELLED_FORMATS and not set(validation.labels) <= set(training.labels):
-        unseen = sorted(set(validation.labels) - set(training.labels))
-        raise _FileProblem(
-            f"The validation file has labels the training file lacks: {unseen}",
-            "validation_file",
-        )
-    features = training.stats.get("features")
-    if task == FORMAT_TABULAR and validation.stats.get("features") != features:
-        raise _FileProblem(
-            f"The validation rows have {validation.stats.get('features')} features; the "
-            f"training rows have {features}.",
-            "validation_file",
-        )
-
-
-def validate_job_files(session: Session, settings: Settings, job_id: str) -> bool:
-    """Read the job's files again, as the trainer will, and move the job to ``queued``; a file
-    that no longer validates fails the job with ``invalid_training_file``. True when queued."""
-    job = session.get(Job, job_id)
-    if job is None or job.status != VALIDATING:
-        return False
-    storage = Storage(settings.storage_root)
-    limits = DatasetLimits.from_settings(settings)
-    try:
-        training = _revalidate(session, storage, job.training_file, "training_file", limits)
-        if job.validation_file is not None:
-            # A validation file may hold a label once: only the training file needs examples.
-            validation = _revalidate(
-                session,
-                storage,
-                job.validation_file,
-                "validation_file",
-                replace(limits, min_examples_per_label=1),
-            )
-            _check_validation_matches(job.task, training, validation)
-    except _FileProblem as problem:
-        fail_job(
-            session,
-            job_id,
-            code=problem.code,
-            message=problem.message,
-            param=problem.param,
-            from_=(VALIDATING,),
-        )
-        return False
-    return transition(
-        session,
-        job_id,
-        to=QUEUED,
-        from_=(VALIDATING,),
-        message="Files validated, moving job to queued state",
-    )
 
 
 # ---- reads and user actions ------------------------------------------------------------------

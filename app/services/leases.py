@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.models import Job, utcnow
@@ -125,17 +125,35 @@ def hand_back(session: Session, job_id: str, owner: str, reason: str) -> bool:
 
 
 def record_crash(
-    session: Session, job_id: str, *, owner: str | None, reason: str, max_attempts: int
+    session: Session,
+    job_id: str,
+    *,
+    owner: str | None,
+    reason: str,
+    max_attempts: int,
+    not_renewed_after: datetime | None = None,
 ) -> str | None:
     """A start of the job ended in a crash: its training process died, or stopped renewing
     its lease. Back to the queue, to go on from its newest complete checkpoint, or failed once
     it has crashed ``max_attempts`` times. Returns the new status, or None when the job was no
-    longer running under ``owner``."""
-    job = session.get(Job, job_id)
-    if job is None or job.status != RUNNING or (owner is not None and job.lease_owner != owner):
+    longer running under ``owner`` (any holder when None).
+
+    ``not_renewed_after`` is for the reconciler, which decided from a read that may be old by
+    now: the crash counts only if the lease still ends no later than that (now, for a lease
+    that ran out; the expiry it read, for a holder found gone), so a heartbeat committed in
+    between wins. Everything is decided by the conditional UPDATE on the row as it is then,
+    never on an object this session may have loaded earlier."""
+    seen = session.execute(
+        select(Job.crash_count, Job.steps_completed).where(Job.id == job_id)
+    ).one_or_none()
+    if seen is None:
         return None
-    crashes = job.crash_count + 1
-    step = job.steps_completed or 0
+    crashes, step = seen.crash_count + 1, seen.steps_completed or 0
+    # The crash count is part of the condition: the message and the fail-or-requeue choice
+    # are about the row this UPDATE changes.
+    when: list[ColumnElement[bool]] = [Job.crash_count == seen.crash_count]
+    if not_renewed_after is not None:
+        when.append(lease_not_renewed_after(not_renewed_after))
     if crashes >= max_attempts:
         failed = fail_job(
             session,
@@ -147,17 +165,18 @@ def record_crash(
                 "has the details."
             ),
             from_=(RUNNING,),
-            owner=job.lease_owner,
+            owner=owner,
+            when=when,
+            crash_count=crashes,
         )
-        if failed:
-            session.execute(update(Job).where(Job.id == job_id).values(crash_count=crashes))
         return FAILED if failed else None
     moved = transition(
         session,
         job_id,
         to=QUEUED,
         from_=(RUNNING,),
-        owner=job.lease_owner,
+        owner=owner,
+        when=when,
         message=(
             f"The training process {reason} at step {step}; the job is queued again and will "
             f"go on from its last checkpoint (crash {crashes} of at most {max_attempts})"
@@ -168,6 +187,11 @@ def record_crash(
         crash_count=crashes,
     )
     return QUEUED if moved else None
+
+
+def lease_not_renewed_after(moment: datetime) -> ColumnElement[bool]:
+    """The job's lease (if it has one) ends no later than ``moment``: nobody renewed it since."""
+    return or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= moment)
 
 
 def record_progress(

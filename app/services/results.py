@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,13 +16,21 @@ from sqlalchemy.orm import Session
 
 from app.core.ids import new_id
 from app.core.storage import Storage
-from app.models import Checkpoint, FineTunedModel, Job, Organization
+from app.models import Checkpoint, File, FineTunedModel, Job, Organization
 from app.services.files import store_result_file
 from app.services.jobs import RUNNING, SUCCEEDED, add_event, fine_tuned_model_name, transition
 
 
 class JobNotOurs(Exception):
     """The job was paused, cancelled, deleted or taken over before it could be finished."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A job's fine-tuned model, and its result file (None once a user deleted it)."""
+
+    model: str
+    result_file: Path | None
 
 
 class TrainedModel(Protocol):
@@ -55,13 +64,19 @@ def register_fine_tuned_model(
     *,
     model_dir: Path,
     trained: TrainedModel,
-) -> Path:
+) -> Registration:
     """Register the model stored in ``model_dir`` and the job's result file, and mark the job
     succeeded, all in the caller's transaction; raises JobNotOurs unless the job is still
     running under ``owner``'s lease, so the transaction must then not commit.
 
-    Returns the result file written: the caller removes it if the transaction does not commit.
-    When this raises, it has removed the file itself."""
+    Idempotent: when the job already succeeded with the model in ``model_dir`` (a directory
+    of this attempt's own), a try whose reply was lost did commit, and this changes nothing.
+
+    Returns the registration: the caller removes any result file it stored in tries that did
+    not commit. When this raises, it has removed the file it stored itself."""
+    already = registration(session, storage, job_id, model_dir)
+    if already is not None:
+        return already
     job = session.get(Job, job_id)
     org = session.get(Organization, job.organization_id) if job else None
     if job is None or org is None:
@@ -72,19 +87,10 @@ def register_fine_tuned_model(
     )
     written = storage.resolve(results.storage_path)
     try:
-        session.add(
-            FineTunedModel(
-                id=name,
-                organization_id=org.id,
-                task=trained.model_kind,  # the model kind, not the dataset format
-                base_model=job.model,  # for a LoRA adapter: the base it applies to
-                job_id=job.id,
-                storage_path=storage.relative(model_dir),
-                labels=list(trained.labels) or None,  # generative models have none
-            )
-        )
         adapter = f" (a LoRA adapter of {job.model})" if trained.adapter else ""
         add_event(session, job_id, f"New fine-tuned model created: {name}{adapter}")
+        # The conditional UPDATE first: a stale attempt stops here, before its model row
+        # could collide with the one its successor registered under the same name.
         if not transition(
             session,
             job_id,
@@ -99,10 +105,40 @@ def register_fine_tuned_model(
             estimated_finish=None,
         ):
             raise JobNotOurs(job_id)
+        session.add(
+            FineTunedModel(
+                id=name,
+                organization_id=org.id,
+                task=trained.model_kind,  # the model kind, not the dataset format
+                base_model=job.model,  # for a LoRA adapter: the base it applies to
+                job_id=job.id,
+                storage_path=storage.relative(model_dir),
+                labels=list(trained.labels) or None,  # generative models have none
+            )
+        )
+        session.flush()
     except BaseException:
         written.unlink(missing_ok=True)  # stored by a transaction that will not commit
         raise
-    return written
+    return Registration(name, written)
+
+
+def registration(
+    session: Session, storage: Storage, job_id: str, model_dir: Path
+) -> Registration | None:
+    """How the job was registered, if it succeeded with the model stored in ``model_dir``
+    (so by the attempt that owns that directory); else None."""
+    model = session.scalar(
+        select(FineTunedModel.id).where(
+            FineTunedModel.job_id == job_id,
+            FineTunedModel.storage_path == storage.relative(model_dir),
+        )
+    )
+    job = session.get(Job, job_id)
+    if model is None or job is None or job.status != SUCCEEDED:
+        return None
+    result = session.get(File, job.result_files[0]) if job.result_files else None
+    return Registration(model, storage.resolve(result.storage_path) if result else None)
 
 
 def record_checkpoint(

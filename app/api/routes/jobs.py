@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
@@ -26,7 +27,7 @@ from app.schemas import (
     JobObject,
     ListResponse,
 )
-from app.services import jobs
+from app.services import job_files, jobs
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -39,9 +40,8 @@ After = Annotated[str | None, Query(max_length=64)]
 def validate_and_enqueue(settings: Settings, job_id: str) -> None:
     """Runs after the create response: re-read the files, queue the job, wake a worker. If this
     process dies first, the reconciler finds the job still validating and finishes the work."""
-    with session_scope(settings.sqlalchemy_url) as session:
-        queued = jobs.validate_job_files(session, settings, job_id)
-    if queued:
+    sessions = partial(session_scope, settings.sqlalchemy_url)
+    if job_files.validate_job_files(settings, job_id, sessions=sessions):
         enqueue_job(settings, job_id)
 
 
