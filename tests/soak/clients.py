@@ -102,8 +102,8 @@ class Watcher(Client):
                     continue
                 plan = self.rng.choice(plans)
                 ended = ops.follow_events(self.http, self.world, self.rng, plan)
-                ops.refresh_job(self.http, self.world, plan)
-                if ended and not plan.ended:
+                seen = ops.refresh_job(self.http, self.world, plan)
+                if ended and seen and not plan.ended:
                     self.http.stream_violation(
                         f"GET /v1/fine_tuning/jobs/{plan.id}/events?stream=true",
                         f"[DONE] came while the job is {plan.status}",

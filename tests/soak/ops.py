@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from tests.soak.http import Http
-from tests.soak.world import CANCEL, PAUSE_RESUME, UNTOUCHED, JobPlan, World
+from tests.soak.world import CANCEL, UNTOUCHED, JobPlan, World
 from tests.support import jsonl, sentiment_rows
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "bad_datasets"
@@ -298,14 +298,14 @@ def create_job(h: Http, w: World, rng: random.Random, fate: str | None = None) -
     if not w.job_files:
         upload_good(h, w, rng, "tabular")
         return []
-    fate = fate or rng.choices([UNTOUCHED, CANCEL, PAUSE_RESUME], weights=[2, 1, 1])[0]
+    fate = fate or w.next_fate()
     body = job_body(rng.choice(w.job_files), rng.randrange(10**6), fate)
     key = f"soak-{uuid.uuid4().hex}" if rng.random() < 0.3 else None
     headers = {"Idempotency-Key": key} if key else None
     r = h.call("jobs-create", "POST", "/v1/fine_tuning/jobs", json=body, headers=headers)
     if r is None or r.status_code != 200:
         return []
-    plan = JobPlan(r.json()["id"], fate, due=h.recorder.now() + rng.uniform(0.5, 5))
+    plan = JobPlan(r.json()["id"], h.name, fate, due=h.recorder.now() + rng.uniform(0.5, 5))
     plan.note(h.recorder.now(), f"created ({fate})")
     with w.lock:
         w.jobs[plan.id] = plan
@@ -334,6 +334,8 @@ def act_on_jobs(h: Http, w: World, rng: random.Random, *, finishing: bool = Fals
     resumes still owed, at once; a job must never be left paused."""
     now = h.recorder.now()
     for plan in w.active_jobs():
+        if plan.owner != h.name and not finishing:
+            continue  # each client acts on the jobs it created
         if plan.paused and (finishing or plan.due <= now):
             _resume(h, plan)
         elif not finishing and plan.due <= now and plan.fate != UNTOUCHED:
@@ -346,27 +348,24 @@ def _act(h: Http, rng: random.Random, plan: JobPlan) -> None:
         f"jobs-{action}", "POST", f"/v1/fine_tuning/jobs/{plan.id}/{action}", expect=(200, 409)
     )
     now = h.recorder.now()
-    if r is None:
-        plan.due = now + 1
+    if r is None or r.status_code not in (200, 409):
+        plan.due = now + 1  # recorded as a violation; tried again, as a user would
         return
     status = r.json().get("status") if r.status_code == 200 else None
     plan.note(now, f"{action} -> {r.status_code} {status or _message(r)}")
     if r.status_code == 409:
         # Too early (still validating: try again soon) or too late (it has ended).
         plan.due = now + 0.5 if "validating" in _message(r) else float("inf")
-        return
-    plan.due = float("inf")
-    if action == "cancel":
-        plan.expected = "cancelled"
+    elif action == "cancel":
+        plan.expected, plan.due = "cancelled", float("inf")
     else:
-        plan.paused = True
-        plan.due = now + rng.uniform(0.5, 3)
+        plan.paused, plan.due = True, now + rng.uniform(0.5, 3)
 
 
 def _resume(h: Http, plan: JobPlan) -> None:
     r = h.call("jobs-resume", "POST", f"/v1/fine_tuning/jobs/{plan.id}/resume")
-    if r is None:
-        return  # tried again on the next round
+    if r is None or r.status_code >= 500:
+        return  # recorded as a violation; tried again on the next round
     plan.note(h.recorder.now(), f"resume -> {r.status_code}")
     plan.paused, plan.due = False, float("inf")
 
@@ -389,10 +388,13 @@ def read_jobs(h: Http, w: World, rng: random.Random) -> None:
     h.call("jobs-list", "GET", "/v1/fine_tuning/jobs", params={"limit": 10})
 
 
-def refresh_job(h: Http, w: World, plan: JobPlan) -> None:
+def refresh_job(h: Http, w: World, plan: JobPlan) -> bool:
+    """Retrieve the job and note its status; False when that failed."""
     r = h.call("jobs-retrieve", "GET", f"/v1/fine_tuning/jobs/{plan.id}")
-    if r is not None and r.status_code == 200:
-        w.seen_status(plan, r.json(), h.recorder.now())
+    if r is None or r.status_code != 200:
+        return False
+    w.seen_status(plan, r.json(), h.recorder.now())
+    return True
 
 
 def follow_events(h: Http, w: World, rng: random.Random, plan: JobPlan) -> bool:

@@ -27,12 +27,14 @@ _ERROR_LINE = re.compile(r"ERROR|CRITICAL|unhandled error|\w(Error|Exception)\b"
 
 @dataclass(frozen=True)
 class SoakConfig:
-    duration: float = 45.0  # seconds of mixed load
+    duration: float = 40.0  # seconds of mixed load
     clients: int = 10  # busy clients (closed loop), in the roles of clients.ROLES
-    watchers: int = 16  # idle clients following event streams: more than a pool's 15 connections
+    # Idle clients following event streams, per API process (each stays with one, as an open
+    # dashboard does): more than the 15 connections of a process's database pool.
+    watchers: int = 16
     bound: float = 30.0  # no request may wait longer for its answer (a stream: for its headers)
     drain_bound: float = 150.0  # every job must have ended this long after the load stops
-    max_active_jobs: int = 3  # unfinished jobs at a time (one worker trains them in turn)
+    max_active_jobs: int = 2  # unfinished jobs at a time (one worker trains them in turn)
     # No job is created in the load's last seconds: the worker finishes the last ones while
     # the load goes on, and the drain after it stays short.
     last_jobs_before_end: float = 20.0
@@ -88,7 +90,8 @@ class SoakReport:
         phases = ", ".join(f"{name} {s:.0f} s" for name, s in self.seconds.items())
         lines = [
             f"soak on {self.target}: {len(self.load_calls)} requests in {c.duration:.0f} s by "
-            f"{c.clients} clients and {c.watchers} event-stream watchers ({phases}); "
+            f"{c.clients} clients and {c.watchers} event-stream watchers per API process "
+            f"({phases}); "
             f"bound {c.bound:.0f} s per answer; {self.shed} answered 503 + Retry-After (shed)",
             violations_text(self.violations) if self.violations else "no violations",
             "latency under load beside the idle baseline (same requests, one at a time):",
@@ -209,8 +212,13 @@ def _load(
         for i in range(c.clients)
     ]
     watchers = [
-        Watcher(http(f"watcher{i}", c.seed + 1000 + i), world, c.seed + 1000 + i)
-        for i in range(c.watchers)
+        Watcher(
+            Http(f"watcher{i}", [url], target.key, recorder, random.Random(c.seed + 1000 + i)),
+            world,
+            c.seed + 1000 + i,
+        )
+        for i in range(c.watchers * len(target.urls))
+        for url in [target.urls[i % len(target.urls)]]
     ]
     for thread in clients + watchers:
         thread.start()
@@ -242,12 +250,9 @@ def _drain(h: Http, w: World, rng: random.Random, bound: float, watchers: list[W
         if not active:
             break
         for plan in active:
-            before = len(h.recorder.calls)
-            ops.refresh_job(h, w, plan)
-            answered = h.recorder.calls[before:] and h.recorder.calls[-1].status is not None
-            unanswered = 0 if answered else unanswered + 1
+            unanswered = 0 if ops.refresh_job(h, w, plan) else unanswered + 1
         if unanswered >= 3:
-            h.recorder.violation("drain", "the server stopped answering; the drain gave up")
+            h.recorder.violation("drain", "3 job retrieves in a row failed; the drain gave up")
             break
         time.sleep(1)
     w.drained.set()

@@ -13,12 +13,15 @@ from tests.soak.zoo import Zoo
 
 # What a client does to a job it created; the job's expected end state follows from it.
 UNTOUCHED, CANCEL, PAUSE_RESUME = "untouched", "cancel", "pause-resume"
+# Taken in turn, so that even a short soak's few jobs meet every fate.
+FATES = (PAUSE_RESUME, UNTOUCHED, CANCEL)
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 @dataclass
 class JobPlan:
     id: str
+    owner: str  # the client that created it, and carries out its fate
     fate: str
     due: float  # soak time of the next action on it
     expected: str = "succeeded"
@@ -50,6 +53,10 @@ class World:
     contents: dict[str, str] = field(default_factory=dict)  # file id -> sha256 of its bytes
     # Models the soak's own jobs made (tabular), and whether a client has deleted each.
     job_models: dict[str, bool] = field(default_factory=dict)
+
+    def next_fate(self) -> str:
+        with self.lock:
+            return FATES[sum(plan.owner != "main" for plan in self.jobs.values()) % len(FATES)]
 
     def active_jobs(self) -> list[JobPlan]:
         with self.lock:
