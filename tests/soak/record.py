@@ -30,7 +30,7 @@ class Call:
     target: str  # method, path and model
     status: int | None  # None: no answer (timeout, connection refused or reset)
     seconds: float  # until the answer; for a stream, until its headers
-    at: float  # seconds since the load began (negative during the baseline)
+    at: float  # seconds since the soak began
     baseline: bool
     problem: str | None = None
     kind: str | None = None  # the kind of problem: "5xx", "timeout", "slow", "status", ...
@@ -74,16 +74,17 @@ class Recorder:
 
     def __init__(self, bound: float):
         self.bound = bound
+        # One clock for the whole soak: seconds since it began (warm-up and baseline first).
         self.origin = time.monotonic()
-        self.in_baseline = True
+        self.load_started: float | None = None
         self.calls: list[Call] = []
         self.violations: list[Violation] = []
         self.shed = 0
         self._lock = threading.Lock()
 
-    def start_load(self) -> None:
-        self.in_baseline = False
-        self.origin = time.monotonic()
+    def start_load(self) -> float:
+        self.load_started = self.now()
+        return self.load_started
 
     def now(self) -> float:
         return time.monotonic() - self.origin
@@ -115,7 +116,7 @@ class Recorder:
             status,
             seconds,
             started - self.origin,
-            self.in_baseline,
+            self.load_started is None,
             problem,
             kind,
         )

@@ -97,6 +97,9 @@ class ResourceSampler:
                 row.append(f"peak {peak.rss_mib:.0f} MiB")
             most_fds = max((s.fds for s in self.samples if s.pid == pid), default=0)
             row.append(f"most fds {most_fds}")
+            warm, end_of_load = (self.median_rss_before(pid, m) for m in ("warm", "load end"))
+            if warm is not None and end_of_load is not None:
+                row.append(f"under load after warm-up {warm:.0f} -> {end_of_load:.0f} MiB")
             start, end = self.at(pid, "idle start"), self.at(pid, "idle end")
             if start and end:
                 row.append(

@@ -79,11 +79,14 @@ class SoakReport:
     shed: int
     resources: str
     jobs: str
+    load_started: float = 0.0  # soak time
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def load_calls(self) -> list[Call]:
-        return [c for c in self.calls if not c.baseline and c.at < self.config.duration]
+        """The requests sent while the load ran (not the drain's)."""
+        end = self.load_started + self.config.duration
+        return [c for c in self.calls if not c.baseline and c.at < end]
 
     def summary(self) -> str:
         c = self.config
@@ -91,7 +94,7 @@ class SoakReport:
         lines = [
             f"soak on {self.target}: {len(self.load_calls)} requests in {c.duration:.0f} s by "
             f"{c.clients} clients and {c.watchers} event-stream watchers per API process "
-            f"({phases}); "
+            f"({phases}; the load from {self.load_started:.0f} s on); "
             f"bound {c.bound:.0f} s per answer; {self.shed} answered 503 + Retry-After (shed)",
             violations_text(self.violations) if self.violations else "no violations",
             "latency under load beside the idle baseline (same requests, one at a time):",
@@ -106,7 +109,7 @@ class SoakReport:
 
 def run_soak(target: Target, zoo: Zoo, config: SoakConfig) -> SoakReport:
     recorder = Recorder(config.bound)
-    world = World(zoo, config.max_active_jobs, config.duration - config.last_jobs_before_end)
+    world = World(zoo, config.max_active_jobs)
     rng = random.Random(config.seed)
     sampler = ResourceSampler(target.api_pids)
     sampler.start()
@@ -140,6 +143,7 @@ def run_soak(target: Target, zoo: Zoo, config: SoakConfig) -> SoakReport:
         recorder.shed,
         sampler.table(),
         _jobs_table(world),
+        recorder.load_started or 0.0,
         seconds,
     )
 
@@ -201,7 +205,8 @@ def _load(
     def http(name: str, seed: int) -> Http:
         return Http(name, target.urls, target.key, recorder, random.Random(seed))
 
-    recorder.start_load()
+    started = recorder.start_load()
+    world.jobs_until = started + c.duration - c.last_jobs_before_end
     clients = [
         Client(
             http(f"{ROLES[i % len(ROLES)]}{i}", c.seed + i),

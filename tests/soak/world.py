@@ -43,7 +43,7 @@ class JobPlan:
 class World:
     zoo: Zoo
     max_active_jobs: int
-    jobs_until: float  # soak time after which no job is created
+    jobs_until: float = float("inf")  # soak time after which no job is created
     lock: threading.Lock = field(default_factory=threading.Lock)
     load_over: threading.Event = field(default_factory=threading.Event)
     drained: threading.Event = field(default_factory=threading.Event)
