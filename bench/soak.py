@@ -53,13 +53,17 @@ def main() -> int:
     )
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/8")
     parser.add_argument("--calls-json", type=Path, help="write every request's record here")
+    parser.add_argument("--resources-csv", type=Path, help="write the memory and fd samples here")
     args = parser.parse_args()
+    max_active_jobs = max(2, args.clients // 6)
     config = SoakConfig(
         duration=args.duration,
         clients=args.clients,
         watchers=args.watchers,
         bound=args.bound,
-        max_active_jobs=max(4, args.clients // 4),
+        max_active_jobs=max_active_jobs,
+        # One worker trains the last jobs in turn: up to a minute each on a busy machine.
+        drain_bound=max(150.0, 60.0 * max_active_jobs),
         warmup=min(60.0, args.duration / 4),
         baseline_rounds=2,
         seed=args.seed,
@@ -83,6 +87,12 @@ def main() -> int:
             print("server errors logged:\n" + target.log_errors())
         if args.calls_json:
             args.calls_json.write_text(json.dumps([c.__dict__ for c in report.calls], indent=1))
+        if args.resources_csv:
+            rows = [
+                f"{s.at - report.samples[0].at:.1f},{s.pid},{s.rss_mib:.1f},{s.fds}"
+                for s in report.samples
+            ]
+            args.resources_csv.write_text("seconds,pid,rss_mib,fds\n" + "\n".join(rows) + "\n")
     return 1 if report.violations else 0
 
 

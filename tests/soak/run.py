@@ -17,7 +17,7 @@ from tests.soak import ops
 from tests.soak.clients import ROLES, Client, Watcher
 from tests.soak.http import Http
 from tests.soak.record import Call, Recorder, Violation, latency_table, violations_text
-from tests.soak.resources import ResourceSampler
+from tests.soak.resources import ResourceSampler, Sample
 from tests.soak.world import CANCEL, World
 from tests.soak.zoo import Zoo
 
@@ -81,6 +81,7 @@ class SoakReport:
     jobs: str
     load_started: float = 0.0  # soak time
     seconds: dict[str, float] = field(default_factory=dict)
+    samples: list[Sample] = field(default_factory=list)  # the API processes' memory and fds
 
     @property
     def load_calls(self) -> list[Call]:
@@ -145,6 +146,7 @@ def run_soak(target: Target, zoo: Zoo, config: SoakConfig) -> SoakReport:
         _jobs_table(world),
         recorder.load_started or 0.0,
         seconds,
+        sampler.samples,
     )
 
 
