@@ -16,7 +16,7 @@ envelope counts as load shedding, not a failure: see tests/soak/record.py), ever
 30 s and with the status its request calls for, every stream ending with [DONE], every client
 back within that bound once the load stops (no deadlock), every job ending in the state its
 clients' actions call for (cancelled -> cancelled, paused and resumed or untouched ->
-succeeded), the API's resident memory growing less than 200 MiB after warm-up and its
+succeeded), the API's resident memory growing less than 256 MiB after warm-up and its
 descriptors back within 32 of where they started, and nothing left in storage/tmp. A failure
 lists every violation with its request id (the server logs it), status and latency.
 

@@ -39,7 +39,10 @@ class SoakConfig:
     # the load goes on, and the drain after it stays short.
     last_jobs_before_end: float = 20.0
     warmup: float = 15.0  # memory growth is measured from this far into the load
-    rss_growth_mib: float = 200.0  # most the API's memory may grow under load after warm-up
+    # Most the API's memory may grow under load after warm-up: room for a few MiniLM-sized
+    # models still answering requests after the cache evicted them, not for a leak that grows
+    # with the requests served (the long form shows the trend).
+    rss_growth_mib: float = 256.0
     fd_growth: int = 32  # most open descriptors the idle API may hold beyond its idle start
     baseline_rounds: int = 1
     seed: int = 0
