@@ -31,12 +31,19 @@ class _Sent:
 
 class Http:
     def __init__(
-        self, name: str, urls: list[str], key: str, recorder: Recorder, rng: random.Random
+        self,
+        name: str,
+        urls: list[str],
+        key: str,
+        recorder: Recorder,
+        rng: random.Random,
+        transport: httpx.BaseTransport | None = None,  # the harness's own tests mock the server
     ):
         self.name, self.urls, self.recorder, self.rng = name, urls, recorder, rng
         self.client = httpx.Client(
             timeout=httpx.Timeout(recorder.bound, connect=10),
             headers={"Authorization": f"Bearer {key}"},
+            transport=transport,
         )
         self.sent = 0
         # What the client is waiting for now: named in the report if it never comes back.

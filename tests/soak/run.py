@@ -129,10 +129,10 @@ def run_soak(target: Target, zoo: Zoo, config: SoakConfig) -> SoakReport:
         sampler.mark("idle start")
         watchers = _load(target, world, recorder, sampler, config)
         started = time.monotonic()
-        _drain(main, world, rng, config.drain_bound, watchers)
+        drain_jobs(main, world, rng, config.drain_bound, watchers)
         seconds["drain"] = time.monotonic() - started
         _check_models_serve(main, world, rng)
-        _check_storage(main, target, recorder)
+        check_storage(main, target.storage_root)
         sampler.mark("idle end")
     finally:
         world.drained.set()
@@ -250,7 +250,9 @@ def _load(
     return watchers
 
 
-def _drain(h: Http, w: World, rng: random.Random, bound: float, watchers: list[Watcher]) -> None:
+def drain_jobs(
+    h: Http, w: World, rng: random.Random, bound: float, watchers: list[Watcher]
+) -> None:
     """Owed resumes first; then wait (bounded) for every job to end, and compare each with the
     state its clients' actions call for."""
     deadline, unanswered = time.monotonic() + bound, 0
@@ -291,10 +293,10 @@ def _check_models_serve(h: Http, w: World, rng: random.Random) -> None:
             return
 
 
-def _check_storage(h: Http, target: Target, recorder: Recorder) -> None:
+def check_storage(h: Http, storage_root: Path) -> None:
     """Nothing left in storage/tmp; every stored file is a listed one and the other way round
     (a refused upload stored, or a deleted file left behind, is an orphan)."""
-    tmp = target.storage_root / "tmp"
+    recorder, tmp = h.recorder, storage_root / "tmp"
     left = sorted(p.name for p in tmp.iterdir()) if tmp.is_dir() else []
     if left:
         recorder.violation("storage", f"{len(left)} entries left in {tmp}: {left[:10]}")
@@ -302,7 +304,7 @@ def _check_storage(h: Http, target: Target, recorder: Recorder) -> None:
     if r is None or r.status_code != 200:
         return
     listed = {f["id"] for f in r.json()["data"]}
-    stored = {p.name for p in (target.storage_root / "files").iterdir()}
+    stored = {p.name for p in (storage_root / "files").iterdir()}
     if stored - listed:
         recorder.violation("storage", f"stored but not listed: {sorted(stored - listed)[:10]}")
     if listed - stored:
