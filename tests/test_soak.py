@@ -39,7 +39,7 @@ import pytest
 
 from tests.soak import ModelFiles, SoakConfig, build_models, distributed, embedded, ops, run_soak
 from tests.soak.http import Http
-from tests.soak.record import Recorder
+from tests.soak.record import Recorder, hung_routes
 from tests.soak.run import check_storage, drain_jobs
 from tests.soak.world import CANCEL, UNTOUCHED, JobPlan, World
 from tests.soak.zoo import Zoo
@@ -94,12 +94,26 @@ def test_an_answer_over_the_bound_and_no_answer_are_violations() -> None:
     h.call("probe", "GET", "/v1/models")
     assert [v.kind for v in h.recorder.violations] == ["slow"]
 
-    def hang(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("no answer", request=request)
-
-    h = mocked(hang)
+    h = mocked(_never_answers)
     assert h.call("probe", "GET", "/v1/models") is None
     assert [v.kind for v in h.recorder.violations] == ["timeout"]
+
+
+def test_a_kind_of_request_that_stopped_being_answered_is_named_as_hung() -> None:
+    h = mocked(lambda request: httpx.Response(200, json={}))
+    for _ in range(2):
+        h.call("chat", "POST", "/v1/chat/completions", model="m")
+    h.client = httpx.Client(transport=httpx.MockTransport(_never_answers))
+    for _ in range(3):
+        h.call("chat", "POST", "/v1/chat/completions", model="m")
+        h.call("models-list", "GET", "/v1/models")
+    chat, models = hung_routes(h.recorder.calls)
+    assert chat.startswith("chat (POST /v1/chat/completions): the last 3 requests, from +")
+    assert models.startswith("models-list (GET /v1/models): the last 3 requests, from +")
+
+
+def _never_answers(request: httpx.Request) -> httpx.Response:
+    raise httpx.ReadTimeout("no answer", request=request)
 
 
 def test_a_stream_without_done_and_an_error_chunk_are_violations() -> None:

@@ -11,7 +11,6 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 
@@ -242,5 +241,21 @@ def violations_text(violations: list[Violation], limit: int = 40) -> str:
     return "\n".join(lines)
 
 
-def jsonable(calls: list[Call]) -> list[dict[str, Any]]:
-    return [call.__dict__ for call in calls]
+def hung_routes(calls: list[Call], at_least: int = 3) -> list[str]:
+    """Kinds of request that stopped being answered for good: from some request on, every one
+    went unanswered (at least ``at_least`` of them). A deadlock looks like this from outside."""
+    by_op: dict[str, list[Call]] = defaultdict(list)
+    for call in sorted(calls, key=lambda c: c.at):
+        by_op[call.op].append(call)
+    hung = []
+    for op, op_calls in sorted(by_op.items()):
+        tail = 0
+        while tail < len(op_calls) and op_calls[-1 - tail].status is None:
+            tail += 1
+        if tail >= at_least:
+            first = op_calls[-tail]
+            hung.append(
+                f"{op} ({first.target.split(' model=')[0]}): the last {tail} requests, from "
+                f"+{first.at:.1f} s on, got no answer"
+            )
+    return hung

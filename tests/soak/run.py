@@ -16,7 +16,14 @@ from typing import Any
 from tests.soak import ops
 from tests.soak.clients import ROLES, Client, Watcher
 from tests.soak.http import Http
-from tests.soak.record import Call, Recorder, Violation, latency_table, violations_text
+from tests.soak.record import (
+    Call,
+    Recorder,
+    Violation,
+    hung_routes,
+    latency_table,
+    violations_text,
+)
 from tests.soak.resources import ResourceSampler, Sample
 from tests.soak.world import CANCEL, World
 from tests.soak.zoo import Zoo
@@ -101,6 +108,7 @@ class SoakReport:
             f"({phases}; the load from {self.load_started:.0f} s on); "
             f"bound {c.bound:.0f} s per answer; {self.shed} answered 503 + Retry-After (shed)",
             violations_text(self.violations) if self.violations else "no violations",
+            *(f"hung: {line}" for line in hung_routes(self.calls)),
             "latency under load beside the idle baseline (same requests, one at a time):",
             latency_table(self.load_calls, [c for c in self.calls if c.baseline]),
             "API processes (memory and open file descriptors):",
