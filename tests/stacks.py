@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.support import Stack, tunehouse, wait_until
+import httpx
+
+from tests.support import Stack, free_port, tunehouse, wait_until
 
 # Short timings so the tests see reconciles and cancels quickly.
 FAST_TIMINGS = {
@@ -70,3 +72,49 @@ def distributed_stack(tmp: Path, database_url: str, broker_url: str) -> Iterator
         raise
     finally:
         stack.stop()
+
+
+@contextmanager
+def replicated_stack(
+    tmp: Path,
+    database_url: str,
+    broker_url: str,
+    *,
+    apis: int = 2,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[tuple[Stack, str, list[str]]]:
+    """`tunehouse api` started ``apis`` times on one PostgreSQL and Redis, each on a port of its
+    own with no proxy in front (clients pick one, as with replicas behind DNS), and one
+    `tunehouse worker`. Yields the stack (its processes: the APIs in order, then the worker), a
+    key and the base URLs of the APIs."""
+    env = {**base_env(tmp / "data"), **(extra_env or {})}
+    env.update(TUNEHOUSE_DATABASE_URL=database_url, TUNEHOUSE_BROKER_URL=broker_url)
+    stack = Stack("postgres+redis", env, tmp)
+    tunehouse("migrate", env=env)
+    key = tunehouse("keys", "create", "--organization", "acme", env=env).stdout.strip()
+    ports = [stack.port]
+    while len(ports) < apis:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    for index, port in enumerate(ports):
+        stack.start("api", "--port", str(port), log=f"api{index}")
+    stack.start("worker", log="worker")
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        stack.wait_ready(timeout=90)
+        for url in urls[1:]:
+            wait_until(lambda url=url: _ready(url), 90, what=f"the API at {url} to be ready")
+        yield stack, key, urls
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        stack.stop()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
