@@ -31,7 +31,7 @@ from app.core.migrate import upgrade  # noqa: E402
 from app.core.settings import Settings  # noqa: E402
 from app.core.storage import Storage  # noqa: E402
 from app.models import File, Job  # noqa: E402
-from app.schemas import JobCreate  # noqa: E402
+from app.schemas import HyperparametersRequest, JobCreate  # noqa: E402
 from app.services import jobs, keys  # noqa: E402
 from app.services.datasets import validate_dataset  # noqa: E402
 from tests.crash_support import tabular_rows  # noqa: E402
@@ -55,7 +55,9 @@ def tree_bytes(path: Path) -> int:
     return total
 
 
-def queue_job(settings: Settings, model: str, rows: list[dict[str, object]], hp: dict) -> str:
+def queue_job(
+    settings: Settings, model: str, rows: list[dict[str, object]], hp: dict[str, int]
+) -> str:
     storage = Storage(settings.storage_root)
     file_id = new_id("file")
     path = storage.file_path(file_id)
@@ -78,7 +80,7 @@ def queue_job(settings: Settings, model: str, rows: list[dict[str, object]], hp:
             )
         )
         session.flush()
-        hyperparameters = {**hp, "checkpoint_every_steps": 1}
+        hyperparameters = HyperparametersRequest(**hp, checkpoint_every_steps=1)
         body = JobCreate(model=model, training_file=file_id, hyperparameters=hyperparameters)
         job_id = jobs.create_job(session, settings, org, body)[0].id
     with session_scope(settings.sqlalchemy_url) as session:

@@ -23,7 +23,7 @@ from app.core.migrate import upgrade
 from app.core.settings import Settings
 from app.core.storage import Storage
 from app.models import Checkpoint, File, FineTunedModel, Job, utcnow
-from app.schemas import JobCreate
+from app.schemas import HyperparametersRequest, JobCreate
 from app.services import jobs, keys, leases, models, results
 from app.services.datasets import validate_dataset
 from tests.conftest import make_settings
@@ -57,7 +57,9 @@ class World:
         content = jsonl(tabular_rows(240))
         path.write_bytes(content)
         info = validate_dataset(path)
-        hyperparameters = {"n_epochs": EPOCHS, "batch_size": 32, "checkpoint_every_steps": 1}
+        hyperparameters = HyperparametersRequest(
+            n_epochs=EPOCHS, batch_size=32, checkpoint_every_steps=1
+        )
         with session_scope(self.url) as session:
             org = keys.get_or_create_organization(session, self.org_name)
             session.add(
