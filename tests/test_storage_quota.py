@@ -7,6 +7,7 @@ job is refused once the organization is at its quota."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,10 +25,11 @@ from app.main import create_app
 from app.models import Checkpoint, File, FineTunedModel, Job
 from app.services import keys, quota
 from tests.conftest import Api, make_settings
+from tests.served import served
 from tests.support import BASE_MODEL, fresh_postgres_database, jsonl, sentiment_rows
 from tests.test_bad_input import assert_error
 from tests.test_files_api import stored_files, upload
-from tests.test_uploads import Server, storage_tree
+from tests.test_uploads import BOUNDARY, Server, form_head, form_tail, storage_tree
 
 CONTENT = jsonl(sentiment_rows(20, seed=1))  # every upload here: the same size
 SIZE = len(CONTENT)
@@ -204,3 +206,47 @@ def test_concurrent_uploads_of_one_org_cannot_pass_the_quota_together(
         assert quota.usage_bytes(session, org.id) == room * SIZE <= limit
     stored = storage_tree(settings)
     assert len(stored) == room and all(name.startswith("files/") for name in stored)
+
+
+def test_the_quota_check_holds_no_connection_while_the_body_arrives(tmp_path: Path) -> None:
+    # One pooled connection in all: if the check before the body kept it, nothing else could
+    # be answered until the upload's body had arrived.
+    settings = make_settings(
+        tmp_path / "data",
+        storage_quota_bytes=1024 * 1024,
+        db_pool_size=1,
+        db_max_overflow=0,
+        db_pool_timeout_seconds=5,
+    )
+    upgrade(settings.sqlalchemy_url)
+    with session_scope(settings.sqlalchemy_url) as session:
+        key = keys.create_key(session, "org-a").key
+    # Larger than the form's overhead, so that its declared size alone says something.
+    content = jsonl(sentiment_rows(3000, seed=2))
+    head, tail = form_head(), form_tail()
+    started, release = threading.Event(), threading.Event()
+
+    def body() -> Iterator[bytes]:
+        yield head
+        started.set()
+        release.wait(30)
+        yield content + tail
+
+    auth = {"Authorization": f"Bearer {key}"}
+    headers = {
+        **auth,
+        "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+        "Content-Length": str(len(head) + len(content) + len(tail)),  # checked first
+    }
+    with served(create_app(settings)) as base_url, ThreadPoolExecutor(1) as pool:
+        uploading = pool.submit(
+            httpx.post, f"{base_url}/v1/files", content=body(), headers=headers, timeout=60
+        )
+        try:
+            assert started.wait(30)
+            time.sleep(2)  # the server has read the headers and checked the declared size
+            listed = httpx.get(f"{base_url}/v1/files", headers=auth, timeout=4)
+            assert listed.status_code == 200, listed.text
+        finally:
+            release.set()
+        assert uploading.result(timeout=60).status_code == 200
