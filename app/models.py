@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     ForeignKey,
     Index,
@@ -19,8 +20,10 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     false,
+    or_,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
 
 
 def utcnow() -> datetime:
@@ -94,6 +97,12 @@ class File(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime | None]
 
+    @classmethod
+    def unexpired(cls, now: datetime) -> ColumnElement[bool]:
+        """Files not past their ``expires_after``: an expired file is gone for its owner at
+        once (404), and its row and bytes go at the janitor's next sweep."""
+        return or_(cls.expires_at.is_(None), cls.expires_at > now)
+
 
 class Job(Base):
     __tablename__ = "jobs"
@@ -106,6 +115,8 @@ class Job(Base):
         Index("ix_jobs_training_file", "training_file"),
         Index("ix_jobs_validation_file", "validation_file"),
         UniqueConstraint("organization_id", "idempotency_key", name="uq_jobs_idempotency"),
+        # The janitor's question: which ended jobs still have files to tidy.
+        Index("ix_jobs_storage_state", "storage_state", "status"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -142,6 +153,10 @@ class Job(Base):
     crash_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None]
+    # What is left of the job's directory once it has ended (worker/janitor.py): None (not
+    # tidied yet, or still active), "tidied" (succeeded: the weights of its kept checkpoints)
+    # or "removed" (nothing).
+    storage_state: Mapped[str | None] = mapped_column(String(16))
 
 
 class JobEvent(Base):
@@ -168,6 +183,9 @@ class Checkpoint(Base):
     step_number: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]]
     storage_path: Mapped[str] = mapped_column(String(256))
+    # Bytes of the directory (the storage quota counts them): weights and optimizer state while
+    # it may be resumed from, the weights alone after.
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -182,4 +200,6 @@ class FineTunedModel(Base):
     job_id: Mapped[str] = mapped_column(String(64), index=True)
     storage_path: Mapped[str] = mapped_column(String(256))
     labels: Mapped[list[Any] | None] = mapped_column(JSON)
+    # Bytes of the model's directory, measured once its job is tidied (the quota counts them).
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

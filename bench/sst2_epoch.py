@@ -37,6 +37,9 @@ def bare_loop(train_path: Path, valid_path: Path, hp: dict[str, object], tmp: Pa
         def metrics(self, data: dict[str, float | int]) -> None: ...
         def message(self, text: str, level: str = "info") -> None: ...
         def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None: ...
+        def checkpoints_pruned(self, removed: list[int], resized: dict[int, int]) -> bool:
+            return True
+
         def should_stop(self) -> bool:
             return False
 

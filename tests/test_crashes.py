@@ -48,9 +48,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         job_id = deployment.create_job()
         job = deployment.wait_status(job_id, "succeeded")
         assert job.attempt == 1 and job.steps_completed == TOTAL_STEPS
-        assert deployment.checkpoint_steps(job_id) == list(
-            range(CHECKPOINT_EVERY, TOTAL_STEPS + 1, CHECKPOINT_EVERY)
-        )
+        # Every CHECKPOINT_EVERY steps, pruned to the newest 3 (TUNEHOUSE_KEEP_CHECKPOINTS) and
+        # each epoch's end.
+        assert deployment.checkpoint_steps(job_id) == [STEPS_PER_EPOCH, 50, 55, TOTAL_STEPS]
         return deployment.final_weights(job_id)
     finally:
         deployment.stop_workers()

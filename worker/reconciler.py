@@ -28,6 +28,7 @@ from app.core.queue import enqueue_job
 from app.core.settings import Settings
 from app.models import utcnow
 from app.services import job_files, jobs, leases
+from worker import janitor
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def reconcile_once(settings: Settings, *, at_start: bool = False) -> dict[str, A
             leases.touch(session, wake)
     for job_id in wake:
         enqueue_job(settings, job_id)
+    janitor.sweep(settings)  # what ended jobs, deleted models and expired files leave on disk
     summary = {"enqueued": len(wake), "expired": len(requeued), "failed": failed}
     if wake or failed:
         log.info("reconcile: %s", summary)

@@ -24,7 +24,14 @@ from app.core.db import session_scope
 from app.core.process import die_with_parent
 from app.core.retry import retry_for
 from app.core.settings import Settings, get_settings
-from app.core.storage import Storage, attempt_name, redact_paths
+from app.core.storage import (
+    DISK_FULL_MESSAGE,
+    Storage,
+    attempt_name,
+    is_disk_full,
+    redact_paths,
+    tree_bytes,
+)
 from app.models import File, Job, utcnow
 from app.services import jobs, leases, results
 from app.services.models import MLP_MODEL
@@ -128,8 +135,9 @@ class DatabaseReporter:
 
     # -- writes that may wait for the database --------------------------------------------------
 
-    def _write(self, write: Callable[[Session], None]) -> None:
-        """Write now, after anything still waiting; keep it for later if the database is away."""
+    def _write(self, write: Callable[[Session], None]) -> bool:
+        """Write now, after anything still waiting; keep it for later if the database is away.
+        True when it is written."""
         with self._pending_lock:
             self._pending.append(write)
             try:
@@ -139,8 +147,9 @@ class DatabaseReporter:
             except Exception:
                 log.warning("could not write to the database (%d writes waiting)",
                             len(self._pending), exc_info=len(self._pending) == 1)  # fmt: skip
-                return
+                return False
             self._pending.clear()
+            return True
 
     def flush(self) -> None:
         """Everything still waiting, written (or an error if the database is still away)."""
@@ -197,9 +206,18 @@ class DatabaseReporter:
         self._write(lambda session: jobs.add_event(session, self.job_id, text, level=level))
 
     def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
-        relative = self.storage.relative(path)
+        relative, size = self.storage.relative(path), tree_bytes(path)
         self._write(
-            lambda session: results.record_checkpoint(session, self.job_id, step, relative, metrics)
+            lambda session: results.record_checkpoint(
+                session, self.job_id, step, relative, metrics, size
+            )
+        )
+
+    def checkpoints_pruned(self, removed: list[int], resized: dict[int, int]) -> bool:
+        return self._write(
+            lambda session: results.update_checkpoints(
+                session, self.job_id, removed=removed, resized=resized
+            )
         )
 
 
@@ -288,6 +306,7 @@ def _spec(settings: Settings, job_id: str, owner: str) -> Any:
             checkpoint_every_seconds=settings.checkpoint_every_seconds,
             max_dataset_line_bytes=settings.max_dataset_line_bytes,
             debug_checkpoint_delay_seconds=settings.debug_checkpoint_delay_seconds,
+            keep_checkpoints=settings.keep_checkpoints,
         )
 
 
@@ -355,6 +374,9 @@ def run_training_process(job_id: str, owner: str) -> None:
         _fail(reporter, "out_of_memory", "Training ran out of memory; try a smaller batch_size.")
     except Exception as exc:
         log.exception("training of %s failed", job_id)
+        if is_disk_full(exc):
+            _fail(reporter, "disk_full", DISK_FULL_MESSAGE)
+            return
         code = "out_of_memory" if "out of memory" in str(exc).lower() else "training_error"
         _fail(
             reporter,

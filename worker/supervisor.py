@@ -33,6 +33,7 @@ from app.core.queue import enqueue_job
 from app.core.retry import retry_for
 from app.core.settings import Settings
 from app.services import job_files, jobs, leases
+from worker import janitor
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ def _settle(settings: Settings, job_id: str, owner: str, code: int | None) -> No
     except Exception:  # the lease runs out; the reconciler settles it instead
         log.exception("could not settle job %s; the reconciler will", job_id)
         return
+    janitor.tidy_if_ended(settings, job_id)  # an ended job's training state goes at once
     if wake:
         enqueue_job(settings, job_id)
 

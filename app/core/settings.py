@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     # write between its files and its rename, by this many seconds. Leave at 0.
     debug_step_delay_seconds: float = Field(default=0.0, ge=0)
     debug_checkpoint_delay_seconds: float = Field(default=0.0, ge=0)
+    # Checkpoints a job keeps on disk besides each epoch's end: the newest this many.
+    keep_checkpoints: int = Field(default=3, ge=1)
+    # Bytes of files, models and checkpoints each organization may store (0: no limit).
+    storage_quota_bytes: int = Field(default=0, ge=0)
 
     # Inputs.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)

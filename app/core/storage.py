@@ -8,6 +8,8 @@ untouched for a day."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -146,3 +148,58 @@ def redact_paths(text: str, root: Path | None = None) -> str:
         for prefix in dict.fromkeys((str(root), str(root.resolve()))):
             text = text.replace(prefix.rstrip("/") + "/", "")
     return _ABSOLUTE_PATH.sub(lambda match: Path(match.group(0)).name, text)
+
+
+# ---- sizes and a full disk ---------------------------------------------------------------------
+
+# The errors a write gets when the disk (or the user's share of it) is full.
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# How libraries that hide the errno say it: Rust's io::Error (safetensors) and the C library.
+_DISK_FULL_WORDS = ("No space left on device", "StorageFull", "Disk quota exceeded")
+# torch.save only says "file write failed"; with less than this free, that was a full disk.
+_NEARLY_FULL_BYTES = 16 * 1024 * 1024
+
+DISK_FULL_MESSAGE = (
+    "The server's disk is full: the job's checkpoint or model could not be written. Ask the "
+    "server's operator to free space, then create the job again."
+)
+
+
+class DiskFull(OSError):
+    """A write failed because the disk is full. Its message names no path."""
+
+    def __init__(self, what: str):
+        super().__init__(errno.ENOSPC, f"The server's disk is full: {what} could not be written")
+
+
+def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a full disk. With ``where``, a
+    failed write that names no cause counts when that file system has next to no space left
+    (ask before removing what the failed write left behind)."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # a chain of causes, never a cycle
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(words in str(seen) for words in _DISK_FULL_WORDS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if where is None or "write" not in str(exc).lower():
+        return False
+    try:
+        return shutil.disk_usage(where).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (a file's own size; 0 when it is gone)."""
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            with contextlib.suppress(FileNotFoundError):
+                total += (Path(dirpath) / name).stat().st_size
+    return total

@@ -33,6 +33,7 @@ from app.core.settings import Settings
 from app.core.storage import redact_paths
 from app.models import Checkpoint, File, Job, JobEvent, Organization, utcnow
 from app.schemas import Architecture, HyperparametersRequest, JobCreate, SupervisedMethod
+from app.services import quota
 from app.services.hyperparameters import TRAINABLE_FORMATS, resolve_hyperparameters
 from app.services.models import MLP_MODEL, base_kind
 from app.services.pagination import page
@@ -144,7 +145,7 @@ def _fine_tuning_file(session: Session, org: Organization, file_id: str, param: 
     # and then refuses (files.delete_file), or this create waits and finds no file.
     file = session.scalar(
         select(File)
-        .where(File.id == file_id, File.organization_id == org.id)
+        .where(File.id == file_id, File.organization_id == org.id, File.unexpired(utcnow()))
         .with_for_update(read=True)
     )
     if file is None:
@@ -247,6 +248,7 @@ def create_job(
         existing = _job_with_key(session, org, idempotency_key)
         if existing is not None:
             return _replayed(existing, fingerprint), False
+    quota.check_new_job(session, org, settings.storage_quota_bytes)
     model_kind = _base_model_kind(settings, body.model)
     training = _fine_tuning_file(session, org, body.training_file, "training_file")
     validation = None

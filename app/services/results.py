@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.core.ids import new_id
@@ -142,10 +143,16 @@ def registration(
 
 
 def record_checkpoint(
-    session: Session, job_id: str, step: int, storage_path: str, metrics: dict[str, float]
+    session: Session,
+    job_id: str,
+    step: int,
+    storage_path: str,
+    metrics: dict[str, float],
+    size_bytes: int = 0,
 ) -> None:
-    """Record a complete checkpoint at ``storage_path``; once per (job, step): a step
-    checkpointed again after a restart keeps its first row (the files were rewritten)."""
+    """Record a complete checkpoint at ``storage_path`` (``size_bytes`` on disk); once per
+    (job, step): a step checkpointed again after a restart keeps its first row (the files
+    were rewritten)."""
     known = session.scalar(
         select(Checkpoint.id).where(Checkpoint.job_id == job_id, Checkpoint.step_number == step)
     )
@@ -158,6 +165,26 @@ def record_checkpoint(
             step_number=step,
             metrics={"step": step, **metrics},
             storage_path=storage_path,
+            bytes=size_bytes,
         )
     )
     session.flush()
+
+
+def update_checkpoints(
+    session: Session, job_id: str, *, removed: Sequence[int], resized: Mapping[int, int]
+) -> None:
+    """Forget the checkpoints of the ``removed`` steps (their files go once this commits),
+    and record the new size of those that lost their training state."""
+    if removed:
+        session.execute(
+            delete(Checkpoint).where(
+                Checkpoint.job_id == job_id, Checkpoint.step_number.in_(list(removed))
+            )
+        )
+    for step, size in resized.items():
+        session.execute(
+            update(Checkpoint)
+            .where(Checkpoint.job_id == job_id, Checkpoint.step_number == step)
+            .values(bytes=size)
+        )

@@ -29,6 +29,9 @@ class Reporter:
     def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         pass
 
+    def checkpoints_pruned(self, removed: list[int], resized: dict[int, int]) -> bool:
+        return True
+
     def should_stop(self) -> bool:
         return self.stop_after_step is not None and self.step >= self.stop_after_step
 

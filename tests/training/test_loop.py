@@ -77,6 +77,9 @@ class RecordingReporter:
     def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
         self.checkpoints.append((step, path, metrics))
 
+    def checkpoints_pruned(self, removed: list[int], resized: dict[int, int]) -> bool:
+        return True
+
     def should_stop(self) -> bool:
         done = self.progress_calls[-1][0] if self.progress_calls else 0
         return self.stop_after_step is not None and done >= self.stop_after_step

@@ -4,7 +4,9 @@ A checkpoint is a directory `<checkpoints_dir>/step-N` holding the model in Hugg
 (safetensors), its tokenizer, and `training_state.pt`: everything else needed to resume exactly
 (optimizer, scheduler, step, data-order position, RNG states). It is written into a temporary
 directory beside the target, fsynced, renamed into place, and only then marked with a
-`COMPLETE` file; a crash at any point leaves no directory that looks complete but is not.
+`COMPLETE` file; a crash at any point leaves no directory that looks complete but is not, and a
+write that fails (a full disk) leaves nothing at all. Which checkpoints stay on disk, and
+removing the others, is `checkpoint_dirs.py`'s (no torch there: the worker's janitor uses it).
 
 training_state.pt holds only tensors and plain containers, so it loads with
 `torch.load(..., weights_only=True)`: nothing in a checkpoint is unpickled as code.
@@ -15,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -25,34 +26,32 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.core.storage import DiskFull, is_disk_full
+from worker.training.checkpoint_dirs import (
+    COMPLETE_MARKER,
+    STATE_FILE,
+    fsync_path,
+    latest_complete_checkpoint,
+)
+
+__all__ = [
+    "COMPLETE_MARKER",
+    "STATE_FILE",
+    "capture_rng_state",
+    "latest_complete_checkpoint",
+    "load_training_state",
+    "restore_rng_state",
+    "write_checkpoint",
+]
+
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "training_state.pt"
-COMPLETE_MARKER = "COMPLETE"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def _fsync_path(path: Path) -> None:
-    # Directories are fsynced too, so that the names (not just the bytes) survive a crash.
-    # Windows cannot open a directory for fsync; there the rename is the best we get.
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if path.is_dir():
-            return
-        raise
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
 
 
 def write_checkpoint(
@@ -69,44 +68,46 @@ def write_checkpoint(
     `delay` (fault injection for the crash tests) waits that long with the files written but
     not yet renamed into place.
     """
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step-{step}"
     tmp = checkpoints_dir / f".tmp-step-{step}"
-    if tmp.exists():  # left over by a crash while writing this same step
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(tmp)
-    torch.save(training_state, tmp / STATE_FILE)
-    _fsync_tree(tmp)
-    if delay:
-        time.sleep(delay)
-    if final.exists():  # an incomplete earlier attempt at this step: replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_path(checkpoints_dir)
-    # The marker goes last: its presence is the only proof the directory is whole.
-    marker = final / COMPLETE_MARKER
-    with marker.open("w") as handle:
-        handle.write(f"step {step}\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    _fsync_path(final)
+    try:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left over by a crash while writing this same step
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_model(tmp)
+        torch.save(training_state, tmp / STATE_FILE)
+        _fsync_tree(tmp)
+        if delay:
+            time.sleep(delay)
+        if final.exists():  # an incomplete earlier attempt at this step: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_path(checkpoints_dir)
+        # The marker goes last: its presence is the only proof the directory is whole.
+        marker = final / COMPLETE_MARKER
+        with marker.open("w") as handle:
+            handle.write(f"step {step}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        fsync_path(final)
+    except Exception as exc:
+        # Ask about the disk before freeing what the write took.
+        full = is_disk_full(exc, checkpoints_dir)
+        _remove_unfinished(tmp, final)
+        if full:
+            raise DiskFull(f"the checkpoint of step {step}") from exc
+        raise
     logger.info("checkpoint written: %s", final)
     return final
 
 
-def latest_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None when there is none."""
-    if not checkpoints_dir.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
-    for child in checkpoints_dir.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / COMPLETE_MARKER).is_file():
-            step = int(match.group(1))
-            if best is None or step > best[0]:
-                best = (step, child)
-    return best[1] if best else None
+def _remove_unfinished(tmp: Path, final: Path) -> None:
+    """A failed write leaves nothing: neither its temporary directory nor a step directory
+    without its marker (on a full disk, half-written checkpoints would pile up)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if final.is_dir() and not (final / COMPLETE_MARKER).is_file():
+        shutil.rmtree(final, ignore_errors=True)
 
 
 def load_training_state(path: Path) -> dict[str, Any]:

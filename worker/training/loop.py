@@ -32,6 +32,7 @@ from worker.training.checkpoint import (
     restore_rng_state,
     write_checkpoint,
 )
+from worker.training.checkpoint_dirs import prune_checkpoints
 from worker.training.registry import (
     Batch,
     Collate,
@@ -210,6 +211,17 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
         )
         reporter.checkpoint(run.step, path, dict(run.last_eval))
         saved.update(step=run.step, at=time.monotonic())
+        if spec.keep_checkpoints is None:
+            return
+        try:  # older checkpoints go, or lose their optimizer state
+            prune_checkpoints(
+                spec.checkpoints_dir,
+                keep=spec.keep_checkpoints,
+                is_epoch_end=lambda step: step % steps_per_epoch == 0,
+                forget=reporter.checkpoints_pruned,
+            )
+        except OSError:  # not worth the job: the next checkpoint prunes again
+            logger.warning("could not prune the checkpoints of %s", spec.job_id, exc_info=True)
 
     def stop() -> TrainingStopped:
         # Between steps: the state is whole. A pause or a shutdown saves it, unless the newest

@@ -31,6 +31,9 @@ class TrainingSpec:
     max_dataset_line_bytes: int | None = None
     # Fault injection for crash tests: a pause inside each checkpoint write, before its rename.
     debug_checkpoint_delay_seconds: float = 0.0
+    # Checkpoints kept besides each epoch's end, newest first (checkpoint_dirs.py); None keeps
+    # every one, with its training state.
+    keep_checkpoints: int | None = None
 
     @property
     def supervised(self) -> dict[str, Any]:
@@ -61,6 +64,9 @@ class Reporter(Protocol):
     def checkpoint(
         self, step: int, path: Path, metrics: dict[str, float]
     ) -> None: ...  # a complete checkpoint exists at path  # noqa: E501
+    def checkpoints_pruned(
+        self, removed: list[int], resized: dict[int, int]
+    ) -> bool: ...  # the checkpoints of `removed` steps are about to be deleted, those in `resized` lost their training state (step -> bytes left): record it; True once recorded  # noqa: E501
     def should_stop(self) -> bool: ...  # polled each step; True => raise TrainingStopped
     def checkpoint_on_stop(
         self,

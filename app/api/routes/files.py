@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
 from app.api.presenters import file_object, list_response
 from app.schemas import DeletedResponse, ErrorResponse, FileObject, ListResponse
-from app.services import files
+from app.services import files, quota
 from app.services.datasets import DatasetLimits
 from app.services.uploads import receive_upload
 
@@ -59,6 +59,11 @@ async def upload_file(
 ) -> FileObject:
     # The key was checked before the body (app/api/guard.py), and the session connects at its
     # first query: no database connection is held while the body arrives.
+    limit = settings.storage_quota_bytes
+    if limit:  # refused unread if its declared size cannot fit
+        length = request.headers.get("content-length")
+        await run_in_threadpool(quota.check_declared_upload, session, org, limit, length)
+        await run_in_threadpool(session.rollback)  # the connection goes back to the pool
     upload = await receive_upload(
         request.headers.get("content-type"),
         request.stream(),
@@ -69,7 +74,15 @@ async def upload_file(
     try:
         # Validation reads the whole file: keep it off the event loop.
         limits = DatasetLimits.from_settings(settings)
-        file = await run_in_threadpool(files.store_upload, session, storage, org, upload, limits)
+        file = await run_in_threadpool(
+            files.store_upload,
+            session,
+            storage,
+            org,
+            upload,
+            limits,
+            settings.storage_quota_bytes,
+        )
         await run_in_threadpool(session.commit)
     finally:
         upload.discard()  # the temporary file, unless it was stored (a request cancelled here)
