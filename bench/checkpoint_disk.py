@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,7 +33,7 @@ from app.core.settings import Settings  # noqa: E402
 from app.core.storage import Storage  # noqa: E402
 from app.models import File, Job  # noqa: E402
 from app.schemas import HyperparametersRequest, JobCreate  # noqa: E402
-from app.services import jobs, keys  # noqa: E402
+from app.services import job_files, jobs, keys  # noqa: E402
 from app.services.datasets import validate_dataset  # noqa: E402
 from tests.crash_support import tabular_rows  # noqa: E402
 from tests.support import BASE_MODEL, jsonl, sentiment_rows  # noqa: E402
@@ -83,8 +84,8 @@ def queue_job(
         hyperparameters = HyperparametersRequest(**hp, checkpoint_every_steps=1)
         body = JobCreate(model=model, training_file=file_id, hyperparameters=hyperparameters)
         job_id = jobs.create_job(session, settings, org, body)[0].id
-    with session_scope(settings.sqlalchemy_url) as session:
-        assert jobs.validate_job_files(session, settings, job_id)
+    sessions = partial(session_scope, settings.sqlalchemy_url)
+    assert job_files.validate_job_files(settings, job_id, sessions=sessions)
     return job_id
 
 

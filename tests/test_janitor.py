@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from app.core.settings import Settings
 from app.core.storage import Storage
 from app.models import Checkpoint, File, FineTunedModel, Job, utcnow
 from app.schemas import HyperparametersRequest, JobCreate
-from app.services import jobs, keys, leases, models, results
+from app.services import job_files, jobs, keys, leases, models, results
 from app.services.datasets import validate_dataset
 from tests.conftest import make_settings
 from tests.crash_support import tabular_rows
@@ -80,8 +81,8 @@ class World:
                 model="tunehouse/mlp", training_file=file_id, hyperparameters=hyperparameters
             )
             job_id = jobs.create_job(session, self.settings, org, body)[0].id
-        with session_scope(self.url) as session:
-            assert jobs.validate_job_files(session, self.settings, job_id)
+        sessions = partial(session_scope, self.url)
+        assert job_files.validate_job_files(self.settings, job_id, sessions=sessions)
         return job_id
 
     def job(self, job_id: str) -> Job:
