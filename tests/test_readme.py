@@ -227,7 +227,12 @@ def test_quickstart(user: User, server: Server, capsys: pytest.CaptureFixture[st
     user.run(runnable(QUICKSTART))
     ns, printed = user.namespace, capsys.readouterr().out
 
-    assert ns["spare"].status == "cancelled"
+    spare = ns["spare"]
+    assert spare.status == "cancelled"
+    events = server.get(f"/fine_tuning/jobs/{spare.id}/events?limit=100").json()["data"]
+    said = " | ".join(e["message"] for e in events)
+    assert "Pause requested" in said or "Fine-tuning job paused" in said, said
+    assert "Fine-tuning job resumed" in said and "Fine-tuning job cancelled" in said, said
     job = ns["job"]
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model.startswith("ft:sentence-transformers/all-MiniLM-L6-v2:default:")
