@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.core.db import session_scope
+from app.core.db import dispose_engine, engine_urls, session_scope
 from app.core.migrate import upgrade
 from app.core.settings import Settings
 from app.main import create_app
@@ -30,6 +30,16 @@ def _missing(what: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{what} is required in CI but is not available", pytrace=False)
     pytest.skip(f"{what} is not available")
+
+
+@pytest.fixture(autouse=True)
+def _close_the_databases_a_test_opened() -> Iterator[None]:
+    """Each test's SQLite database gets an engine in this process; closing the ones a test
+    opened keeps the run's open files bounded (three per database: db, -wal, -shm)."""
+    before = engine_urls()
+    yield
+    for url in engine_urls() - before:
+        dispose_engine(url)
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 
-from app.core.db import get_engine, session_scope
+from app.core.db import dispose_engine, engine_urls, get_engine, session_scope
 from app.core.migrate import upgrade
 from app.core.settings import Settings
 from app.core.storage import Storage
@@ -195,3 +196,36 @@ def test_long_responses_hold_no_database_connection(server: Server) -> None:
     with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=30) as client:
         names = [f["filename"] for f in client.get("/v1/files").json()["data"]]
     assert names.count("slow.jsonl") == UPLOADS
+
+
+def _open_files_of(database: Path) -> list[str]:
+    targets = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            targets.append(str(fd.readlink()))
+        except OSError:
+            continue  # closed while we looked
+    return [target for target in targets if target.startswith(str(database))]
+
+
+def test_a_disposed_engine_closes_its_database_files_and_a_new_one_follows(
+    tmp_path: Path,
+) -> None:
+    """A process that opens many databases in turn (the test run, one per test) closes each
+    one's files when it is done with it; the URL still works afterwards."""
+    database = tmp_path / "one.db"
+    url = f"sqlite:///{database}"
+    with ThreadPoolExecutor(4) as pool:  # several pooled connections, as under load
+        list(pool.map(lambda _: _count_one(url), range(8)))
+    assert _open_files_of(database), "the engine kept no connection open: nothing to dispose"
+
+    dispose_engine(url)
+
+    assert _open_files_of(database) == []
+    assert url not in engine_urls()
+    assert _count_one(url) == 1  # a new engine, built on demand
+
+
+def _count_one(url: str) -> int:
+    with session_scope(url) as session:
+        return int(session.execute(text("SELECT 1")).scalar_one())

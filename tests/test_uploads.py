@@ -93,9 +93,11 @@ class Server:
             # A small send buffer, so that bytes counted as sent are close to bytes taken.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHUNK)
             sock.sendall(head)
+            # poll, not select: select refuses descriptors past 1023.
+            answered = select.poll()
+            answered.register(sock, select.POLLIN)
             for chunk in body:
-                readable, _, _ = select.select([sock], [], [], 0)
-                if readable:
+                if answered.poll(0):
                     break
                 try:
                     sock.sendall(chunk)

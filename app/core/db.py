@@ -85,6 +85,22 @@ def use_pool_limits(url: str, pool: PoolLimits) -> None:
         previous.dispose()
 
 
+def engine_urls() -> set[str]:
+    """The URLs this process holds an engine for."""
+    with _engines_lock:
+        return set(_engines)
+
+
+def dispose_engine(url: str) -> None:
+    """Close the idle connections of ``url``'s engine and forget it; the next session on the URL
+    builds a new one. Connections in use close when they are returned. A process that opens many
+    databases in turn (a test run, one per test) calls it so that their files do not stay open."""
+    with _engines_lock:
+        engine = _engines.pop(url, None)
+    if engine is not None:
+        engine.dispose()
+
+
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
     """A session for one unit of work: committed on success, rolled back on error."""
