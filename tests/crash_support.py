@@ -14,8 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -306,11 +305,6 @@ class TrainerWatch:
         self._thread.join()
 
 
-def wait_trainer(job_id: str, timeout: float = 60) -> int:
-    pids = wait_until(lambda: training_processes(job_id), timeout, 0.05, what="a trainer")
-    return int(pids[0])
-
-
 def gone(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -418,9 +412,3 @@ class RedisServer:
 
     def __exit__(self, *_: object) -> None:
         self.kill()
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    started = time.monotonic()
-    value = fn()
-    return value, time.monotonic() - started

@@ -133,15 +133,6 @@ def register_copy(live: Live, source: Path, name: str, seed: int) -> str:
     return model_id
 
 
-def register_adapter(live: Live, base: Path, name: str, seed: int) -> str:
-    """A LoRA adapter of ``base`` with random (non-zero) weights, as a fine-tuned model."""
-    job_id = f"ftjob-{name}{seed:010d}"
-    make_adapter(base, live.settings.storage_root / "models" / job_id, seed)
-    model_id = f"ft:tiny-llama:{live.org_name}:{name}:{seed:08d}"
-    _register(live, model_id, job_id)
-    return model_id
-
-
 @dataclass
 class Throttle:
     """Wraps a causal LM's forward pass: counts calls, and while ``gate`` is clear each call

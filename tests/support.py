@@ -199,12 +199,11 @@ TRAIN_QUESTIONS = [
 HELD_OUT_QUESTIONS = ["which code goes with {kw}?", "give me the {kw} code"]
 
 
-def fact_chat_rows(questions: list[str], system: bool = True) -> list[dict[str, object]]:
+def fact_chat_rows(questions: list[str]) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for kw, answer in FACTS.items():
         for question in questions:
             messages = [{"role": "system", "content": "answer with the code word only"}]
-            messages = messages if system else []
             messages += [
                 {"role": "user", "content": question.format(kw=kw)},
                 {"role": "assistant", "content": answer},

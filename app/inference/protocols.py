@@ -47,6 +47,3 @@ class Embedder(Protocol):
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """One unit vector per text, and the tokens read."""
         ...
-
-
-Servable = Predictor | TextGenerator | Embedder

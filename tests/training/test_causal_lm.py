@@ -284,7 +284,7 @@ def test_text_is_packed_into_blocks_and_training_lowers_validation_loss(
     before = evaluate(
         kind,
         AutoModelForCausalLM.from_pretrained(tiny_llama),
-        eval_batches(blocks, kind.make_collate(tokenizer, 16), 8, torch.device("cpu")),
+        eval_batches(blocks, kind.make_collate(tokenizer), 8, torch.device("cpu")),
     )
     result = train(spec, Reporter())
     assert result.final_metrics["valid_loss"] < before["valid_loss"] * 0.7, (before, result)

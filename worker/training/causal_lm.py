@@ -237,7 +237,7 @@ class CausalLM(TaskKind):
 
     # -- batches -----------------------------------------------------------------------------
 
-    def make_collate(self, tokenizer: Any | None, max_seq_length: int) -> Collate:
+    def make_collate(self, tokenizer: Any | None) -> Collate:
         assert tokenizer is not None
         return padding_collate(int(tokenizer.pad_token_id))
 

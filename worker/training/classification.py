@@ -74,7 +74,7 @@ class Classification(TaskKind):
             for i, row in enumerate(rows)
         ]
 
-    def make_collate(self, tokenizer: Any | None, max_seq_length: int) -> Collate:
+    def make_collate(self, tokenizer: Any | None) -> Collate:
         # Pad each batch only to its own longest row: short texts stay cheap.
         return DataCollatorWithPadding(tokenizer, padding="longest", return_tensors="pt")
 

@@ -172,7 +172,7 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
     )
     if not train_features:
         raise ValueError("the training file has no row left to train on")
-    collate = kind.make_collate(tokenizer, hp.max_seq_length)
+    collate = kind.make_collate(tokenizer)
 
     # Schedule: the last accumulation group of an epoch may be short, but still makes a step.
     accum = hp.gradient_accumulation_steps

@@ -93,7 +93,7 @@ class TaskKind(ABC):
         should know about the data (rows cut to max_seq_length)."""
 
     @abstractmethod
-    def make_collate(self, tokenizer: Any | None, max_seq_length: int) -> Collate:
+    def make_collate(self, tokenizer: Any | None) -> Collate:
         """A function that pads a list of features into one batch of tensors."""
 
     def epoch_batches(

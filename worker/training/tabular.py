@@ -122,7 +122,7 @@ class Tabular(TaskKind):
             for i, row in enumerate(rows)
         ]
 
-    def make_collate(self, tokenizer: Any | None, max_seq_length: int) -> Collate:
+    def make_collate(self, tokenizer: Any | None) -> Collate:
         def collate(features: list[Features]) -> Batch:
             return {
                 "features": torch.stack([f["features"] for f in features]),

@@ -23,20 +23,14 @@ file, once).
 """
 
 from app.services.datasets.errors import DatasetError
-from app.services.datasets.formats import FORMATS, RowFormat, register_format
 from app.services.datasets.limits import DEFAULT_MAX_LINE_BYTES, DatasetLimits
-from app.services.datasets.statistics import FormatStats
 from app.services.datasets.validation import DatasetInfo, iter_examples, validate_dataset
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
-    "FORMATS",
     "DatasetError",
     "DatasetInfo",
     "DatasetLimits",
-    "FormatStats",
-    "RowFormat",
     "iter_examples",
-    "register_format",
     "validate_dataset",
 ]

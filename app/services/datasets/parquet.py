@@ -239,11 +239,9 @@ def _slices(sizes: np.ndarray) -> Iterator[tuple[int, int]]:
 def _open(path: Path, limits: DatasetLimits) -> tuple[pq.ParquetFile, int]:
     """The file opened with its strings as dictionaries, and the batch size its metadata
     allows; raises DatasetError for a file that is no Parquet or holds too much."""
-    try:
-        import pyarrow
-        import pyarrow.parquet as pq
-    except ImportError:  # pragma: no cover - pyarrow is installed with the server
-        raise DatasetError("reading Parquet files needs pyarrow on the server") from None
+    import pyarrow
+    import pyarrow.parquet as pq
+
     try:
         with pq.ParquetFile(path) as footer:
             metadata = footer.metadata
