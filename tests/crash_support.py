@@ -119,7 +119,7 @@ class Deployment:
             for k, v in self.env.items()
             if k.startswith("TUNEHOUSE_")
         }
-        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        return Settings(_env_file=None, **values)
 
     @contextlib.contextmanager
     def client(self, **overrides: Any) -> Iterator[TestClient]:

@@ -54,7 +54,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):  # type: ignore[no-untyped-def]
+def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -64,7 +64,7 @@ def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def tunehouse(*args: str, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+def tunehouse(*args: str, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "app.cli", *args],
         env=env,

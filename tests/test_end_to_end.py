@@ -37,7 +37,7 @@ class Running:
     def upload(self, rows: list[dict[str, str]], name: str) -> str:
         return self.client.files.create(file=(name, jsonl(rows)), purpose="fine-tune").id
 
-    def wait_for_status(self, job_id: str, statuses: tuple[str, ...], timeout: float = 240):  # type: ignore[no-untyped-def]
+    def wait_for_status(self, job_id: str, statuses: tuple[str, ...], timeout: float = 240):
         return wait_until(
             lambda: (
                 (job := self.client.fine_tuning.jobs.retrieve(job_id)).status in statuses and job

@@ -70,7 +70,7 @@ def create(api: Api, model: str, file_id: str, **body: Any) -> Any:
 def created(api: Api, model: str, file_id: str, **body: Any) -> dict[str, Any]:
     response = create(api, model, file_id, **body)
     assert response.status_code == 200, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 def supervised(**fields: Any) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def supervised(**fields: Any) -> dict[str, Any]:
 
 def status(api: Api, job_id: str) -> dict[str, Any]:
     response = api.client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=api.headers())
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -399,7 +399,7 @@ def _register_model(api: Api, job_id: str, task: str, *, adapter: bool) -> tuple
     return name, model_dir
 
 
-def _loadable(api: Api, model_id: str):  # type: ignore[no-untyped-def]
+def _loadable(api: Api, model_id: str):
     from app.core.storage import Storage
     from app.services import models
     from app.services.keys import get_or_create_organization

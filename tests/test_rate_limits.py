@@ -50,7 +50,7 @@ def clients(tmp_path: Path) -> Iterator[tuple[TestClient, str, str]]:
         yield client, first, second
 
 
-def test_over_the_limit_is_a_429_with_retry_after(clients) -> None:  # type: ignore[no-untyped-def]
+def test_over_the_limit_is_a_429_with_retry_after(clients) -> None:
     client, key, _ = clients
     for _ in range(LIMIT):
         assert get_files(client, key).status_code == 200
@@ -59,7 +59,7 @@ def test_over_the_limit_is_a_429_with_retry_after(clients) -> None:  # type: ign
     assert_limited(client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}))
 
 
-def test_each_key_has_its_own_count(clients) -> None:  # type: ignore[no-untyped-def]
+def test_each_key_has_its_own_count(clients) -> None:
     client, first, second = clients
     for _ in range(LIMIT):
         get_files(client, first)
@@ -67,7 +67,7 @@ def test_each_key_has_its_own_count(clients) -> None:  # type: ignore[no-untyped
     assert get_files(client, second).status_code == 200
 
 
-def test_health_and_metrics_are_not_limited(clients) -> None:  # type: ignore[no-untyped-def]
+def test_health_and_metrics_are_not_limited(clients) -> None:
     client, key, _ = clients
     for _ in range(LIMIT):
         get_files(client, key)

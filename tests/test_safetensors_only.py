@@ -38,7 +38,7 @@ class CreatesMarker:
     def __init__(self, marker: Path):
         self.marker = str(marker)
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
+    def __reduce__(self):
         return (open, (self.marker, "w"))
 
 
@@ -105,7 +105,7 @@ def test_the_payload_is_live(tmp_path: Path) -> None:
     assert proof.exists()
 
 
-def assert_refused(response, words: str) -> None:  # type: ignore[no-untyped-def]
+def assert_refused(response, words: str) -> None:
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}

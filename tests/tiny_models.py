@@ -10,7 +10,7 @@ from pathlib import Path
 EOS = "<|endoftext|>"
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 600):  # type: ignore[no-untyped-def]
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 600):
     """A byte-level BPE tokenizer (exact round trips, like GPT-2's) trained on ``texts``; it has
     no chat template, so Tunehouse's default one is used for chat fine-tuning."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
