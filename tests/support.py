@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,7 +44,7 @@ def sentiment_rows(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def jsonl(rows: Iterable[dict[str, object]]) -> bytes:
+def jsonl(rows: Iterable[Mapping[str, object]]) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
