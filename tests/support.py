@@ -14,12 +14,27 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class Response(Protocol):
+    """A response as tests read it: httpx's from a real server, or httpx2's from starlette's
+    TestClient (which uses httpx2 where it is installed, as openai installs it)."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def text(self) -> str: ...
+    def json(self, **kwargs: Any) -> Any: ...
+
 
 POSITIVE = ["great", "wonderful", "excellent", "lovely", "superb", "fantastic", "delightful"]
 NEGATIVE = ["terrible", "awful", "horrible", "dreadful", "poor", "boring", "disappointing"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -17,7 +18,7 @@ from tests.support import BASE_MODEL, jsonl, sentiment_rows
 
 def snapshot(api) -> dict[str, object]:
     with session_scope(api.settings.sqlalchemy_url) as session:
-        counts = {
+        counts: dict[str, object] = {
             table.__tablename__: session.scalar(select(func.count()).select_from(table))
             for table in (File, Job, JobEvent)
         }
@@ -264,7 +265,7 @@ def create(api, file_id: str, key: str | None = None, **body):
         ({"training_file": None}, "training_file"),
     ],
 )
-def test_invalid_job_create(api, file_id: str, body: dict[str, object], param: str) -> None:
+def test_invalid_job_create(api, file_id: str, body: dict[str, Any], param: str) -> None:
     with changes_nothing(api):
         error = assert_error(create(api, file_id, **body), 400, param=param)
         assert error["type"] == "invalid_request_error"

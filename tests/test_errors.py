@@ -10,6 +10,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -200,7 +201,7 @@ def test_query_bounds(api, url: str, param: str) -> None:
     assert_bad_request(api.client.get(url, headers=api.headers()), param)
 
 
-CHAT = {"model": "ft:none", "messages": [{"role": "user", "content": "hi"}]}
+CHAT: dict[str, Any] = {"model": "ft:none", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.mark.parametrize(

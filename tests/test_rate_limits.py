@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -18,6 +17,7 @@ from app.core.settings import Settings
 from app.main import create_app
 from app.services import keys
 from tests.conftest import make_settings
+from tests.support import Response
 from tests.test_bad_input import assert_error
 
 LIMIT = 3
@@ -32,11 +32,11 @@ def fresh(tmp_path: Path, **overrides: object) -> tuple[Settings, str, str]:
     return settings, first, second
 
 
-def get_files(client: TestClient, key: str) -> httpx.Response:
+def get_files(client: TestClient, key: str) -> Response:
     return client.get("/v1/files", headers={"Authorization": f"Bearer {key}"})
 
 
-def assert_limited(response: httpx.Response) -> None:
+def assert_limited(response: Response) -> None:
     error = assert_error(response, 429, words="rate limit")
     assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
     retry_after = int(response.headers["Retry-After"])

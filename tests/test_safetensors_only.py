@@ -235,7 +235,9 @@ def test_torch_load_only_with_weights_only() -> None:
     calls = 0
     for path in _python_sources():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            func = node.func if isinstance(node, ast.Call) else None
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
             if isinstance(func, ast.Attribute) and func.attr == "load":
                 owner = func.value
                 if isinstance(owner, ast.Name) and owner.id == "torch":

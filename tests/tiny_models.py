@@ -45,10 +45,11 @@ def build_causal_lm(
 ) -> Path:
     """Save a tiny randomly initialised causal LM and its tokenizer to ``path``."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
     tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
     eos = tokenizer.convert_tokens_to_ids(EOS)
+    config: PretrainedConfig
     if arch == "llama":
         config = LlamaConfig(
             vocab_size=len(tokenizer),
