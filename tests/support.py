@@ -36,6 +36,18 @@ class Response(Protocol):
     def json(self, **kwargs: Any) -> Any: ...
 
 
+def as_dict(value: object) -> dict[str, Any]:
+    """A JSON object the OpenAI SDK types as ``object`` (an event's data, an error's body)."""
+    assert isinstance(value, dict), value
+    return value
+
+
+def extra(obj: Any, name: str) -> Any:
+    """A field Tunehouse adds to an OpenAI object, which the SDK keeps as a pydantic extra."""
+    assert obj.model_extra is not None and name in obj.model_extra, name
+    return obj.model_extra[name]
+
+
 POSITIVE = ["great", "wonderful", "excellent", "lovely", "superb", "fantastic", "delightful"]
 NEGATIVE = ["terrible", "awful", "horrible", "dreadful", "poor", "boring", "disappointing"]
 NOUNS = ["movie", "meal", "hotel", "service", "book", "concert", "trip", "game", "show", "room"]
