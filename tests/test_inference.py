@@ -12,11 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from openai import BadRequestError, OpenAI
 
 from app.core.db import session_scope
 from app.core.migrate import upgrade
+from app.core.settings import Settings
 from app.main import create_app
 from app.models import FineTunedModel
 from app.services import keys
@@ -35,7 +37,7 @@ TEXTS = [
 class Served:
     client: OpenAI
     http: TestClient
-    settings: object
+    settings: Settings
     org_id: str
     org_name: str
 
@@ -188,12 +190,12 @@ def _register_adapter(served: Served, base: Path, name: str, seed: int) -> str:
                         init_lora_weights=False)  # fmt: skip
     peft_model = get_peft_model(model, config)
     job_id = f"ftjob-adapter{seed:011d}"
-    storage_root = served.settings.storage_root  # type: ignore[attr-defined]
+    storage_root = served.settings.storage_root
     path = storage_root / "models" / job_id
-    peft_model.save_pretrained(path)
+    peft_model.save_pretrained(str(path))
     AutoTokenizer.from_pretrained(base).save_pretrained(path)
     model_id = f"ft:tiny-llama:{served.org_name}:{name}:{seed:08d}"
-    with session_scope(served.settings.sqlalchemy_url) as session:  # type: ignore[attr-defined]
+    with session_scope(served.settings.sqlalchemy_url) as session:
         session.add(
             FineTunedModel(
                 id=model_id, organization_id=served.org_id, task="causal-lm",
@@ -221,7 +223,9 @@ def test_lora_adapters_share_their_base_and_answer_concurrently(
     sequential = {model: answer(model) for model in [*adapters, "tiny-llama"]}
     assert len(set(sequential.values())) > 1, "adapters change the answers"
 
-    cache = served.http.app.state.model_cache  # type: ignore[attr-defined]
+    app = served.http.app
+    assert isinstance(app, FastAPI)
+    cache = app.state.model_cache
     assert len(cache._bases) == 1, "all adapters sit on one shared base"
     shared = next(iter(cache._bases.values()))
     assert set(shared.model.peft_config) == set(adapters)

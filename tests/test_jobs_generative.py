@@ -375,7 +375,9 @@ def _register_model(api: Api, job_id: str, task: str, *, adapter: bool) -> tuple
         (model_dir / "adapter_config.json").write_text("{}")
     name = f"ft:{TINY}:org-a::{job_id[-8:]}"
     with session_scope(api.settings.sqlalchemy_url) as session:
-        org_id = session.get(Job, job_id).organization_id  # type: ignore[union-attr]
+        job = session.get(Job, job_id)
+        assert job is not None
+        org_id = job.organization_id
         session.add(
             FineTunedModel(
                 id=name,

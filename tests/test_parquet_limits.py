@@ -224,7 +224,7 @@ def test_rows_are_numbered_across_row_groups_batches_and_slices(tmp_path: Path) 
     import pyarrow as pa
 
     texts = [("w" * (300 * 1024) if i % 7 == 0 else f"row {i}") for i in range(3000)]
-    labels = ["a", "b"] * 1500
+    labels: list[str | None] = ["a", "b"] * 1500
     path = tmp_path / "fine.parquet"
     path.write_bytes(parquet_bytes(pa.table({"text": texts, "label": labels}), row_group_size=700))
     info = validate_dataset(path)
@@ -233,7 +233,7 @@ def test_rows_are_numbered_across_row_groups_batches_and_slices(tmp_path: Path) 
         3000,
         {"a": 1500, "b": 1500},
     )
-    labels[2499] = None  # type: ignore[call-overload]
+    labels[2499] = None
     bad = parquet_bytes(pa.table({"text": texts, "label": labels}), row_group_size=700)
     assert refusal(tmp_path, bad) == (
         "row 2500: field 'label' must be a string or an integer, got null"

@@ -21,7 +21,7 @@ from app.core.settings import Settings
 from app.main import create_app
 from app.services import keys
 from tests.conftest import make_settings
-from tests.support import free_port, jsonl, sentiment_rows
+from tests.support import as_dict, free_port, jsonl, sentiment_rows
 
 LIMIT = 64 * 1024  # the server's max_upload_bytes in these tests
 STREAMED = 50 * 1024 * 1024  # what a client offers to send
@@ -151,7 +151,7 @@ def test_declared_size_over_the_limit_is_refused_before_any_body_byte(server: Se
     status, body, sent = server.send(head, iter(()))  # the body is never sent at all
     assert_too_large(status, body)
     assert sent == 0
-    assert str(STREAMED) in str(body["error"]["message"])  # type: ignore[index]
+    assert str(STREAMED) in str(as_dict(body["error"])["message"])
     assert storage_tree(server.settings) == before
 
 
