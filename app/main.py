@@ -79,6 +79,9 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
     return app
 
 
+app: FastAPI  # declared, not bound: the first `app.main.app` goes through __getattr__
+
+
 def __getattr__(name: str) -> FastAPI:
     # `uvicorn app.main:app` builds the app from the environment on first access.
     if name == "app":

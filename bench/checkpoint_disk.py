@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="tunehouse-disk-"))
     os.environ["TUNEHOUSE_DATA_DIR"] = str(data_dir)  # the training process reads it too
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     upgrade(settings.sqlalchemy_url)
     model, rows, hp = JOBS[args.model]
     job_id = queue_job(settings, model, rows(), hp)

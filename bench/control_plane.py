@@ -125,7 +125,7 @@ class World:
             database_url=self.url,
             broker_url=self.redis_url,
             data_dir=self.data_dir,
-            _env_file=None,  # type: ignore[call-arg]
+            _env_file=None,
             **extra,
         )
 

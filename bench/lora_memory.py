@@ -15,6 +15,10 @@ import gc
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,10 +36,10 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS")
 
 
-def tensor_mib(model: object) -> float:
+def tensor_mib(model: torch.nn.Module) -> float:
     """Bytes held by the model's parameters and buffers (each storage counted once)."""
     seen, total = set(), 0
-    for tensor in [*model.parameters(), *model.buffers()]:  # type: ignore[attr-defined]
+    for tensor in [*model.parameters(), *model.buffers()]:
         key = tensor.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)
@@ -43,14 +47,15 @@ def tensor_mib(model: object) -> float:
     return total / 2**20
 
 
-def touch(model: object, adapter: str | None = None) -> None:
-    """One forward pass, so every weight is really in memory (safetensors maps files lazily)."""
+def touch(model: Any, adapter: str | None = None) -> None:
+    """One forward pass, so every weight is really in memory (safetensors maps files lazily).
+    ``model`` is a transformers or peft model (as ``load_causal_lm`` and the cache give it)."""
     import torch
 
     if adapter is not None:
-        model.set_adapter(adapter)  # type: ignore[attr-defined]
+        model.set_adapter(adapter)
     with torch.inference_mode():
-        model(input_ids=torch.tensor([[1, 2, 3]]))  # type: ignore[operator]
+        model(input_ids=torch.tensor([[1, 2, 3]]))
 
 
 def make_adapters(base: Path, root: Path, count: int) -> list[Path]:
@@ -67,7 +72,7 @@ def make_adapters(base: Path, root: Path, count: int) -> list[Path]:
             init_lora_weights=False,
         )  # fmt: skip
         path = root / f"adapter-{i}"
-        get_peft_model(model, config).save_pretrained(path)
+        get_peft_model(model, config).save_pretrained(str(path))
         paths.append(path)
         del model
     return paths
@@ -86,7 +91,7 @@ def main() -> None:
 
         cache = ModelCache(capacity=32)
         before = rss_mib()
-        shared, _ = cache.attach_adapter(base, adapters[0], "a0")
+        shared = cache.attach_adapter(base, adapters[0], "a0").model
         touch(shared, "a0")
         one, one_bytes = rss_mib(), tensor_mib(shared)
         for i, path in enumerate(adapters[1:], start=1):

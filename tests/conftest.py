@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -88,8 +89,8 @@ class Api:
         return {"Authorization": f"Bearer {key or self.key_a}"}
 
 
-def make_settings(data_dir: Path, **overrides: object) -> Settings:
-    return Settings(_env_file=None, data_dir=data_dir, **overrides)  # type: ignore[call-arg]
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    return Settings(_env_file=None, data_dir=data_dir, **overrides)
 
 
 @pytest.fixture

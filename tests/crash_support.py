@@ -20,7 +20,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import httpx
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -31,7 +30,15 @@ from app.main import create_app
 from app.models import FineTunedModel, Job, JobEvent
 from app.services import jobs
 from tests.stacks import FAST_TIMINGS, base_env
-from tests.support import ROOT, free_port, jsonl, training_processes, tunehouse, wait_until
+from tests.support import (
+    ROOT,
+    Response,
+    free_port,
+    jsonl,
+    training_processes,
+    tunehouse,
+    wait_until,
+)
 
 # Short timings: a dead trainer is noticed in seconds, a cancel acted on within half a second.
 CRASH_TIMINGS = {
@@ -113,12 +120,13 @@ class Deployment:
 
     @cached_property
     def settings(self) -> Settings:  # read on every poll; the environment never changes
-        values = {
+        # Strings, as in the environment: Settings parses them as it parses the environment.
+        values: dict[str, Any] = {
             k.removeprefix("TUNEHOUSE_").lower(): v
             for k, v in self.env.items()
             if k.startswith("TUNEHOUSE_")
         }
-        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        return Settings(_env_file=None, **values)
 
     @contextlib.contextmanager
     def client(self, **overrides: Any) -> Iterator[TestClient]:
@@ -147,7 +155,7 @@ class Deployment:
         assert response.status_code == 200, response.text
         return str(response.json()["id"])
 
-    def post(self, path: str) -> httpx.Response:
+    def post(self, path: str) -> Response:
         with self.client() as client:
             return client.post(path)
 

@@ -118,7 +118,7 @@ def make_adapter(base: Path, path: Path, seed: int) -> Path:
     model = AutoModelForCausalLM.from_pretrained(base)
     config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"],
                         init_lora_weights=False)  # fmt: skip
-    get_peft_model(model, config).save_pretrained(path)
+    get_peft_model(model, config).save_pretrained(str(path))
     AutoTokenizer.from_pretrained(base).save_pretrained(path)
     return path
 

@@ -11,15 +11,42 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class Response(Protocol):
+    """A response as tests read it: httpx's from a real server, or httpx2's from starlette's
+    TestClient (which uses httpx2 where it is installed, as openai installs it)."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def text(self) -> str: ...
+    def json(self, **kwargs: Any) -> Any: ...
+
+
+def as_dict(value: object) -> dict[str, Any]:
+    """A JSON object the OpenAI SDK types as ``object`` (an event's data, an error's body)."""
+    assert isinstance(value, dict), value
+    return value
+
+
+def extra(obj: Any, name: str) -> Any:
+    """A field Tunehouse adds to an OpenAI object, which the SDK keeps as a pydantic extra."""
+    assert obj.model_extra is not None and name in obj.model_extra, name
+    return obj.model_extra[name]
+
 
 POSITIVE = ["great", "wonderful", "excellent", "lovely", "superb", "fantastic", "delightful"]
 NEGATIVE = ["terrible", "awful", "horrible", "dreadful", "poor", "boring", "disappointing"]
@@ -44,7 +71,7 @@ def sentiment_rows(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def jsonl(rows: Iterable[dict[str, object]]) -> bytes:
+def jsonl(rows: Iterable[Mapping[str, object]]) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
@@ -54,7 +81,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):  # type: ignore[no-untyped-def]
+def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -64,7 +91,7 @@ def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def tunehouse(*args: str, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+def tunehouse(*args: str, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "app.cli", *args],
         env=env,

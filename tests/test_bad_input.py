@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -15,9 +16,9 @@ from app.models import File, Job, JobEvent
 from tests.support import BASE_MODEL, jsonl, sentiment_rows
 
 
-def snapshot(api) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def snapshot(api) -> dict[str, object]:
     with session_scope(api.settings.sqlalchemy_url) as session:
-        counts = {
+        counts: dict[str, object] = {
             table.__tablename__: session.scalar(select(func.count()).select_from(table))
             for table in (File, Job, JobEvent)
         }
@@ -29,13 +30,13 @@ def snapshot(api) -> dict[str, object]:  # type: ignore[no-untyped-def]
 
 
 @contextmanager
-def changes_nothing(api) -> Iterator[None]:  # type: ignore[no-untyped-def]
+def changes_nothing(api) -> Iterator[None]:
     before = snapshot(api)
     yield
     assert snapshot(api) == before
 
 
-def assert_error(response, status: int, *, param: str | None = None, words: str = "") -> dict:  # type: ignore[no-untyped-def]
+def assert_error(response, status: int, *, param: str | None = None, words: str = "") -> dict:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"}
@@ -49,7 +50,7 @@ def assert_error(response, status: int, *, param: str | None = None, words: str 
     return error
 
 
-def upload(api, content: bytes, key: str | None = None, **fields):  # type: ignore[no-untyped-def]
+def upload(api, content: bytes, key: str | None = None, **fields):
     data = {"purpose": "fine-tune", **fields}
     return api.client.post(
         "/v1/files",
@@ -59,7 +60,7 @@ def upload(api, content: bytes, key: str | None = None, **fields):  # type: igno
     )
 
 
-def good_file(api, key: str | None = None) -> str:  # type: ignore[no-untyped-def]
+def good_file(api, key: str | None = None) -> str:
     response = upload(api, jsonl(sentiment_rows(30, seed=11)), key=key)
     assert response.status_code == 200, response.text
     return str(response.json()["id"])
@@ -68,7 +69,7 @@ def good_file(api, key: str | None = None) -> str:  # type: ignore[no-untyped-de
 # ---- authentication ---------------------------------------------------------------------------
 
 
-def test_missing_key(api) -> None:  # type: ignore[no-untyped-def]
+def test_missing_key(api) -> None:
     with changes_nothing(api):
         response = api.client.post(
             "/v1/files",
@@ -81,7 +82,7 @@ def test_missing_key(api) -> None:  # type: ignore[no-untyped-def]
         assert_error(api.client.get("/v1/fine_tuning/jobs"), 401)
 
 
-def test_wrong_key(api) -> None:  # type: ignore[no-untyped-def]
+def test_wrong_key(api) -> None:
     with changes_nothing(api):
         response = upload(api, jsonl(sentiment_rows(10, seed=1)), key="sk-th-not-a-real-key")
         error = assert_error(response, 401)
@@ -93,7 +94,7 @@ def test_wrong_key(api) -> None:  # type: ignore[no-untyped-def]
 # ---- files ----------------------------------------------------------------------------------
 
 
-def test_unknown_file(api) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_file(api) -> None:
     with changes_nothing(api):
         for path in ("/v1/files/file-nope", "/v1/files/file-nope/content"):
             assert_error(api.client.get(path, headers=api.headers()), 404, words="file-nope")
@@ -106,7 +107,7 @@ def test_unknown_file(api) -> None:  # type: ignore[no-untyped-def]
         assert_error(response, 400, param="training_file", words="file-nope")
 
 
-def test_another_organizations_file(api, file_id: str) -> None:  # type: ignore[no-untyped-def]
+def test_another_organizations_file(api, file_id: str) -> None:
     theirs = good_file(api, key=api.key_b)
     content = api.client.get(f"/v1/files/{theirs}/content", headers=api.headers(api.key_b))
     assert content.status_code == 200  # the owner sees it
@@ -134,7 +135,7 @@ def test_another_organizations_file(api, file_id: str) -> None:  # type: ignore[
 
 
 @pytest.fixture
-def file_id(api) -> str:  # type: ignore[no-untyped-def]
+def file_id(api) -> str:
     """An existing, valid training file of organization A (made before anything is compared)."""
     return good_file(api)
 
@@ -153,19 +154,19 @@ def file_id(api) -> str:  # type: ignore[no-untyped-def]
         (jsonl(sentiment_rows(2, seed=1)) + b'{"text": "caf\xe9", "label": "a"}\n', "UTF-8"),
     ],
 )
-def test_invalid_dataset_is_refused_with_line_and_reason(api, content: bytes, words: str) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_dataset_is_refused_with_line_and_reason(api, content: bytes, words: str) -> None:
     with changes_nothing(api):
         error = assert_error(upload(api, content), 400, param="file", words=words)
         assert error["code"] == "invalid_file"
 
 
-def test_purpose_other_than_fine_tune(api) -> None:  # type: ignore[no-untyped-def]
+def test_purpose_other_than_fine_tune(api) -> None:
     with changes_nothing(api):
         response = upload(api, jsonl(sentiment_rows(10, seed=1)), purpose="assistants")
         assert_error(response, 400, param="purpose", words="assistants")
 
 
-def test_missing_purpose(api) -> None:  # type: ignore[no-untyped-def]
+def test_missing_purpose(api) -> None:
     with changes_nothing(api):
         response = api.client.post(
             "/v1/files",
@@ -175,7 +176,7 @@ def test_missing_purpose(api) -> None:  # type: ignore[no-untyped-def]
         assert_error(response, 400, param="purpose")
 
 
-def test_no_file_part(api) -> None:  # type: ignore[no-untyped-def]
+def test_no_file_part(api) -> None:
     boundary = "tunehouse-boundary"
     body = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
@@ -206,12 +207,12 @@ def test_no_file_part(api) -> None:  # type: ignore[no-untyped-def]
         ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "10"}, "expires_after"),
     ],
 )
-def test_bad_expiry(api, fields: dict[str, str], param: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_expiry(api, fields: dict[str, str], param: str) -> None:
     with changes_nothing(api):
         assert_error(upload(api, jsonl(sentiment_rows(10, seed=1)), **fields), 400, param=param)
 
 
-def test_upload_over_the_size_limit(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_upload_over_the_size_limit(tmp_path) -> None:
     from fastapi.testclient import TestClient
 
     from app.core.migrate import upgrade
@@ -234,7 +235,7 @@ def test_upload_over_the_size_limit(tmp_path) -> None:  # type: ignore[no-untype
 # ---- jobs -------------------------------------------------------------------------------------
 
 
-def create(api, file_id: str, key: str | None = None, **body):  # type: ignore[no-untyped-def]
+def create(api, file_id: str, key: str | None = None, **body):
     payload = {"model": BASE_MODEL, "training_file": file_id, **body}
     return api.client.post("/v1/fine_tuning/jobs", headers=api.headers(key), json=payload)
 
@@ -264,18 +265,18 @@ def create(api, file_id: str, key: str | None = None, **body):  # type: ignore[n
         ({"training_file": None}, "training_file"),
     ],
 )
-def test_invalid_job_create(api, file_id: str, body: dict[str, object], param: str) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_job_create(api, file_id: str, body: dict[str, Any], param: str) -> None:
     with changes_nothing(api):
         error = assert_error(create(api, file_id, **body), 400, param=param)
         assert error["type"] == "invalid_request_error"
 
 
-def test_sixteen_metadata_keys_and_64_char_suffix_are_fine(api, file_id: str) -> None:  # type: ignore[no-untyped-def]
+def test_sixteen_metadata_keys_and_64_char_suffix_are_fine(api, file_id: str) -> None:
     response = create(api, file_id, suffix="x" * 64, metadata={f"k{i}": "v" for i in range(16)})
     assert response.status_code == 200, response.text
 
 
-def test_malformed_json_body(api, file_id: str) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_json_body(api, file_id: str) -> None:
     headers = {**api.headers(), "Content-Type": "application/json"}
     with changes_nothing(api):
         response = api.client.post(
@@ -288,7 +289,7 @@ def test_malformed_json_body(api, file_id: str) -> None:  # type: ignore[no-unty
         assert_error(response, 400)
 
 
-def test_cancel_unknown_job(api) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_unknown_job(api) -> None:
     with changes_nothing(api):
         headers = {**api.headers(), "Content-Type": "application/json"}
         response = api.client.post("/v1/fine_tuning/jobs/ftjob-nope/cancel", headers=headers)
@@ -298,7 +299,7 @@ def test_cancel_unknown_job(api) -> None:  # type: ignore[no-untyped-def]
         assert_error(response, 404)
 
 
-def test_another_organizations_job(api, file_id: str) -> None:  # type: ignore[no-untyped-def]
+def test_another_organizations_job(api, file_id: str) -> None:
     response = create(api, file_id)
     assert response.status_code == 200, response.text
     job_id = response.json()["id"]

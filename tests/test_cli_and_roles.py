@@ -85,7 +85,7 @@ def test_role_option_of_the_real_cli_decides_the_routes(tmp_path: Path) -> None:
             stack.stop()
 
 
-def test_event_stream_follows_the_job_to_its_end(api) -> None:  # type: ignore[no-untyped-def]
+def test_event_stream_follows_the_job_to_its_end(api) -> None:
     file = api.client.post(
         "/v1/files",
         headers=api.headers(),

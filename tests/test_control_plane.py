@@ -22,7 +22,7 @@ def test_api_process_never_imports_torch() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_healthz_readyz_metrics(api) -> None:  # type: ignore[no-untyped-def]
+def test_healthz_readyz_metrics(api) -> None:
     assert api.client.get("/healthz").json() == {"status": "ok"}
     ready = api.client.get("/readyz")
     assert ready.status_code == 200

@@ -333,6 +333,7 @@ def on_postgres(tmp_path: Path, database: str, broker_url: str, **env: str) -> I
     cluster = Deployment.create(
         "postgres",
         tmp_path,
+        timings=None,
         TUNEHOUSE_DATABASE_URL=database,
         TUNEHOUSE_BROKER_URL=broker_url,
         **env,
@@ -355,9 +356,9 @@ def test_short_visibility_timeout_never_makes_twins(
     ) as cluster:
         # Slower steps: kombu looks for unacknowledged messages to hand out again only every
         # tenth idle poll (about 10 s), and the redelivery must come while the job runs.
-        slow = {"TUNEHOUSE_DEBUG_STEP_DELAY_SECONDS": "0.4"}
-        cluster.start_worker("a", **slow)
-        cluster.start_worker("b", beat=False, **slow)
+        slow = "0.4"
+        cluster.start_worker("a", TUNEHOUSE_DEBUG_STEP_DELAY_SECONDS=slow)
+        cluster.start_worker("b", beat=False, TUNEHOUSE_DEBUG_STEP_DELAY_SECONDS=slow)
         job_id = cluster.create_job()
         with TrainerWatch(job_id) as watch:
             job = cluster.wait_status(job_id, "succeeded")

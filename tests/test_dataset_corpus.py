@@ -27,7 +27,7 @@ def corpus_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TUNEHOUSE_MIN_EXAMPLES_PER_LABEL", "2")
 
 
-def stored(api) -> tuple[list[str], dict[str, int]]:  # type: ignore[no-untyped-def]
+def stored(api) -> tuple[list[str], dict[str, int]]:
     """The organization's files as the API lists them, and every file in storage with its size."""
     listed = api.client.get("/v1/files", headers=api.headers()).json()["data"]
     root = api.settings.storage_root
@@ -35,7 +35,7 @@ def stored(api) -> tuple[list[str], dict[str, int]]:  # type: ignore[no-untyped-
     return [f["id"] for f in listed], tree
 
 
-def upload(api, name: str):  # type: ignore[no-untyped-def]
+def upload(api, name: str):
     return api.client.post(
         "/v1/files",
         headers=api.headers(),
@@ -56,7 +56,7 @@ def test_the_corpus_covers_every_problem() -> None:
 
 
 @pytest.mark.parametrize("name", BAD)
-def test_a_bad_dataset_is_refused_with_line_and_reason(api, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_bad_dataset_is_refused_with_line_and_reason(api, name: str) -> None:
     case = EXPECTED[name]
     before = stored(api)
     response = upload(api, name)
@@ -79,7 +79,7 @@ def test_a_bad_dataset_is_refused_with_line_and_reason(api, name: str) -> None: 
 
 
 @pytest.mark.parametrize("name", GOOD)
-def test_a_fine_dataset_is_accepted(api, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_fine_dataset_is_accepted(api, name: str) -> None:
     case = EXPECTED[name]
     response = upload(api, name)
     assert response.status_code == 200, response.text
@@ -88,7 +88,7 @@ def test_a_fine_dataset_is_accepted(api, name: str) -> None:  # type: ignore[no-
     assert stored(api)[0] == [file["id"]]
 
 
-def test_the_line_limit_is_the_setting(api) -> None:  # type: ignore[no-untyped-def]
+def test_the_line_limit_is_the_setting(api) -> None:
     """The over-long line is refused by its length, not its content: with a higher limit the
     same file is fine."""
     from app.core.settings import Settings

@@ -14,7 +14,7 @@ GOOD = {"text": "the film was great", "label": "positive"}
 OTHER = {"text": "the film was awful", "label": "negative"}
 
 
-def refused(api, content: bytes, name: str, words: str) -> str:  # type: ignore[no-untyped-def]
+def refused(api, content: bytes, name: str, words: str) -> str:
     """Upload ``content`` as ``name``; assert a 400 naming the file and ``words``, with nothing
     stored; return the message."""
     with changes_nothing(api):
@@ -53,13 +53,13 @@ DEEP = 100_000
     ],
     ids=["arrays", "objects", "inside-a-row", "unclosed"],
 )
-def test_a_deeply_nested_line_is_refused_by_its_line(api, line: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_deeply_nested_line_is_refused_by_its_line(api, line: str) -> None:
     content = good_lines(GOOD, OTHER) + line.encode() + b"\n" + good_lines(GOOD)
     message = refused(api, content, "train.jsonl", "line 3: the JSON nests deeper than 64 levels")
     assert "64" in message
 
 
-def test_nesting_within_the_depth_limit_is_read_as_json(api) -> None:  # type: ignore[no-untyped-def]
+def test_nesting_within_the_depth_limit_is_read_as_json(api) -> None:
     """Sixty levels are JSON like any other: the row is refused for its shape, not its depth;
     brackets inside strings do not count."""
     content = good_lines(GOOD, {"text": "[" * 5000, "label": "x"}) + (
@@ -68,7 +68,7 @@ def test_nesting_within_the_depth_limit_is_read_as_json(api) -> None:  # type: i
     refused(api, content, "train.jsonl", "line 3: field 'label' must be a string or an integer")
 
 
-def test_a_deeply_nested_first_line_of_a_text_file(api) -> None:  # type: ignore[no-untyped-def]
+def test_a_deeply_nested_first_line_of_a_text_file(api) -> None:
     """A .txt whose first line looks like JSON is asked whether it is JSONL: that question
     must not fail either. Plain text it is, and its one paragraph is a fine row."""
     content = ("[" * DEEP).encode() + b"\n\nsecond paragraph\n"
@@ -82,14 +82,14 @@ def test_a_deeply_nested_first_line_of_a_text_file(api) -> None:  # type: ignore
     assert (response.json()["format"], response.json()["stats"]["rows"]) == ("text", 2)
 
 
-def test_an_integer_of_4301_digits_is_refused_by_its_line(api) -> None:  # type: ignore[no-untyped-def]
+def test_an_integer_of_4301_digits_is_refused_by_its_line(api) -> None:
     huge = "7" * 4301
     content = good_lines(GOOD, OTHER, GOOD) + f'{{"text": "x", "label": {huge}}}\n'.encode()
     message = refused(api, content, "train.jsonl", "line 4: a number has more than 4300 digits")
     assert huge not in message
 
 
-def test_an_integer_within_the_limit_is_a_label(api) -> None:  # type: ignore[no-untyped-def]
+def test_an_integer_within_the_limit_is_a_label(api) -> None:
     content = good_lines(GOOD, OTHER, {"text": "x", "label": int("7" * 4300)})
     response = api.client.post(
         "/v1/files",
@@ -108,12 +108,12 @@ def test_an_integer_within_the_limit_is_a_label(api) -> None:  # type: ignore[no
     ],
     ids=["huge-integer", "deep"],
 )
-def test_a_csv_features_cell_is_read_the_same_way(api, cell: str, words: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_csv_features_cell_is_read_the_same_way(api, cell: str, words: str) -> None:
     content = f'features,label\n"[1, 2]",a\n"{cell}",b\n"[3, 4]",a\n'.encode()
     refused(api, content, "train.csv", words)
 
 
-def test_a_csv_number_cell_of_4301_digits_is_a_number_too_large(api) -> None:  # type: ignore[no-untyped-def]
+def test_a_csv_number_cell_of_4301_digits_is_a_number_too_large(api) -> None:
     """float() reads any number of digits: the cell is refused as not finite, and the message
     does not quote all of it."""
     content = f"f0,f1,label\n1,2,a\n3,{'9' * 4301},b\n".encode()
@@ -123,7 +123,7 @@ def test_a_csv_number_cell_of_4301_digits_is_a_number_too_large(api) -> None:  #
 # ---- plain text: a paragraph is a row ----------------------------------------------------------
 
 
-def test_a_text_file_without_blank_lines_is_not_one_huge_row(api) -> None:  # type: ignore[no-untyped-def]
+def test_a_text_file_without_blank_lines_is_not_one_huge_row(api) -> None:
     """3 MB of text with no blank line after a first paragraph: the second paragraph passes
     the row limit (1 MiB, max_dataset_line_bytes) and is refused at the line it starts on."""
     assert api.settings.max_dataset_line_bytes == 1024 * 1024
@@ -135,7 +135,7 @@ def test_a_text_file_without_blank_lines_is_not_one_huge_row(api) -> None:  # ty
     assert "max_dataset_line_bytes" in message
 
 
-def test_paragraphs_within_the_limit_are_rows(api) -> None:  # type: ignore[no-untyped-def]
+def test_paragraphs_within_the_limit_are_rows(api) -> None:
     line = "x" * 999 + "\n"
     paragraph = line.encode() * 1000  # 1,000,000 bytes with its newlines: under 1 MiB
     content = paragraph + b"\n" + paragraph
@@ -150,7 +150,7 @@ def test_paragraphs_within_the_limit_are_rows(api) -> None:  # type: ignore[no-u
     assert response.json()["stats"]["text_chars"]["max"] == 999_999
 
 
-def test_a_jsonl_of_sentiment_rows_is_untouched(api) -> None:  # type: ignore[no-untyped-def]
+def test_a_jsonl_of_sentiment_rows_is_untouched(api) -> None:
     response = api.client.post(
         "/v1/files",
         headers=api.headers(),
@@ -160,7 +160,7 @@ def test_a_jsonl_of_sentiment_rows_is_untouched(api) -> None:  # type: ignore[no
     assert response.status_code == 200, response.text
 
 
-def test_a_csv_row_spanning_lines_keeps_to_the_row_limit(api) -> None:  # type: ignore[no-untyped-def]
+def test_a_csv_row_spanning_lines_keeps_to_the_row_limit(api) -> None:
     """A quoted cell may span lines; the row it makes is refused past the row limit, at the
     line it starts on (a quote left open used to take up to 16 MiB into one row)."""
     long_cell = "\n".join(["a line of a very long review"] * 80_000)  # ~2.3 MB
@@ -169,7 +169,7 @@ def test_a_csv_row_spanning_lines_keeps_to_the_row_limit(api) -> None:  # type: 
     assert "longer than 1048576 bytes" in message
 
 
-def test_a_csv_row_spanning_a_few_lines_is_fine(api) -> None:  # type: ignore[no-untyped-def]
+def test_a_csv_row_spanning_a_few_lines_is_fine(api) -> None:
     content = b'text,label\n"two\nlines",a\n"one line",b\n'
     response = api.client.post(
         "/v1/files",
@@ -188,7 +188,7 @@ def labelled(labels: list[str]) -> bytes:
     return jsonl({"text": f"example {i}", "label": label} for i, label in enumerate(labels))
 
 
-def test_stats_list_the_most_frequent_labels_and_count_the_rest(api) -> None:  # type: ignore[no-untyped-def]
+def test_stats_list_the_most_frequent_labels_and_count_the_rest(api) -> None:
     """5,000 distinct labels: the file object lists 100 of them (the most frequent) with the
     number of distinct labels, and stays a few kilobytes in the listing too."""
     labels = [f"label-{i:04d}" for i in range(5000)] + ["label-4999"] * 3 + ["label-2500"] * 2
@@ -217,7 +217,7 @@ def test_stats_list_the_most_frequent_labels_and_count_the_rest(api) -> None:  #
     assert listing.json()["data"][0]["stats"] == stats
 
 
-def test_long_labels_are_listed_within_a_byte_budget(api) -> None:  # type: ignore[no-untyped-def]
+def test_long_labels_are_listed_within_a_byte_budget(api) -> None:
     labels = [f"{i:03d}" + "x" * 2000 for i in range(40)]
     response = api.client.post(
         "/v1/files",
@@ -232,7 +232,7 @@ def test_long_labels_are_listed_within_a_byte_budget(api) -> None:  # type: igno
     assert len(response.content) < 20 * 1024
 
 
-def test_few_labels_are_all_listed(api) -> None:  # type: ignore[no-untyped-def]
+def test_few_labels_are_all_listed(api) -> None:
     response = api.client.post(
         "/v1/files",
         headers=api.headers(),
@@ -245,7 +245,7 @@ def test_few_labels_are_all_listed(api) -> None:  # type: ignore[no-untyped-def]
     assert (stats["distinct_labels"], stats["label_counts_truncated"]) == (3, False)
 
 
-def test_300k_distinct_labels_are_refused_at_the_label_past_the_limit(api) -> None:  # type: ignore[no-untyped-def]
+def test_300k_distinct_labels_are_refused_at_the_label_past_the_limit(api) -> None:
     """The issue's file: 300,000 distinct labels put 4.5 MB of stats into every listing. A
     file may hold max_dataset_labels (10,000) distinct labels: the next is refused at its
     line."""
@@ -259,14 +259,14 @@ def test_300k_distinct_labels_are_refused_at_the_label_past_the_limit(api) -> No
     )
 
 
-def test_the_label_limit_applies_to_tabular_files(api, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_label_limit_applies_to_tabular_files(api, monkeypatch: pytest.MonkeyPatch) -> None:
     rows = [{"features": [i, i + 1], "label": i % 7} for i in range(20)]
     content = jsonl(rows)
     from app.core.settings import Settings
     from app.services.datasets import DatasetLimits, validate_dataset
 
     monkeypatch.setenv("TUNEHOUSE_MAX_DATASET_LABELS", "5")
-    limits = DatasetLimits.from_settings(Settings(_env_file=None))  # type: ignore[call-arg]
+    limits = DatasetLimits.from_settings(Settings(_env_file=None))
     assert limits.max_labels == 5
     path = api.settings.data_dir / "tabular.jsonl"
     path.write_bytes(content)
@@ -274,7 +274,7 @@ def test_the_label_limit_applies_to_tabular_files(api, monkeypatch: pytest.Monke
         validate_dataset(path, limits=limits)
 
 
-def test_a_job_checks_validation_labels_against_every_training_label(api) -> None:  # type: ignore[no-untyped-def]
+def test_a_job_checks_validation_labels_against_every_training_label(api) -> None:
     """The stats list 100 labels, but the job's check compares the full sets (read afresh):
     a validation label past the first 100 is known; one the training file lacks fails the
     job."""

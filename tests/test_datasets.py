@@ -12,7 +12,7 @@ from app.services.datasets import DatasetError, iter_examples, validate_dataset
 
 
 @pytest.fixture
-def write(tmp_path: Path):  # type: ignore[no-untyped-def]
+def write(tmp_path: Path):
     def _write(content: bytes | str, name: str = "data.jsonl") -> Path:
         path = tmp_path / name
         path.write_bytes(content.encode() if isinstance(content, str) else content)
@@ -44,7 +44,7 @@ def error_of(path: Path) -> DatasetError:
 # ---- files that validate ----------------------------------------------------------------------
 
 
-def test_jsonl_classification(write) -> None:  # type: ignore[no-untyped-def]
+def test_jsonl_classification(write) -> None:
     info = validate_dataset(write(lines(*GOOD)))
     assert info.format == "classification"
     assert info.rows == 3
@@ -56,7 +56,7 @@ def test_jsonl_classification(write) -> None:  # type: ignore[no-untyped-def]
     assert info.stats["text_chars"]["max"] == max(lengths)
 
 
-def test_csv_classification(write) -> None:  # type: ignore[no-untyped-def]
+def test_csv_classification(write) -> None:
     content = (
         'text,label\nthe movie was great,positive\n"awful, truly awful",negative\nok,positive\n'
     )
@@ -68,7 +68,7 @@ def test_csv_classification(write) -> None:  # type: ignore[no-untyped-def]
     assert rows[1] == {"text": "awful, truly awful", "label": "negative"}
 
 
-def test_tsv_header(write) -> None:  # type: ignore[no-untyped-def]
+def test_tsv_header(write) -> None:
     content = "text\tlabel\na great trip\tpos\na dreadful show, sadly\tneg\n"
     path = write(content, "data.tsv")
     info = validate_dataset(path)
@@ -78,7 +78,7 @@ def test_tsv_header(write) -> None:  # type: ignore[no-untyped-def]
     assert list(iter_examples(path))[1] == {"text": "a dreadful show, sadly", "label": "neg"}
 
 
-def test_csv_with_quoted_header_and_cells(write) -> None:  # type: ignore[no-untyped-def]
+def test_csv_with_quoted_header_and_cells(write) -> None:
     # What pandas (quoting=QUOTE_ALL) and spreadsheet exports write: it is CSV, not JSON.
     content = '"text","label"\n"good, really","pos"\n"bad ""one""","neg"\n'
     path = write(content, "data.csv")
@@ -90,7 +90,7 @@ def test_csv_with_quoted_header_and_cells(write) -> None:  # type: ignore[no-unt
     ]
 
 
-def test_csv_with_blank_lines_before_the_header(write) -> None:  # type: ignore[no-untyped-def]
+def test_csv_with_blank_lines_before_the_header(write) -> None:
     path = write("\n\ntext,label\ngood,pos\nbad,neg,extra\n", "data.csv")
     error = error_of(path)
     assert error.line == 5
@@ -98,19 +98,19 @@ def test_csv_with_blank_lines_before_the_header(write) -> None:  # type: ignore[
     assert validate_dataset(write("\ntext,label\ngood,pos\nbad,neg\n", "ok.csv")).rows == 2
 
 
-def test_csv_header_repeating_a_column(write) -> None:  # type: ignore[no-untyped-def]
+def test_csv_header_repeating_a_column(write) -> None:
     error = error_of(write("\ntext,text\na,b\n", "data.csv"))
     assert error.line == 2
     assert "repeats a column name" in str(error)
 
 
-def test_json_string_line_is_not_an_object(write) -> None:  # type: ignore[no-untyped-def]
+def test_json_string_line_is_not_an_object(write) -> None:
     error = error_of(write(lines(json.dumps("just a sentence"), *GOOD)))
     assert error.line == 1
     assert "expected a JSON object, got a string" in str(error)
 
 
-def test_integer_labels_become_strings(write) -> None:  # type: ignore[no-untyped-def]
+def test_integer_labels_become_strings(write) -> None:
     path = write(lines({"text": "good", "label": 1}, {"text": "bad", "label": 0}))
     info = validate_dataset(path)
     assert info.stats["label_counts"] == {"0": 1, "1": 1}
@@ -120,7 +120,7 @@ def test_integer_labels_become_strings(write) -> None:  # type: ignore[no-untype
     ]
 
 
-def test_crlf_line_endings(write) -> None:  # type: ignore[no-untyped-def]
+def test_crlf_line_endings(write) -> None:
     jsonl_path = write(lines(*GOOD).replace("\n", "\r\n"))
     assert validate_dataset(jsonl_path).rows == 3
     assert [r["label"] for r in iter_examples(jsonl_path)] == ["positive", "negative", "positive"]
@@ -133,18 +133,18 @@ def test_crlf_line_endings(write) -> None:  # type: ignore[no-untyped-def]
     ]
 
 
-def test_blank_lines_are_skipped(write) -> None:  # type: ignore[no-untyped-def]
+def test_blank_lines_are_skipped(write) -> None:
     content = "\n" + lines(GOOD[0]) + "\n   \n" + lines(GOOD[1]) + "\n\n"
     assert validate_dataset(write(content)).rows == 2
     csv_content = "text,label\n\ngood,pos\n\nbad,neg\n\n"
     assert validate_dataset(write(csv_content, "data.csv")).rows == 2
 
 
-def test_utf8_bom_is_accepted(write) -> None:  # type: ignore[no-untyped-def]
+def test_utf8_bom_is_accepted(write) -> None:
     assert validate_dataset(write(b"\xef\xbb\xbf" + lines(*GOOD).encode())).rows == 3
 
 
-def test_iter_examples_yields_normalised_rows(write) -> None:  # type: ignore[no-untyped-def]
+def test_iter_examples_yields_normalised_rows(write) -> None:
     path = write(lines({"text": "café au lait", "label": 7}, "", {"text": "x", "label": "b"}))
     assert list(iter_examples(path)) == [
         {"text": "café au lait", "label": "7"},
@@ -155,20 +155,20 @@ def test_iter_examples_yields_normalised_rows(write) -> None:  # type: ignore[no
 # ---- files that do not --------------------------------------------------------------------------
 
 
-def test_not_json(write) -> None:  # type: ignore[no-untyped-def]
+def test_not_json(write) -> None:
     error = error_of(write(lines(*GOOD, '{"text": "oops", "label": "a"')))
     assert error.line == 4
     assert "line 4" in str(error)
     assert "not valid JSON" in str(error)
 
 
-def test_array_line_is_not_an_object(write) -> None:  # type: ignore[no-untyped-def]
+def test_array_line_is_not_an_object(write) -> None:
     error = error_of(write(lines(GOOD[0], ["text", "label"], GOOD[1])))
     assert error.line == 2
     assert "expected a JSON object, got an array" in str(error)
 
 
-def test_array_on_first_line(write) -> None:  # type: ignore[no-untyped-def]
+def test_array_on_first_line(write) -> None:
     error = error_of(write(lines(["a", "b"], *GOOD)))
     assert error.line == 1
     assert "an array" in str(error)
@@ -190,14 +190,14 @@ def test_array_on_first_line(write) -> None:  # type: ignore[no-untyped-def]
         ({"text": "fine", "label": ""}, "field 'label' is empty"),
     ],
 )  # fmt: skip
-def test_bad_row_names_line_and_reason(write, row: dict[str, object], words: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_row_names_line_and_reason(write, row: dict[str, object], words: str) -> None:
     error = error_of(write(lines(*GOOD, "", row, GOOD[0])))
     assert error.line == 5  # blank line 4 still counts
     assert str(error).startswith(f"line 5: {words}")
     assert error.reason.startswith(words)
 
 
-def test_csv_row_with_wrong_number_of_columns(write) -> None:  # type: ignore[no-untyped-def]
+def test_csv_row_with_wrong_number_of_columns(write) -> None:
     content = "text,label\ngood,pos\nbad,neg,extra\nfine,pos\n"
     error = error_of(write(content, "data.csv"))
     assert error.line == 3
@@ -207,13 +207,13 @@ def test_csv_row_with_wrong_number_of_columns(write) -> None:  # type: ignore[no
     assert "got 1" in str(short)
 
 
-def test_csv_without_label_column(write) -> None:  # type: ignore[no-untyped-def]
+def test_csv_without_label_column(write) -> None:
     error = error_of(write("text,category\ngood,pos\nbad,neg\n", "data.csv"))
     assert error.line == 2
     assert "label" in str(error)
 
 
-def test_invalid_utf8(write) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_utf8(write) -> None:
     content = lines(*GOOD).encode() + b'{"text": "caf\xe9", "label": "a"}\n'
     error = error_of(write(content))
     assert error.line == 4
@@ -224,17 +224,17 @@ def test_invalid_utf8(write) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("content", [b"", b"\n\n  \n", b"\r\n"])
-def test_empty_file(write, content: bytes) -> None:  # type: ignore[no-untyped-def]
+def test_empty_file(write, content: bytes) -> None:
     error = error_of(write(content))
     assert "empty" in str(error)
 
 
-def test_csv_with_only_a_header_has_no_rows(write) -> None:  # type: ignore[no-untyped-def]
+def test_csv_with_only_a_header_has_no_rows(write) -> None:
     error = error_of(write("text,label\n", "data.csv"))
     assert "no rows" in str(error)
 
 
-def test_only_one_distinct_label(write) -> None:  # type: ignore[no-untyped-def]
+def test_only_one_distinct_label(write) -> None:
     rows = [{"text": f"sentence {i}", "label": "positive"} for i in range(5)]
     error = error_of(write(lines(*rows)))
     assert "at least 2 distinct labels" in str(error)

@@ -37,7 +37,7 @@ TABULAR = [
 
 
 @pytest.fixture
-def write(tmp_path: Path):  # type: ignore[no-untyped-def]
+def write(tmp_path: Path):
     def _write(content: bytes | str, name: str = "data.jsonl") -> Path:
         path = tmp_path / name
         path.write_bytes(content.encode() if isinstance(content, str) else content)
@@ -52,7 +52,7 @@ def error_of(path: Path, **kwargs: Any) -> DatasetError:
     return info.value
 
 
-def upload(api, content: bytes, name: str = "train.jsonl"):  # type: ignore[no-untyped-def]
+def upload(api, content: bytes, name: str = "train.jsonl"):
     return api.client.post(
         "/v1/files",
         headers=api.headers(),
@@ -116,7 +116,7 @@ def said(**fields: Any) -> dict[str, Any]:
         ({"text": "a", "label": "b"}, "a classification row in a file of chat rows"),
     ],
 )
-def test_bad_chat_row_is_refused_with_line_and_nothing_stored(api, row: Any, words: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_chat_row_is_refused_with_line_and_nothing_stored(api, row: Any, words: str) -> None:
     content = lines(*CHAT, "", row, CHAT[0]).encode()
     with changes_nothing(api):
         error = assert_error(upload(api, content), 400, param="file", words=words)
@@ -124,7 +124,7 @@ def test_bad_chat_row_is_refused_with_line_and_nothing_stored(api, row: Any, wor
         assert error["code"] == "invalid_file"
 
 
-def test_bad_first_chat_row(write) -> None:  # type: ignore[no-untyped-def]
+def test_bad_first_chat_row(write) -> None:
     error = error_of(write(lines({"messages": [USER]}, *CHAT)))
     assert (error.line, error.reason) == (
         1,
@@ -132,7 +132,7 @@ def test_bad_first_chat_row(write) -> None:  # type: ignore[no-untyped-def]
     )
 
 
-def test_first_row_of_no_known_format(write) -> None:  # type: ignore[no-untyped-def]
+def test_first_row_of_no_known_format(write) -> None:
     error = error_of(write(lines({"question": "a", "answer": "b"})))
     assert error.line == 1
     assert "cannot tell the format" in str(error)
@@ -142,7 +142,7 @@ def test_first_row_of_no_known_format(write) -> None:  # type: ignore[no-untyped
 # ---- chat: files that validate -----------------------------------------------------------------
 
 
-def test_chat_file_is_accepted_with_stats(api) -> None:  # type: ignore[no-untyped-def]
+def test_chat_file_is_accepted_with_stats(api) -> None:
     weighted = {"messages": [USER, {**ASSISTANT, "weight": 0}, USER, {**ASSISTANT, "weight": 1}]}
     response = upload(api, lines(*CHAT, weighted).encode())
     assert response.status_code == 200, response.text
@@ -156,7 +156,7 @@ def test_chat_file_is_accepted_with_stats(api) -> None:  # type: ignore[no-untyp
     assert stats["text_chars"]["max"] >= stats["text_chars"]["min"] > 0
 
 
-def test_chat_rows_are_normalised_with_default_weight(write) -> None:  # type: ignore[no-untyped-def]
+def test_chat_rows_are_normalised_with_default_weight(write) -> None:
     row = {"messages": [USER, {**ASSISTANT, "weight": 0}, {"role": "assistant", "content": "!"}]}
     path = write(lines(row, CHAT[1]))
     assert list(iter_examples(path, fmt="chat"))[0] == {
@@ -169,7 +169,7 @@ def test_chat_rows_are_normalised_with_default_weight(write) -> None:  # type: i
     assert list(iter_examples(path)) == list(iter_examples(path, fmt="chat"))
 
 
-def test_iter_examples_refuses_rows_of_another_stored_format(write) -> None:  # type: ignore[no-untyped-def]
+def test_iter_examples_refuses_rows_of_another_stored_format(write) -> None:
     path = write(lines(*COMPLETION))
     with pytest.raises(DatasetError) as info:
         list(iter_examples(path, fmt="chat"))
@@ -180,7 +180,7 @@ def test_iter_examples_refuses_rows_of_another_stored_format(write) -> None:  # 
 # ---- completion ---------------------------------------------------------------------------------
 
 
-def test_completion_file(write) -> None:  # type: ignore[no-untyped-def]
+def test_completion_file(write) -> None:
     path = write(lines(*COMPLETION))
     info = validate_dataset(path)
     assert (info.format, info.rows) == ("completion", 2)
@@ -202,7 +202,7 @@ def test_completion_file(write) -> None:  # type: ignore[no-untyped-def]
         ({"messages": [USER, ASSISTANT]}, "a chat row in a file of completion rows"),
     ],
 )  # fmt: skip
-def test_bad_completion_row(write, row: dict[str, Any], words: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_completion_row(write, row: dict[str, Any], words: str) -> None:
     error = error_of(write(lines(*COMPLETION, row)))
     assert error.line == 3
     assert str(error).startswith(f"line 3: {words}")
@@ -211,7 +211,7 @@ def test_bad_completion_row(write, row: dict[str, Any], words: str) -> None:  # 
 # ---- text ---------------------------------------------------------------------------------------
 
 
-def test_text_rows_and_text_label_rows_stay_apart(write) -> None:  # type: ignore[no-untyped-def]
+def test_text_rows_and_text_label_rows_stay_apart(write) -> None:
     info = validate_dataset(write(lines({"text": "once upon a time"}, {"text": "the end"})))
     assert (info.format, info.rows) == ("text", 2)
     assert info.stats["text_chars"] == {"min": 7, "mean": 11.5, "max": 16}
@@ -231,7 +231,7 @@ def test_text_rows_and_text_label_rows_stay_apart(write) -> None:  # type: ignor
         ({"text": "a", "source": "web"}, "unknown field 'source'"),
     ],
 )
-def test_bad_text_row(write, row: dict[str, Any], words: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_text_row(write, row: dict[str, Any], words: str) -> None:
     error = error_of(write(lines({"text": "fine"}, row)))
     assert error.line == 2
     assert words in str(error)
@@ -244,7 +244,7 @@ SHAKESPEARE = (
 )
 
 
-def test_plain_text_upload_is_one_row_per_paragraph(api, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_plain_text_upload_is_one_row_per_paragraph(api, tmp_path: Path) -> None:
     response = upload(api, SHAKESPEARE.encode(), name="input.TXT")
     assert response.status_code == 200, response.text
     body = response.json()
@@ -264,28 +264,28 @@ def test_plain_text_upload_is_one_row_per_paragraph(api, tmp_path: Path) -> None
     assert validate_dataset(path, fmt="text").rows == 3
 
 
-def test_txt_holding_jsonl_is_read_as_jsonl(write) -> None:  # type: ignore[no-untyped-def]
+def test_txt_holding_jsonl_is_read_as_jsonl(write) -> None:
     path = write(lines({"text": "a"}, {"text": "b"}), "rows.txt")
     info = validate_dataset(path, filename_hint="rows.txt")
     assert (info.format, info.rows) == ("text", 2)
     assert list(iter_examples(path, fmt="text")) == [{"text": "a"}, {"text": "b"}]
 
 
-def test_plain_text_invalid_utf8_names_the_line(api) -> None:  # type: ignore[no-untyped-def]
+def test_plain_text_invalid_utf8_names_the_line(api) -> None:
     content = b"fine paragraph\n\nanother\ncaf\xe9 au lait\n"
     with changes_nothing(api):
         assert_error(upload(api, content, name="corpus.txt"), 400, param="file", words="line 4")
         assert_error(upload(api, content, name="corpus.txt"), 400, words="not valid UTF-8")
 
 
-def test_empty_plain_text(write) -> None:  # type: ignore[no-untyped-def]
+def test_empty_plain_text(write) -> None:
     assert "empty" in str(error_of(write("\n\n  \n", "a.txt"), filename_hint="a.txt"))
 
 
 # ---- tabular ------------------------------------------------------------------------------------
 
 
-def test_tabular_jsonl(write) -> None:  # type: ignore[no-untyped-def]
+def test_tabular_jsonl(write) -> None:
     path = write(lines(*TABULAR, {"features": [1, 2, 3], "label": 7}))
     info = validate_dataset(path)
     assert info.format == "tabular"
@@ -322,18 +322,18 @@ def test_tabular_jsonl(write) -> None:  # type: ignore[no-untyped-def]
         ({"text": "a", "label": "b"}, "a classification row in a file of tabular rows"),
     ],
 )  # fmt: skip
-def test_bad_tabular_row(write, row: Any, words: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_tabular_row(write, row: Any, words: str) -> None:
     error = error_of(write(lines(*TABULAR, "", row)))
     assert error.line == 5
     assert str(error).startswith(f"line 5: {words}")
 
 
-def test_tabular_needs_two_labels(write) -> None:  # type: ignore[no-untyped-def]
+def test_tabular_needs_two_labels(write) -> None:
     rows = [{"features": [i], "label": "only"} for i in range(4)]
     assert "at least 2 distinct labels" in str(error_of(write(lines(*rows))))
 
 
-def test_csv_with_a_features_array_column(api) -> None:  # type: ignore[no-untyped-def]
+def test_csv_with_a_features_array_column(api) -> None:
     content = 'features,label\n"[1, 2.5]",cat\n"[0, -1]",dog\n"[3, 3]",cat\n'
     response = upload(api, content.encode(), name="train.csv")
     assert response.status_code == 200, response.text
@@ -347,7 +347,7 @@ def test_csv_with_a_features_array_column(api) -> None:  # type: ignore[no-untyp
     }
 
 
-def test_csv_with_numeric_columns(write) -> None:  # type: ignore[no-untyped-def]
+def test_csv_with_numeric_columns(write) -> None:
     path = write("f0,f1,f2,label\n1,2,3,0\n4.5,-5,6e-2,1\n", "train.csv")
     info = validate_dataset(path)
     assert (info.format, info.stats["features"], info.labels) == ("tabular", 3, ["0", "1"])
@@ -368,13 +368,13 @@ def test_csv_with_numeric_columns(write) -> None:  # type: ignore[no-untyped-def
         ('features,label\n"[1, 2]",a\n"[1, true]",b\n', 3, "features[1] must be a number"),
     ],
 )
-def test_bad_tabular_csv(write, content: str, line: int, words: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_tabular_csv(write, content: str, line: int, words: str) -> None:
     error = error_of(write(content, "train.csv"))
     assert error.line == line
     assert words in str(error)
 
 
-def test_parquet_with_a_list_column(api) -> None:  # type: ignore[no-untyped-def]
+def test_parquet_with_a_list_column(api) -> None:
     content = parquet_bytes(
         {"features": [[0.0, 1.0], [2.0, 3.0], [4.0, 5.5]], "label": ["x", "y", "x"]}
     )
@@ -390,7 +390,7 @@ def test_parquet_with_a_list_column(api) -> None:  # type: ignore[no-untyped-def
     }
 
 
-def test_parquet_with_numeric_columns_read_in_batches(write) -> None:  # type: ignore[no-untyped-def]
+def test_parquet_with_numeric_columns_read_in_batches(write) -> None:
     n = 2500  # more than one row batch
     content = parquet_bytes(
         {"a": [float(i) for i in range(n)], "b": list(range(n)), "label": [i % 3 for i in range(n)]}
@@ -404,7 +404,7 @@ def test_parquet_with_numeric_columns_read_in_batches(write) -> None:  # type: i
     assert rows[2001] == {"features": [2001.0, 2001.0], "label": "0"}
 
 
-def test_parquet_errors_name_the_row(api) -> None:  # type: ignore[no-untyped-def]
+def test_parquet_errors_name_the_row(api) -> None:
     features = [[1.0, 2.0], [1.0, 2.0], [float("nan"), 1.0]]
     content = parquet_bytes({"features": features, "label": ["a", "b", "a"]})
     with changes_nothing(api):
@@ -412,7 +412,7 @@ def test_parquet_errors_name_the_row(api) -> None:  # type: ignore[no-untyped-de
         assert_error(response, 400, param="file", words="row 3: features[0] must be a finite")
 
 
-def test_parquet_ragged_and_missing_values(write) -> None:  # type: ignore[no-untyped-def]
+def test_parquet_ragged_and_missing_values(write) -> None:
     ragged = parquet_bytes({"features": [[1.0, 2.0], [1.0]], "label": ["a", "b"]})
     error = error_of(write(ragged, "r.parquet"))
     assert (error.unit, error.line) == ("row", 2)
@@ -421,23 +421,23 @@ def test_parquet_ragged_and_missing_values(write) -> None:  # type: ignore[no-un
     assert str(error_of(write(missing, "m.parquet"))) == "row 2: column 'f0' is empty"
 
 
-def test_not_parquet_after_the_magic(write) -> None:  # type: ignore[no-untyped-def]
+def test_not_parquet_after_the_magic(write) -> None:
     assert "not a valid Parquet file" in str(error_of(write(b"PAR1 and then nothing useful")))
 
 
-def test_classification_parquet(write) -> None:  # type: ignore[no-untyped-def]
+def test_classification_parquet(write) -> None:
     path = write(parquet_bytes({"text": ["good", "bad"], "label": ["pos", "neg"]}), "c.parquet")
     info = validate_dataset(path)
     assert (info.format, info.labels) == ("classification", ["neg", "pos"])
 
 
-def test_unknown_stored_format(write) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_stored_format(write) -> None:
     path = write(lines(*CHAT))
     with pytest.raises(DatasetError, match="unknown dataset format 'csv'"):
         list(iter_examples(path, fmt="csv"))
 
 
-def test_csv_of_sentences_is_not_mistaken_for_features(write) -> None:  # type: ignore[no-untyped-def]
+def test_csv_of_sentences_is_not_mistaken_for_features(write) -> None:
     # SST-2's TSV: the first row's cells are not numbers, so the table is not numeric columns,
     # and the classification checker names the column it lacks.
     error = error_of(write("sentence\tlabel\na charming journey\t1\nflat\t0\n", "dev.tsv"))

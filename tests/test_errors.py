@@ -10,6 +10,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -28,7 +29,7 @@ def _explode(*args: object, **kwargs: object) -> None:
     raise RuntimeError(SECRET)
 
 
-def assert_server_error(status: int, headers: dict[str, str], body: dict) -> str:  # type: ignore[type-arg]
+def assert_server_error(status: int, headers: dict[str, str], body: dict) -> str:
     assert status == 500
     assert set(body) == {"error"}
     assert set(body["error"]) == {"message", "type", "param", "code"}
@@ -47,7 +48,7 @@ def logged_with(caplog: pytest.LogCaptureFixture, request_id: str) -> logging.Lo
 
 def test_unexpected_exception_is_a_500_envelope_with_the_logged_request_id(
     api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     monkeypatch.setattr(files, "list_files", _explode)
     with caplog.at_level(logging.ERROR, logger="tunehouse.api"):
         response = api.client.get("/v1/files", headers=api.headers())
@@ -63,7 +64,7 @@ def test_unexpected_exception_is_a_500_envelope_with_the_logged_request_id(
     assert after.headers["x-request-id"] != request_id
 
 
-def test_every_response_carries_a_request_id(api) -> None:  # type: ignore[no-untyped-def]
+def test_every_response_carries_a_request_id(api) -> None:
     seen = set()
     for response in (
         api.client.get("/healthz"),
@@ -90,7 +91,7 @@ def test_every_response_carries_a_request_id(api) -> None:  # type: ignore[no-un
         ("caf\xe9", False),
     ],
 )
-def test_incoming_request_id_is_honoured_only_when_sane(api, sent: str, kept: bool) -> None:  # type: ignore[no-untyped-def]
+def test_incoming_request_id_is_honoured_only_when_sane(api, sent: str, kept: bool) -> None:
     response = api.client.get("/healthz", headers={"X-Request-ID": sent.encode("latin-1")})
     assert response.status_code == 200
     answered = response.headers["x-request-id"]
@@ -172,7 +173,7 @@ TOO_MANY_KEYS = {f"k{i}": "v" for i in range(17)}
         ({"seed": -1}, "seed"),
     ],
 )
-def test_job_create_bounds(api, body: dict, param: str) -> None:  # type: ignore[no-untyped-def,type-arg]
+def test_job_create_bounds(api, body: dict, param: str) -> None:
     request = {"model": "sentence-transformers/all-MiniLM-L6-v2", "training_file": "file-x", **body}
     response = api.client.post("/v1/fine_tuning/jobs", headers=api.headers(), json=request)
     assert_bad_request(response, param)
@@ -196,11 +197,11 @@ def test_job_create_bounds(api, body: dict, param: str) -> None:  # type: ignore
         ("/v1/files?after=" + "a" * 65, "after"),
     ],
 )
-def test_query_bounds(api, url: str, param: str) -> None:  # type: ignore[no-untyped-def]
+def test_query_bounds(api, url: str, param: str) -> None:
     assert_bad_request(api.client.get(url, headers=api.headers()), param)
 
 
-CHAT = {"model": "ft:none", "messages": [{"role": "user", "content": "hi"}]}
+CHAT: dict[str, Any] = {"model": "ft:none", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.mark.parametrize(
@@ -227,11 +228,11 @@ CHAT = {"model": "ft:none", "messages": [{"role": "user", "content": "hi"}]}
         ("/v1/predictions", {"model": "", "input": "hi"}, "model"),
     ],
 )
-def test_inference_bounds(api, route: str, body: dict, param: str) -> None:  # type: ignore[no-untyped-def,type-arg]
+def test_inference_bounds(api, route: str, body: dict, param: str) -> None:
     assert_bad_request(api.client.post(route, headers=api.headers(), json=body), param)
 
 
-def test_non_finite_numbers_are_refused(api) -> None:  # type: ignore[no-untyped-def]
+def test_non_finite_numbers_are_refused(api) -> None:
     # Python's json reads NaN and Infinity; nothing downstream may ever see them.
     for route, content, param in (
         ("/v1/predictions", '{"model": "ft:none", "input": [[1.0, NaN]]}', "input.0.1"),
@@ -245,14 +246,14 @@ def test_non_finite_numbers_are_refused(api) -> None:  # type: ignore[no-untyped
         assert_bad_request(api.client.post(route, headers=headers, content=content), param)
 
 
-def test_malformed_json_is_a_400(api) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_json_is_a_400(api) -> None:
     headers = {**api.headers(), "Content-Type": "application/json"}
     response = api.client.post("/v1/fine_tuning/jobs", headers=headers, content=b'{"model": ')
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["error"]["message"]
 
 
-def assert_bad_request(response, param: str) -> None:  # type: ignore[no-untyped-def]
+def assert_bad_request(response, param: str) -> None:
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
@@ -265,7 +266,7 @@ def assert_bad_request(response, param: str) -> None:  # type: ignore[no-untyped
 _DOCUMENTED_METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}
 
 
-def test_every_path_answers_an_undeclared_method_with_405_and_allow(api) -> None:  # type: ignore[no-untyped-def]
+def test_every_path_answers_an_undeclared_method_with_405_and_allow(api) -> None:
     """RFC 9110: a 405 names the methods the resource does support, in ``Allow``."""
     paths = api.client.get("/openapi.json").json()["paths"]
     assert len(paths) > 20
@@ -280,7 +281,7 @@ def test_every_path_answers_an_undeclared_method_with_405_and_allow(api) -> None
         assert allow - {"HEAD"} == declared, (url, response.headers.get("allow"))
 
 
-def assert_envelope(body: dict) -> None:  # type: ignore[type-arg]
+def assert_envelope(body: dict) -> None:
     assert set(body) == {"error"}
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["message"]

@@ -18,7 +18,7 @@ from worker import reconciler
 EXPIRES = {"expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"}
 
 
-def expire(api, file_id: str) -> None:  # type: ignore[no-untyped-def]
+def expire(api, file_id: str) -> None:
     """As if the file's hour were over (expires_after cannot be shorter than an hour)."""
     with session_scope(api.settings.sqlalchemy_url) as session:
         session.execute(
@@ -28,12 +28,12 @@ def expire(api, file_id: str) -> None:  # type: ignore[no-untyped-def]
         )
 
 
-def rows(api) -> list[str]:  # type: ignore[no-untyped-def]
+def rows(api) -> list[str]:
     with session_scope(api.settings.sqlalchemy_url) as session:
         return sorted(session.scalars(select(File.id)))
 
 
-def test_an_expired_file_is_gone_for_its_owner_at_once(api) -> None:  # type: ignore[no-untyped-def]
+def test_an_expired_file_is_gone_for_its_owner_at_once(api) -> None:
     kept = upload(api, jsonl(sentiment_rows(10, seed=1))).json()["id"]
     gone = upload(api, jsonl(sentiment_rows(10, seed=2)), **EXPIRES).json()["id"]
     expire(api, gone)
@@ -54,7 +54,7 @@ def test_an_expired_file_is_gone_for_its_owner_at_once(api) -> None:  # type: ig
     assert_error(job, 400, param="training_file")
 
 
-def test_the_sweep_deletes_expired_files_once_no_job_needs_them(api) -> None:  # type: ignore[no-untyped-def]
+def test_the_sweep_deletes_expired_files_once_no_job_needs_them(api) -> None:
     headers = api.headers()
     used = upload(api, jsonl(sentiment_rows(20, seed=3)), **EXPIRES).json()["id"]
     unused = upload(api, jsonl(sentiment_rows(20, seed=4)), **EXPIRES).json()["id"]

@@ -28,7 +28,7 @@ FILE_FIELDS = {
 }
 
 
-def upload(api, content: bytes, name: str = "train.jsonl", key: str | None = None, **fields):  # type: ignore[no-untyped-def]
+def upload(api, content: bytes, name: str = "train.jsonl", key: str | None = None, **fields):
     data = {"purpose": "fine-tune", **fields}
     return api.client.post(
         "/v1/files",
@@ -38,12 +38,12 @@ def upload(api, content: bytes, name: str = "train.jsonl", key: str | None = Non
     )
 
 
-def stored_files(api) -> list[str]:  # type: ignore[no-untyped-def]
+def stored_files(api) -> list[str]:
     folder = api.settings.storage_root / "files"
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-def test_upload_returns_a_complete_file_object(api) -> None:  # type: ignore[no-untyped-def]
+def test_upload_returns_a_complete_file_object(api) -> None:
     rows = sentiment_rows(40, seed=1)
     content = jsonl(rows)
     response = upload(api, content)
@@ -70,7 +70,7 @@ def test_upload_returns_a_complete_file_object(api) -> None:  # type: ignore[no-
     assert again.json() == body
 
 
-def test_content_returns_the_exact_bytes(api) -> None:  # type: ignore[no-untyped-def]
+def test_content_returns_the_exact_bytes(api) -> None:
     # CRLF, a BOM-free unicode text and a trailing blank line: nothing may be normalised.
     content = jsonl(sentiment_rows(5, seed=2)).replace(b"\n", b"\r\n") + b"\r\n"
     content += json.dumps({"text": "très bien ✓", "label": "positive"}).encode() + b"\r\n"
@@ -80,7 +80,7 @@ def test_content_returns_the_exact_bytes(api) -> None:  # type: ignore[no-untype
     assert response.content == content
 
 
-def test_list_order_and_paging(api) -> None:  # type: ignore[no-untyped-def]
+def test_list_order_and_paging(api) -> None:
     ids = [upload(api, jsonl(sentiment_rows(10, seed=i))).json()["id"] for i in range(5)]
     listed = api.client.get("/v1/files", headers=api.headers()).json()
     assert listed["object"] == "list"
@@ -113,7 +113,7 @@ def test_list_order_and_paging(api) -> None:  # type: ignore[no-untyped-def]
     assert asc_page["has_more"] is True
 
 
-def test_list_purpose_filter(api) -> None:  # type: ignore[no-untyped-def]
+def test_list_purpose_filter(api) -> None:
     file_id = upload(api, jsonl(sentiment_rows(10, seed=3))).json()["id"]
     tuned = api.client.get("/v1/files", params={"purpose": "fine-tune"}, headers=api.headers())
     assert [f["id"] for f in tuned.json()["data"]] == [file_id]
@@ -125,7 +125,7 @@ def test_list_purpose_filter(api) -> None:  # type: ignore[no-untyped-def]
     assert results["first_id"] is None and results["last_id"] is None
 
 
-def test_delete_removes_row_and_bytes(api) -> None:  # type: ignore[no-untyped-def]
+def test_delete_removes_row_and_bytes(api) -> None:
     keep = upload(api, jsonl(sentiment_rows(10, seed=4))).json()["id"]
     file_id = upload(api, jsonl(sentiment_rows(10, seed=5))).json()["id"]
     assert stored_files(api) == sorted([keep, file_id])
@@ -140,7 +140,7 @@ def test_delete_removes_row_and_bytes(api) -> None:  # type: ignore[no-untyped-d
     assert [f["id"] for f in listed["data"]] == [keep]
 
 
-def test_delete_with_json_content_type_and_empty_body(api) -> None:  # type: ignore[no-untyped-def]
+def test_delete_with_json_content_type_and_empty_body(api) -> None:
     file_id = upload(api, jsonl(sentiment_rows(10, seed=6))).json()["id"]
     headers = {**api.headers(), "Content-Type": "application/json"}
     response = api.client.request("DELETE", f"/v1/files/{file_id}", headers=headers, content=b"")
@@ -148,7 +148,7 @@ def test_delete_with_json_content_type_and_empty_body(api) -> None:  # type: ign
     assert response.json()["deleted"] is True
 
 
-def test_expires_after_sets_expires_at(api) -> None:  # type: ignore[no-untyped-def]
+def test_expires_after_sets_expires_at(api) -> None:
     body = upload(
         api,
         jsonl(sentiment_rows(10, seed=7)),
@@ -157,7 +157,7 @@ def test_expires_after_sets_expires_at(api) -> None:  # type: ignore[no-untyped-
     assert body["expires_at"] == body["created_at"] + 3600
 
 
-def test_client_filename_is_only_metadata(api) -> None:  # type: ignore[no-untyped-def]
+def test_client_filename_is_only_metadata(api) -> None:
     content = jsonl(sentiment_rows(10, seed=8))
     body = upload(api, content, name="../../etc/passwd").json()
     assert body["filename"] == "../../etc/passwd"
@@ -174,7 +174,7 @@ def test_client_filename_is_only_metadata(api) -> None:  # type: ignore[no-untyp
     assert not any(p.name == "passwd" for p in data_dir.parent.rglob("*"))
 
 
-def test_three_megabyte_upload(api) -> None:  # type: ignore[no-untyped-def]
+def test_three_megabyte_upload(api) -> None:
     rows = sentiment_rows(3000, seed=9)
     for row in rows:
         row["text"] = row["text"] + " " + "x" * 1000
@@ -193,7 +193,7 @@ def test_three_megabyte_upload(api) -> None:  # type: ignore[no-untyped-def]
     assert not tmp.exists() or list(tmp.iterdir()) == []
 
 
-def test_a_file_an_unfinished_job_uses_cannot_be_deleted(api) -> None:  # type: ignore[no-untyped-def]
+def test_a_file_an_unfinished_job_uses_cannot_be_deleted(api) -> None:
     train = upload(api, jsonl(sentiment_rows(20, seed=10))).json()["id"]
     valid = upload(api, jsonl(sentiment_rows(10, seed=11))).json()["id"]
     created = api.client.post(

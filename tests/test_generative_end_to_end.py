@@ -14,12 +14,15 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
+from openai.types.chat import ChatCompletionSystemMessageParam
 
 from tests.stacks import embedded_stack
 from tests.support import (
     FACTS,
     HELD_OUT_QUESTIONS,
     TRAIN_QUESTIONS,
+    as_dict,
+    extra,
     fact_chat_rows,
     fact_texts,
     jsonl,
@@ -28,7 +31,10 @@ from tests.support import (
 from tests.tiny_models import build_causal_lm
 from tests.training.support import pretrain_on_other_facts
 
-SYSTEM = {"role": "system", "content": "answer with the code word only"}
+SYSTEM: ChatCompletionSystemMessageParam = {
+    "role": "system",
+    "content": "answer with the code word only",
+}
 # No warmup or decay of weights: the tiny task learns in a few steps.
 SCHEDULE = {"warmup_ratio": 0.0, "weight_decay": 0.0, "max_seq_length": 128}
 
@@ -128,11 +134,12 @@ def test_chat_fine_tune_learns_the_facts(
         },
     )
     events = list(service.client.fine_tuning.jobs.list_events(job.id, limit=100))
-    evaluated = [e.data for e in events if e.type == "metrics" and "valid_loss" in e.data]
+    metrics = [as_dict(e.data) for e in events if e.type == "metrics"]
+    evaluated = [d for d in metrics if "valid_loss" in d]
     assert evaluated and all("valid_mean_token_accuracy" in d for d in evaluated)
 
     model = service.client.models.retrieve(job.fine_tuned_model)
-    assert (model.task, model.base_model) == ("causal-lm", "tiny-llama")
+    assert (extra(model, "task"), extra(model, "base_model")) == ("causal-lm", "tiny-llama")
     assert held_out_accuracy(service, job.fine_tuned_model) >= 0.9
 
     # Streaming yields the same text as the non-streamed call.
@@ -176,7 +183,7 @@ def test_mlp_from_scratch_learns_handwritten_digits(service: Service) -> None:
             },
         },
     )
-    assert service.client.models.retrieve(job.fine_tuned_model).task == "tabular"
+    assert extra(service.client.models.retrieve(job.fine_tuned_model), "task") == "tabular"
     predicted = []
     rows_test = x_test.tolist()
     for start in range(0, len(rows_test), 200):
@@ -198,7 +205,7 @@ def test_continued_pretraining_on_tiny_shakespeare_lowers_validation_loss(
     cut = lambda s: s[: s.rfind("\n\n")]  # noqa: E731 - whole speeches only
     train = service.upload(cut(train_text).encode(), "shakespeare-train.txt")
     valid = service.upload(cut(valid_text).encode(), "shakespeare-valid.txt")
-    assert service.client.files.retrieve(train).format == "text"
+    assert extra(service.client.files.retrieve(train), "format") == "text"
     started = time.monotonic()
     job = service.train(
         model="tiny-llama",
@@ -211,11 +218,8 @@ def test_continued_pretraining_on_tiny_shakespeare_lowers_validation_loss(
         },
     )  # fmt: skip
     events = list(service.client.fine_tuning.jobs.list_events(job.id, limit=100))
-    losses = [
-        (e.data["step"], e.data["valid_loss"])
-        for e in events
-        if e.type == "metrics" and "valid_loss" in e.data
-    ]
+    metrics = [as_dict(e.data) for e in events if e.type == "metrics"]
+    losses = [(d["step"], d["valid_loss"]) for d in metrics if "valid_loss" in d]
     losses.sort()
     first, last = losses[0][1], losses[-1][1]
     print(f"tiny Shakespeare: valid_loss {first:.3f} at step {losses[0][0]} -> {last:.3f} "

@@ -26,7 +26,7 @@ from app.schemas import JobCreate
 from app.services import jobs, keys
 from tests.conftest import make_settings
 from tests.served import served
-from tests.support import BASE_MODEL, jsonl, sentiment_rows
+from tests.support import BASE_MODEL, Response, jsonl, sentiment_rows
 from tests.test_bad_input import assert_error
 
 
@@ -38,7 +38,7 @@ class Tenant:
     org_id: str
     file_id: str
 
-    def create(self, idempotency_key: str, **body: object) -> httpx.Response:
+    def create(self, idempotency_key: str, **body: object) -> Response:
         return self.client.post(
             "/v1/fine_tuning/jobs",
             headers={**self.headers, "Idempotency-Key": idempotency_key},
@@ -75,7 +75,7 @@ def tenant(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Tenant]:
         yield Tenant(client, settings, headers, org_id, uploaded.json()["id"])
 
 
-def assert_key_reused(response: httpx.Response, first_job: str) -> None:
+def assert_key_reused(response: Response, first_job: str) -> None:
     error = assert_error(response, 422, words=first_job)
     assert error["code"] == "idempotency_key_reused"
     assert error["type"] == "invalid_request_error"
@@ -106,7 +106,7 @@ def test_concurrent_creates_with_one_key_and_two_requests(tenant: Tenant) -> Non
     suffixes = ["red", "blue"] * per_request
     barrier = threading.Barrier(len(suffixes))
 
-    def create(base_url: str, suffix: str) -> httpx.Response:
+    def create(base_url: str, suffix: str) -> Response:
         with httpx.Client(base_url=base_url, headers=tenant.headers, timeout=60) as client:
             barrier.wait(timeout=30)
             return client.post(

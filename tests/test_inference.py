@@ -8,19 +8,22 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from openai import BadRequestError, OpenAI
 
 from app.core.db import session_scope
 from app.core.migrate import upgrade
+from app.core.settings import Settings
 from app.main import create_app
 from app.models import FineTunedModel
 from app.services import keys
 from tests.conftest import make_settings
-from tests.support import BASE_MODEL
+from tests.support import BASE_MODEL, as_dict
 from tests.tiny_models import build_causal_lm
 
 TEXTS = [
@@ -34,7 +37,7 @@ TEXTS = [
 class Served:
     client: OpenAI
     http: TestClient
-    settings: object
+    settings: Settings
     org_id: str
     org_name: str
 
@@ -67,14 +70,14 @@ def test_chat_completion_shape_usage_and_length(served: Served) -> None:
     (choice,) = reply.choices
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert choice.finish_reason in ("stop", "length")
-    assert reply.usage.prompt_tokens > 0
+    assert reply.usage is not None and reply.usage.prompt_tokens > 0
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     if choice.finish_reason == "length":
         assert reply.usage.completion_tokens == 5
 
 
 def test_streamed_chat_equals_the_non_streamed_answer(served: Served) -> None:
-    request = {
+    request: dict[str, Any] = {
         "model": "tiny-llama",
         "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
         "max_completion_tokens": 20,
@@ -91,6 +94,7 @@ def test_streamed_chat_equals_the_non_streamed_answer(served: Served) -> None:
     assert text == whole.choices[0].message.content
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == whole.choices[0].finish_reason and set(finishes[:-1]) == {None}
+    assert chunks[-1].usage is not None and whole.usage is not None
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
 
 
@@ -99,6 +103,7 @@ def test_completions_n_seed_and_stop(served: Served) -> None:
         model="tiny-llama", prompt="the quick", max_tokens=12, temperature=0
     )
     text = greedy.choices[0].text
+    assert greedy.usage is not None
     assert greedy.object == "text_completion" and greedy.usage.completion_tokens > 0
 
     streamed = served.client.completions.create(
@@ -127,7 +132,7 @@ def test_completions_n_seed_and_stop(served: Served) -> None:
 def test_streamed_completions_hold_every_choice_and_prompt(served: Served) -> None:
     """Each sample used to end the whole stream when it finished (its generation's stop event
     was the request's cancel event): only choice 0 was sent."""
-    request = {"model": "tiny-llama", "max_tokens": 6, "temperature": 0, "n": 2}
+    request: dict[str, Any] = {"model": "tiny-llama", "max_tokens": 6, "temperature": 0, "n": 2}
     whole = served.client.completions.create(prompt=["the quick", "once upon"], **request)
     chunks = list(
         served.client.completions.create(
@@ -167,10 +172,10 @@ def test_wrong_kind_of_model_is_a_400(served: Served) -> None:
         served.client.chat.completions.create(
             model=BASE_MODEL, messages=[{"role": "user", "content": "hi"}]
         )
-    assert chat_on_encoder.value.body["code"] == "wrong_model_kind"
+    assert as_dict(chat_on_encoder.value.body)["code"] == "wrong_model_kind"
     with pytest.raises(BadRequestError) as embed_generative:
         served.client.embeddings.create(model="tiny-llama", input="hi")
-    assert embed_generative.value.body["param"] == "model"
+    assert as_dict(embed_generative.value.body)["param"] == "model"
 
 
 def _register_adapter(served: Served, base: Path, name: str, seed: int) -> str:
@@ -185,12 +190,12 @@ def _register_adapter(served: Served, base: Path, name: str, seed: int) -> str:
                         init_lora_weights=False)  # fmt: skip
     peft_model = get_peft_model(model, config)
     job_id = f"ftjob-adapter{seed:011d}"
-    storage_root = served.settings.storage_root  # type: ignore[attr-defined]
+    storage_root = served.settings.storage_root
     path = storage_root / "models" / job_id
-    peft_model.save_pretrained(path)
+    peft_model.save_pretrained(str(path))
     AutoTokenizer.from_pretrained(base).save_pretrained(path)
     model_id = f"ft:tiny-llama:{served.org_name}:{name}:{seed:08d}"
-    with session_scope(served.settings.sqlalchemy_url) as session:  # type: ignore[attr-defined]
+    with session_scope(served.settings.sqlalchemy_url) as session:
         session.add(
             FineTunedModel(
                 id=model_id, organization_id=served.org_id, task="causal-lm",
@@ -218,7 +223,9 @@ def test_lora_adapters_share_their_base_and_answer_concurrently(
     sequential = {model: answer(model) for model in [*adapters, "tiny-llama"]}
     assert len(set(sequential.values())) > 1, "adapters change the answers"
 
-    cache = served.http.app.state.model_cache  # type: ignore[attr-defined]
+    app = served.http.app
+    assert isinstance(app, FastAPI)
+    cache = app.state.model_cache
     assert len(cache._bases) == 1, "all adapters sit on one shared base"
     shared = next(iter(cache._bases.values()))
     assert set(shared.model.peft_config) == set(adapters)

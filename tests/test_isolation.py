@@ -54,7 +54,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_causal_lm(tmp_path_factory.mktemp("tiny") / "tiny-llama", TEXTS)
 
 
-def make_objects(api, organization: str, model_dir: Path) -> Objects:  # type: ignore[no-untyped-def]
+def make_objects(api, organization: str, model_dir: Path) -> Objects:
     """A file and a job through the API; the job's checkpoint and fine-tuned model as rows
     pointing at a tiny saved model, as a finished training run would leave them."""
     with session_scope(api.settings.sqlalchemy_url) as session:
@@ -95,7 +95,7 @@ def make_objects(api, organization: str, model_dir: Path) -> Objects:  # type: i
 
 
 @pytest.fixture
-def orgs(api, tiny_model: Path) -> tuple[Objects, Objects]:  # type: ignore[no-untyped-def]
+def orgs(api, tiny_model: Path) -> tuple[Objects, Objects]:
     return make_objects(api, "org-a", tiny_model), make_objects(api, "org-b", tiny_model)
 
 
@@ -118,7 +118,7 @@ GHOSTS = {
 }
 
 
-def id_routes(api) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+def id_routes(api) -> list[tuple[str, str]]:
     """(method, path template) of every API route with a path parameter, from the app's own
     OpenAPI description."""
     paths = api.client.get("/openapi.json").json()["paths"]
@@ -134,13 +134,13 @@ def fill(template: str, values: dict[str, str]) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], template)
 
 
-def send(api, key: str, method: str, url: str, body: Any = None) -> httpx.Response:  # type: ignore[no-untyped-def]
+def send(api, key: str, method: str, url: str, body: Any = None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     content = b"" if body is None else None
     return api.client.request(method, url, headers=headers, json=body, content=content)
 
 
-def assert_same_as_missing(response: httpx.Response, ghost: httpx.Response, real: str, fake: str):  # type: ignore[no-untyped-def]
+def assert_same_as_missing(response: httpx.Response, ghost: httpx.Response, real: str, fake: str):
     """B's answer for A's object is the answer for an object that does not exist."""
     assert response.status_code == ghost.status_code, response.text
     assert response.json() == ghost.json() or (
@@ -154,7 +154,7 @@ def _swap(value: Any, old: str, new: str) -> Any:
     return value.replace(old, new) if isinstance(value, str) else value
 
 
-def test_every_route_with_an_id_answers_404_for_another_organizations_object(  # type: ignore[no-untyped-def]
+def test_every_route_with_an_id_answers_404_for_another_organizations_object(
     api, orgs: tuple[Objects, Objects]
 ) -> None:
     a, b = orgs
@@ -179,7 +179,7 @@ def test_every_route_with_an_id_answers_404_for_another_organizations_object(  #
     assert_owner_still_has_everything(api, a)
 
 
-def test_another_organizations_objects_are_refused_as_input(  # type: ignore[no-untyped-def]
+def test_another_organizations_objects_are_refused_as_input(
     api, orgs: tuple[Objects, Objects]
 ) -> None:
     a, b = orgs
@@ -215,9 +215,7 @@ def test_another_organizations_objects_are_refused_as_input(  # type: ignore[no-
     assert_owner_still_has_everything(api, a)
 
 
-def test_lists_never_show_another_organizations_objects(  # type: ignore[no-untyped-def]
-    api, orgs: tuple[Objects, Objects]
-) -> None:
+def test_lists_never_show_another_organizations_objects(api, orgs: tuple[Objects, Objects]) -> None:
     a, b = orgs
     own = {
         "/v1/files": b.file,
@@ -258,7 +256,7 @@ def assert_mentions_none(response: httpx.Response, a: Objects, but: str = "") ->
     assert not leaked, f"{response.request.url} shows {leaked}: {response.text[:500]}"
 
 
-def assert_owner_still_has_everything(api, a: Objects) -> None:  # type: ignore[no-untyped-def]
+def assert_owner_still_has_everything(api, a: Objects) -> None:
     """Nothing B did reached A: every object is there for its owner, the job not cancelled,
     the key not revoked, and the models still serve."""
     for url in (

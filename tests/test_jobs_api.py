@@ -40,7 +40,7 @@ JOB_FIELDS = {
 JSON_EMPTY = {"Content-Type": "application/json"}
 
 
-def upload(api, rows: list[dict[str, str]], key: str | None = None) -> str:  # type: ignore[no-untyped-def]
+def upload(api, rows: list[dict[str, str]], key: str | None = None) -> str:
     response = api.client.post(
         "/v1/files",
         headers=api.headers(key),
@@ -51,7 +51,7 @@ def upload(api, rows: list[dict[str, str]], key: str | None = None) -> str:  # t
     return str(response.json()["id"])
 
 
-def create(api, file_id: str, headers: dict[str, str] | None = None, **body):  # type: ignore[no-untyped-def]
+def create(api, file_id: str, headers: dict[str, str] | None = None, **body):
     return api.client.post(
         "/v1/fine_tuning/jobs",
         headers={**api.headers(), **(headers or {})},
@@ -59,29 +59,29 @@ def create(api, file_id: str, headers: dict[str, str] | None = None, **body):  #
     )
 
 
-def retrieve(api, job_id: str) -> dict:  # type: ignore[no-untyped-def]
+def retrieve(api, job_id: str) -> dict:
     response = api.client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=api.headers())
     assert response.status_code == 200, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
-def cancel(api, job_id: str):  # type: ignore[no-untyped-def]
+def cancel(api, job_id: str):
     return api.client.post(
         f"/v1/fine_tuning/jobs/{job_id}/cancel", headers={**api.headers(), **JSON_EMPTY}
     )
 
 
-def queued_messages(api) -> list[Path]:  # type: ignore[no-untyped-def]
+def queued_messages(api) -> list[Path]:
     queue = api.settings.broker_dir / "queue"
     return [p for p in queue.iterdir() if p.is_file()] if queue.exists() else []
 
 
-def job_rows(api) -> int:  # type: ignore[no-untyped-def]
+def job_rows(api) -> int:
     with session_scope(api.settings.sqlalchemy_url) as session:
         return int(session.scalar(select(func.count()).select_from(Job)) or 0)
 
 
-def test_create_then_validated_and_queued(api) -> None:  # type: ignore[no-untyped-def]
+def test_create_then_validated_and_queued(api) -> None:
     file_id = upload(api, sentiment_rows(40, seed=1))
     assert queued_messages(api) == []
     response = create(api, file_id, seed=1234, suffix="demo", metadata={"team": "a"})
@@ -129,7 +129,7 @@ def test_create_then_validated_and_queued(api) -> None:  # type: ignore[no-untyp
     assert job["id"] in messages[0].read_text()
 
 
-def test_events_newest_first_with_paging(api) -> None:  # type: ignore[no-untyped-def]
+def test_events_newest_first_with_paging(api) -> None:
     file_id = upload(api, sentiment_rows(20, seed=2))
     job_id = create(api, file_id).json()["id"]
     url = f"/v1/fine_tuning/jobs/{job_id}/events"
@@ -162,7 +162,7 @@ def test_events_newest_first_with_paging(api) -> None:  # type: ignore[no-untype
     assert rest["has_more"] is False
 
 
-def test_idempotency_key_returns_the_first_job(api) -> None:  # type: ignore[no-untyped-def]
+def test_idempotency_key_returns_the_first_job(api) -> None:
     file_id = upload(api, sentiment_rows(20, seed=3))
     headers = {"Idempotency-Key": "retry-me-1"}
     first = create(api, file_id, headers=headers)
@@ -185,7 +185,7 @@ def test_idempotency_key_returns_the_first_job(api) -> None:  # type: ignore[no-
     assert job_rows(api) == 3
 
 
-def test_list_with_metadata_filter_and_paging(api) -> None:  # type: ignore[no-untyped-def]
+def test_list_with_metadata_filter_and_paging(api) -> None:
     file_id = upload(api, sentiment_rows(20, seed=4))
     teams = ["red", "blue", "red", "green", "red"]
     ids = [create(api, file_id, metadata={"team": t}).json()["id"] for t in teams]
@@ -215,7 +215,7 @@ def test_list_with_metadata_filter_and_paging(api) -> None:  # type: ignore[no-u
     assert theirs["data"] == []
 
 
-def test_cancel_queued_then_again_then_finished(api) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_queued_then_again_then_finished(api) -> None:
     file_id = upload(api, sentiment_rows(20, seed=5))
     job_id = create(api, file_id).json()["id"]
     assert retrieve(api, job_id)["status"] == "queued"
@@ -246,7 +246,7 @@ def test_cancel_queued_then_again_then_finished(api) -> None:  # type: ignore[no
     assert retrieve(api, done_id)["status"] == "succeeded"
 
 
-def test_method_and_deprecated_hyperparameters_forms(api) -> None:  # type: ignore[no-untyped-def]
+def test_method_and_deprecated_hyperparameters_forms(api) -> None:
     file_id = upload(api, sentiment_rows(20, seed=6))
     method = {
         "type": "supervised",
@@ -270,7 +270,7 @@ def test_method_and_deprecated_hyperparameters_forms(api) -> None:  # type: igno
     assert retrieve(api, legacy.json()["id"])["hyperparameters"]["n_epochs"] == 5
 
 
-def test_validation_file_with_an_unseen_label_fails_the_job(api) -> None:  # type: ignore[no-untyped-def]
+def test_validation_file_with_an_unseen_label_fails_the_job(api) -> None:
     training = upload(api, sentiment_rows(20, seed=7))
     rows = sentiment_rows(6, seed=8) + [{"text": "meh, it was fine", "label": "neutral"}]
     validation = upload(api, rows)
@@ -286,7 +286,7 @@ def test_validation_file_with_an_unseen_label_fails_the_job(api) -> None:  # typ
     assert queued_messages(api) == []  # a failed job is never woken
 
 
-def test_checkpoints_of_a_new_job(api) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoints_of_a_new_job(api) -> None:
     file_id = upload(api, sentiment_rows(20, seed=9))
     job_id = create(api, file_id).json()["id"]
     response = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=api.headers())
@@ -300,7 +300,7 @@ def test_checkpoints_of_a_new_job(api) -> None:  # type: ignore[no-untyped-def]
     }
 
 
-def test_models(api) -> None:  # type: ignore[no-untyped-def]
+def test_models(api) -> None:
     listed = api.client.get("/v1/models", headers=api.headers())
     assert listed.status_code == 200
     body = listed.json()
@@ -329,7 +329,7 @@ def test_models(api) -> None:  # type: ignore[no-untyped-def]
     assert api.client.get(f"/v1/models/{BASE_MODEL}", headers=api.headers()).status_code == 200
 
 
-def test_checkpoint_every_steps_is_accepted_and_reported(api) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_every_steps_is_accepted_and_reported(api) -> None:
     from tests.support import BASE_MODEL, jsonl, sentiment_rows
 
     file = api.client.post(

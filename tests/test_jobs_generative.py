@@ -70,7 +70,7 @@ def create(api: Api, model: str, file_id: str, **body: Any) -> Any:
 def created(api: Api, model: str, file_id: str, **body: Any) -> dict[str, Any]:
     response = create(api, model, file_id, **body)
     assert response.status_code == 200, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 def supervised(**fields: Any) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def supervised(**fields: Any) -> dict[str, Any]:
 
 def status(api: Api, job_id: str) -> dict[str, Any]:
     response = api.client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=api.headers())
-    return response.json()  # type: ignore[no-any-return]
+    return response.json()
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -375,7 +375,9 @@ def _register_model(api: Api, job_id: str, task: str, *, adapter: bool) -> tuple
         (model_dir / "adapter_config.json").write_text("{}")
     name = f"ft:{TINY}:org-a::{job_id[-8:]}"
     with session_scope(api.settings.sqlalchemy_url) as session:
-        org_id = session.get(Job, job_id).organization_id  # type: ignore[union-attr]
+        job = session.get(Job, job_id)
+        assert job is not None
+        org_id = job.organization_id
         session.add(
             FineTunedModel(
                 id=name,
@@ -399,7 +401,7 @@ def _register_model(api: Api, job_id: str, task: str, *, adapter: bool) -> tuple
     return name, model_dir
 
 
-def _loadable(api: Api, model_id: str):  # type: ignore[no-untyped-def]
+def _loadable(api: Api, model_id: str):
     from app.core.storage import Storage
     from app.services import models
     from app.services.keys import get_or_create_organization

@@ -26,17 +26,17 @@ KEY_FIELDS = {
 }  # fmt: skip
 
 
-def admin_key(api, organization: str = "org-a") -> str:  # type: ignore[no-untyped-def]
+def admin_key(api, organization: str = "org-a") -> str:
     with session_scope(api.settings.sqlalchemy_url) as session:
         return keys.create_key(session, organization, name="admin", admin=True).key
 
 
-def key_count(api) -> int:  # type: ignore[no-untyped-def]
+def key_count(api) -> int:
     with session_scope(api.settings.sqlalchemy_url) as session:
         return int(session.scalar(select(func.count()).select_from(ApiKey)) or 0)
 
 
-def test_admin_creates_a_key_shown_once_that_works_at_once(api) -> None:  # type: ignore[no-untyped-def]
+def test_admin_creates_a_key_shown_once_that_works_at_once(api) -> None:
     admin = api.headers(admin_key(api))
     created = api.client.post(ROUTE, headers=admin, json={"name": "ci"})
     assert created.status_code == 200, created.text
@@ -62,7 +62,7 @@ def test_admin_creates_a_key_shown_once_that_works_at_once(api) -> None:  # type
     assert retrieved == entry
 
 
-def test_revoked_key_is_refused_from_the_next_request(api) -> None:  # type: ignore[no-untyped-def]
+def test_revoked_key_is_refused_from_the_next_request(api) -> None:
     admin = api.headers(admin_key(api))
     created = api.client.post(ROUTE, headers=admin, json={}).json()
     victim = api.headers(created["value"])
@@ -84,7 +84,7 @@ def test_revoked_key_is_refused_from_the_next_request(api) -> None:  # type: ign
     assert again.status_code == 200 and again.json()["deleted"] is True
 
 
-def test_an_admin_key_can_make_another_admin_key(api) -> None:  # type: ignore[no-untyped-def]
+def test_an_admin_key_can_make_another_admin_key(api) -> None:
     admin = api.headers(admin_key(api))
     created = api.client.post(ROUTE, headers=admin, json={"admin": True}).json()
     assert created["admin"] is True
@@ -93,7 +93,7 @@ def test_an_admin_key_can_make_another_admin_key(api) -> None:  # type: ignore[n
     assert created["id"] in [k["id"] for k in second.json()["data"]]
 
 
-def test_a_plain_key_gets_403_and_changes_nothing(api) -> None:  # type: ignore[no-untyped-def]
+def test_a_plain_key_gets_403_and_changes_nothing(api) -> None:
     before = key_count(api)
     with session_scope(api.settings.sqlalchemy_url) as session:
         other_id = session.scalar(select(ApiKey.id).where(ApiKey.admin.is_(False)))
@@ -110,7 +110,7 @@ def test_a_plain_key_gets_403_and_changes_nothing(api) -> None:  # type: ignore[
     assert api.client.get("/v1/files", headers=plain).status_code == 200  # not revoked
 
 
-def test_admin_acts_only_within_its_organization(api) -> None:  # type: ignore[no-untyped-def]
+def test_admin_acts_only_within_its_organization(api) -> None:
     admin_a, admin_b = api.headers(admin_key(api, "org-a")), api.headers(admin_key(api, "org-b"))
     theirs = api.client.post(ROUTE, headers=admin_a, json={"name": "a's"}).json()
     listed_by_b = api.client.get(ROUTE, headers=admin_b).json()["data"]
@@ -124,7 +124,7 @@ def test_admin_acts_only_within_its_organization(api) -> None:  # type: ignore[n
     assert api.client.get("/v1/files", headers=api.headers(theirs["value"])).status_code == 200
 
 
-def test_bad_create_is_a_400_and_stores_nothing(api) -> None:  # type: ignore[no-untyped-def]
+def test_bad_create_is_a_400_and_stores_nothing(api) -> None:
     admin = api.headers(admin_key(api))
     before = key_count(api)
     assert_error(api.client.post(ROUTE, headers=admin, json={"name": "x" * 200}), 400, param="name")
@@ -132,7 +132,7 @@ def test_bad_create_is_a_400_and_stores_nothing(api) -> None:  # type: ignore[no
     assert key_count(api) == before
 
 
-def test_keys_never_reach_the_logs(api, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_keys_never_reach_the_logs(api, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     admin_value = admin_key(api)
     admin = api.headers(admin_value)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -29,6 +29,7 @@ from app.models import File, Job, JobEvent, utcnow
 from app.schemas import JobCreate
 from app.services import job_files, jobs, keys, leases
 from app.services.datasets import validate_dataset
+from app.services.leases import HeldLease
 from tests.conftest import make_settings
 from tests.support import (
     BASE_MODEL,
@@ -430,7 +431,7 @@ def test_reconciler_leaves_a_lease_renewed_after_it_looked(
     events_before = len(world.events(job_id))
     read_leases = leases.expired_or_local_leases
 
-    def read_then_heartbeat(session: Session, prefix: str, now: datetime) -> Sequence[Job]:
+    def read_then_heartbeat(session: Session, prefix: str, now: datetime) -> list[HeldLease]:
         found = read_leases(session, prefix, now)
         assert job_id in [job.id for job in found]
         with session_scope(world.url) as heartbeat:

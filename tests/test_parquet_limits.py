@@ -160,7 +160,7 @@ def test_a_list_of_two_million_numbers_is_refused_from_the_footer(tmp_path: Path
     footer's count of values shows 16 MB a row, far over the 1 MiB a row may hold."""
     import pyarrow as pa
 
-    values = pa.repeat(0.0, 4_000_000)  # type: ignore[attr-defined]
+    values = pa.repeat(0.0, 4_000_000)
     zeros = pa.ListArray.from_arrays([0, 2_000_000, 4_000_000], values)
     content = parquet_bytes(pa.table({"features": zeros, "label": ["a", "b"]}))
     assert len(content) < 64 * 1024
@@ -195,7 +195,7 @@ def test_the_file_limit_is_checked_from_the_footer_first(tmp_path: Path) -> None
     assert "(the Parquet metadata)" in message
 
 
-def test_the_file_limit_is_the_setting(api, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_file_limit_is_the_setting(api, monkeypatch: pytest.MonkeyPatch) -> None:
     from app.core.settings import Settings
 
     assert api.settings.max_dataset_uncompressed_bytes is None  # default: max_upload_bytes
@@ -203,10 +203,10 @@ def test_the_file_limit_is_the_setting(api, monkeypatch: pytest.MonkeyPatch) -> 
         api.settings.max_upload_bytes
     )
     monkeypatch.setenv("TUNEHOUSE_MAX_DATASET_UNCOMPRESSED_BYTES", "1000")
-    assert DatasetLimits.from_settings(Settings(_env_file=None)).max_uncompressed_bytes == 1000  # type: ignore[call-arg]
+    assert DatasetLimits.from_settings(Settings(_env_file=None)).max_uncompressed_bytes == 1000
 
 
-def test_the_bomb_through_the_api_stores_nothing(api) -> None:  # type: ignore[no-untyped-def]
+def test_the_bomb_through_the_api_stores_nothing(api) -> None:
     with changes_nothing(api):
         response = api.client.post(
             "/v1/files",
@@ -224,7 +224,7 @@ def test_rows_are_numbered_across_row_groups_batches_and_slices(tmp_path: Path) 
     import pyarrow as pa
 
     texts = [("w" * (300 * 1024) if i % 7 == 0 else f"row {i}") for i in range(3000)]
-    labels = ["a", "b"] * 1500
+    labels: list[str | None] = ["a", "b"] * 1500
     path = tmp_path / "fine.parquet"
     path.write_bytes(parquet_bytes(pa.table({"text": texts, "label": labels}), row_group_size=700))
     info = validate_dataset(path)
@@ -233,7 +233,7 @@ def test_rows_are_numbered_across_row_groups_batches_and_slices(tmp_path: Path) 
         3000,
         {"a": 1500, "b": 1500},
     )
-    labels[2499] = None  # type: ignore[call-overload]
+    labels[2499] = None
     bad = parquet_bytes(pa.table({"text": texts, "label": labels}), row_group_size=700)
     assert refusal(tmp_path, bad) == (
         "row 2500: field 'label' must be a string or an integer, got null"

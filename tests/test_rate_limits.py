@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -18,6 +17,7 @@ from app.core.settings import Settings
 from app.main import create_app
 from app.services import keys
 from tests.conftest import make_settings
+from tests.support import Response
 from tests.test_bad_input import assert_error
 
 LIMIT = 3
@@ -32,11 +32,11 @@ def fresh(tmp_path: Path, **overrides: object) -> tuple[Settings, str, str]:
     return settings, first, second
 
 
-def get_files(client: TestClient, key: str) -> httpx.Response:
+def get_files(client: TestClient, key: str) -> Response:
     return client.get("/v1/files", headers={"Authorization": f"Bearer {key}"})
 
 
-def assert_limited(response: httpx.Response) -> None:
+def assert_limited(response: Response) -> None:
     error = assert_error(response, 429, words="rate limit")
     assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
     retry_after = int(response.headers["Retry-After"])
@@ -50,7 +50,7 @@ def clients(tmp_path: Path) -> Iterator[tuple[TestClient, str, str]]:
         yield client, first, second
 
 
-def test_over_the_limit_is_a_429_with_retry_after(clients) -> None:  # type: ignore[no-untyped-def]
+def test_over_the_limit_is_a_429_with_retry_after(clients) -> None:
     client, key, _ = clients
     for _ in range(LIMIT):
         assert get_files(client, key).status_code == 200
@@ -59,7 +59,7 @@ def test_over_the_limit_is_a_429_with_retry_after(clients) -> None:  # type: ign
     assert_limited(client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}))
 
 
-def test_each_key_has_its_own_count(clients) -> None:  # type: ignore[no-untyped-def]
+def test_each_key_has_its_own_count(clients) -> None:
     client, first, second = clients
     for _ in range(LIMIT):
         get_files(client, first)
@@ -67,7 +67,7 @@ def test_each_key_has_its_own_count(clients) -> None:  # type: ignore[no-untyped
     assert get_files(client, second).status_code == 200
 
 
-def test_health_and_metrics_are_not_limited(clients) -> None:  # type: ignore[no-untyped-def]
+def test_health_and_metrics_are_not_limited(clients) -> None:
     client, key, _ = clients
     for _ in range(LIMIT):
         get_files(client, key)

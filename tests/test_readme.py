@@ -348,7 +348,7 @@ def test_postgres_and_redis_commands(tmp_path: Path, monkeypatch: pytest.MonkeyP
         for name, value in call["env"].items():
             assert name.removeprefix("TUNEHOUSE_").lower() in Settings.model_fields, name
             monkeypatch.setenv(name, value)
-        settings = Settings(_env_file=None)  # type: ignore[call-arg]
+        settings = Settings(_env_file=None)
         assert settings.sqlalchemy_url.startswith("postgresql+psycopg://")
         assert settings.celery_broker_url.startswith("redis://")
 

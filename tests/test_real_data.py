@@ -12,7 +12,7 @@ import pytest
 from openai import OpenAI
 
 from tests.stacks import embedded_stack
-from tests.support import BASE_MODEL, jsonl, read_sst2, wait_until
+from tests.support import BASE_MODEL, extra, jsonl, read_sst2, wait_until
 
 pytestmark = pytest.mark.realdata
 
@@ -32,7 +32,7 @@ def test_sst2_few_hundred_rows_beat_075_on_dev(shared_data: Path, service: tuple
     dev = read_sst2(shared_data / "sst2" / "dev.tsv")[:200]
 
     file = client.files.create(file=("sst2-train.jsonl", jsonl(train)), purpose="fine-tune")
-    assert file.stats["rows"] == 500
+    assert extra(file, "stats")["rows"] == 500
     job = client.fine_tuning.jobs.create(
         model=BASE_MODEL,
         training_file=file.id,

@@ -38,13 +38,13 @@ class FullDisk(io.FileIO):
 
 
 @pytest.fixture
-def full_disk(api, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def full_disk(api, monkeypatch: pytest.MonkeyPatch) -> None:
     """Files opened in storage/tmp are on a full disk (buffered, as the upload writes them:
     a small body fails when it is flushed at the end, a large one while it is written)."""
     real_fdopen = os.fdopen
     tmp_dir = str(Storage(api.settings.storage_root).tmp_dir)
 
-    def fdopen(fd: int, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def fdopen(fd: int, *args, **kwargs):
         if os.readlink(f"/proc/self/fd/{fd}").startswith(tmp_dir):
             return io.BufferedWriter(FullDisk(fd, "wb"))
         return real_fdopen(fd, *args, **kwargs)
@@ -57,7 +57,7 @@ def full_disk(api, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-
     [20, 4000],
     ids=["fails-at-the-final-flush", "fails-while-writing"],
 )
-def test_a_full_disk_answers_507_and_leaves_no_temporary_file(api, full_disk, rows: int) -> None:  # type: ignore[no-untyped-def]
+def test_a_full_disk_answers_507_and_leaves_no_temporary_file(api, full_disk, rows: int) -> None:
     content = jsonl(sentiment_rows(rows, seed=5))
     assert (len(content) < io.DEFAULT_BUFFER_SIZE) == (rows == 20)
     tmp = Storage(api.settings.storage_root).tmp_dir
@@ -73,7 +73,7 @@ def test_a_full_disk_answers_507_and_leaves_no_temporary_file(api, full_disk, ro
     assert list(tmp.iterdir()) == []
 
 
-def test_an_upload_after_the_disk_has_room_again_goes_through(api) -> None:  # type: ignore[no-untyped-def]
+def test_an_upload_after_the_disk_has_room_again_goes_through(api) -> None:
     response = api.client.post(
         "/v1/files",
         headers=api.headers(),
@@ -86,7 +86,7 @@ def test_an_upload_after_the_disk_has_room_again_goes_through(api) -> None:  # t
 
 def test_a_failure_after_the_body_is_received_removes_the_temporary_file(
     api, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Between receiving and storing (here: the dataset limits cannot be built), the route's
     error leaves no temporary file."""
     from app.api.routes import files as files_route

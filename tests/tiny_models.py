@@ -10,7 +10,7 @@ from pathlib import Path
 EOS = "<|endoftext|>"
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 600):  # type: ignore[no-untyped-def]
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 600):
     """A byte-level BPE tokenizer (exact round trips, like GPT-2's) trained on ``texts``; it has
     no chat template, so Tunehouse's default one is used for chat fine-tuning."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -45,10 +45,11 @@ def build_causal_lm(
 ) -> Path:
     """Save a tiny randomly initialised causal LM and its tokenizer to ``path``."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
     tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
     eos = tokenizer.convert_tokens_to_ids(EOS)
+    config: PretrainedConfig
     if arch == "llama":
         config = LlamaConfig(
             vocab_size=len(tokenizer),

@@ -56,7 +56,7 @@ class DatabaseReporter:
         self._started = time.monotonic()
         self._last_progress = 0.0
         self._lease_ok_until = time.monotonic() + settings.lease_seconds
-        self._pending: list[Callable[[Session], None]] = []
+        self._pending: list[Callable[[Session], object]] = []
         self._pending_lock = threading.Lock()
 
     # -- the lease ------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ class DatabaseReporter:
 
     # -- writes that may wait for the database --------------------------------------------------
 
-    def _write(self, write: Callable[[Session], None]) -> bool:
+    def _write(self, write: Callable[[Session], object]) -> bool:
         """Write now, after anything still waiting; keep it for later if the database is away.
         True when it is written."""
         with self._pending_lock:
@@ -278,9 +278,7 @@ def _spec(settings: Settings, job_id: str, owner: str) -> Any:
         if job is None:
             raise LookupError(f"job {job_id} not found")
 
-        def path_of(file_id: str | None) -> Path | None:
-            if file_id is None:
-                return None
+        def path_of(file_id: str) -> Path:
             file = session.get(File, file_id)
             if file is None:
                 raise FileNotFoundError(f"file {file_id} was deleted")
@@ -295,7 +293,7 @@ def _spec(settings: Settings, job_id: str, owner: str) -> Any:
                 None if job.model == MLP_MODEL else settings.registered_base_models()[job.model]
             ),
             training_file=path_of(job.training_file),
-            validation_file=path_of(job.validation_file),
+            validation_file=None if job.validation_file is None else path_of(job.validation_file),
             output_dir=storage.final_output_dir(job.id, attempt_name(owner)),
             checkpoints_dir=storage.checkpoints_dir(job.id),
             hyperparameters=dict(job.hyperparameters),

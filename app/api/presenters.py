@@ -28,7 +28,7 @@ def file_object(file: File) -> FileObject:
         created_at=int(file.created_at.timestamp()),
         filename=file.filename,
         purpose=file.purpose,
-        status=file.status,  # type: ignore[arg-type]
+        status=file.status,
         status_details=file.status_details,
         expires_at=ts(file.expires_at),
         sha256=file.sha256,
@@ -42,7 +42,7 @@ def job_object(job: Job) -> JobObject:
     return JobObject(
         id=job.id,
         created_at=int(job.created_at.timestamp()),
-        error=job.error,  # type: ignore[arg-type]
+        error=job.error,
         fine_tuned_model=job.fine_tuned_model,
         finished_at=ts(job.finished_at),
         hyperparameters=hp,
@@ -70,9 +70,9 @@ def event_object(event: JobEvent) -> JobEventObject:
     return JobEventObject(
         id=event.id,
         created_at=int(event.created_at.timestamp()),
-        level=event.level,  # type: ignore[arg-type]
+        level=event.level,
         message=event.message,
-        type=event.type,  # type: ignore[arg-type]
+        type=event.type,
         data=event.data,
     )
 

@@ -37,6 +37,7 @@ from app.services import quota
 from app.services.hyperparameters import TRAINABLE_FORMATS, resolve_hyperparameters
 from app.services.models import MLP_MODEL, base_kind
 from app.services.pagination import page
+from app.services.rowcount import rowcount
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def transition(
             synchronize_session=False
         )
     )
-    if not result.rowcount:
+    if not rowcount(result):
         return False
     if message:
         add_event(session, job_id, message, level=level)

@@ -18,6 +18,7 @@ from app.core.errors import InvalidRequest, NotFound, Unauthorized
 from app.core.ids import new_id
 from app.models import ApiKey, Organization, utcnow
 from app.services.pagination import page
+from app.services.rowcount import rowcount
 
 # Keys are logged by id only, never by value.
 log = logging.getLogger("tunehouse.keys")
@@ -126,7 +127,7 @@ def touch_last_used(session: Session, record: ApiKey) -> bool:
         .values(last_used_at=now)
         .execution_options(synchronize_session=False)
     )
-    return bool(result.rowcount)
+    return bool(rowcount(result))
 
 
 def list_keys(
@@ -159,6 +160,6 @@ def revoke_key(session: Session, key_id: str, organization: str | None = None) -
     result = session.execute(
         stmt.values(revoked_at=utcnow()).execution_options(synchronize_session=False)
     )
-    if result.rowcount:
+    if rowcount(result):
         log.info("revoked key %s", key_id)
-    return bool(result.rowcount)
+    return bool(rowcount(result))

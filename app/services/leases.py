@@ -26,6 +26,7 @@ from app.services.jobs import (
     fail_job,
     transition,
 )
+from app.services.rowcount import rowcount
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def claim_job(session: Session, job_id: str, owner: str, lease_seconds: int) -> 
         )
         .execution_options(synchronize_session=False)
     )
-    if not result.rowcount:
+    if not rowcount(result):
         return False
     add_event(session, job_id, "Fine-tuning job started")
     return True
@@ -91,7 +92,7 @@ def renew_lease(session: Session, job_id: str, owner: str, lease_seconds: int) -
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
-    if not result.rowcount:
+    if not rowcount(result):
         return None
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
@@ -105,7 +106,7 @@ def release_lease(session: Session, job_id: str, owner: str) -> str | None:
         .values(lease_owner=None, lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
-    if not result.rowcount:
+    if not rowcount(result):
         return None
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
@@ -214,7 +215,7 @@ def record_progress(
         )
         .execution_options(synchronize_session=False)
     )
-    return bool(result.rowcount)
+    return bool(rowcount(result))
 
 
 # ---- what the reconciler looks for ------------------------------------------------------------

@@ -270,7 +270,9 @@ def test_text_is_packed_into_blocks_and_training_lowers_validation_loss(
     texts = [f"the code for {kw} is {code}." for kw, code in FACTS.items()]
     rows = [{"text": f"{t} {t.replace('the code', 'its code')}"} for t in texts]
     tokenizer, blocks = encode("text", tiny_llama, rows, max_seq_length=16)
-    stream = sum((tokenizer(r["text"])["input_ids"] + [tokenizer.eos_token_id] for r in rows), [])
+    stream: list[int] = sum(
+        (tokenizer(r["text"])["input_ids"] + [tokenizer.eos_token_id] for r in rows), []
+    )
     assert [len(b["input_ids"]) for b in blocks[:-1]] == [16] * (len(blocks) - 1)
     assert sum((b["input_ids"] for b in blocks), []) == stream  # nothing lost, nothing padded
     assert all(b["labels"] == b["input_ids"] for b in blocks)  # every token trained
@@ -316,7 +318,11 @@ def test_lora_targets_the_attention_of_each_architecture(tmp_path: Path) -> None
     kind = get_task_kind("chat")
     kind.prepare(spec, [], [])
     model = kind.load_model(spec, [])
-    config = model.peft_config["default"]  # type: ignore[index]
+    from peft import LoraConfig, PeftModel
+
+    assert isinstance(model, PeftModel)
+    config = model.peft_config["default"]
+    assert isinstance(config, LoraConfig) and config.target_modules is not None
     assert set(config.target_modules) == {"c_attn", "c_proj"}
     assert (config.r, config.lora_alpha, config.fan_in_fan_out) == (8, 16, True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

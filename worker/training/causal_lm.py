@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,12 @@ class LoraSettings:
     dropout: float = LORA_DROPOUT
     target_modules: list[str] | None = None  # None: the per-architecture default
     merge: bool = False  # store the merged standalone model instead of the adapter
+
+
+class LoadResult(Protocol):
+    """What ``load_state_dict`` returns (peft annotates it as a bare ``namedtuple``)."""
+
+    unexpected_keys: list[str]
 
 
 def lora_settings(spec: TrainingSpec) -> LoraSettings | None:
@@ -157,7 +163,9 @@ class CausalLM(TaskKind):
         base = load_base_model(spec.require_base_model_dir())
         model = get_peft_model(base, self._lora_config(base, lora))
         if weights_dir is not None:  # a checkpoint holds the adapter only
-            result = set_peft_model_state_dict(model, load_file(weights_dir / ADAPTER_WEIGHTS))
+            result: LoadResult = set_peft_model_state_dict(
+                model, load_file(weights_dir / ADAPTER_WEIGHTS)
+            )
             if result.unexpected_keys:
                 raise ValueError(f"the checkpoint's adapter does not fit: {result.unexpected_keys}")
         return model
@@ -169,7 +177,7 @@ class CausalLM(TaskKind):
         model_type = getattr(base.config, "model_type", "")
         return LoraConfig(
             r=lora.r,
-            lora_alpha=lora.alpha,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft says int; it only divides by r
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules or lora_target_modules(model_type),
             fan_in_fan_out=model_type in FAN_IN_FAN_OUT,
@@ -179,6 +187,7 @@ class CausalLM(TaskKind):
     def save_final_model(self, model: torch.nn.Module, tokenizer: Any | None, path: Path) -> None:
         if self.lora is not None and self.lora.merge:
             # The adapter folded into the base weights: a standalone model, served alone.
+            # A peft model here; nn.Module types such attributes as Tensor | Module.
             model = model.merge_and_unload()  # type: ignore[operator]
         self.save_model(model, tokenizer, path)
 

@@ -75,6 +75,7 @@ class Classification(TaskKind):
         ]
 
     def make_collate(self, tokenizer: Any | None) -> Collate:
+        assert tokenizer is not None
         # Pad each batch only to its own longest row: short texts stay cheap.
         return DataCollatorWithPadding(tokenizer, padding="longest", return_tensors="pt")
 

@@ -123,6 +123,7 @@ class TaskKind(ABC):
 
     def save_model(self, model: torch.nn.Module, tokenizer: Any | None, path: Path) -> None:
         """Write the model in Hugging Face format, weights as safetensors."""
+        # A transformers or peft model; nn.Module types such attributes as Tensor | Module.
         model.save_pretrained(path)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(path)

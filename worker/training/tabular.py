@@ -19,7 +19,14 @@ import torch.nn.functional as F
 
 from app.core.defaults import default_architecture
 from app.core.kinds import FORMAT_TABULAR, KIND_TABULAR
-from app.inference.architectures import ACTIVATIONS, MLP_ARCHITECTURE, build_mlp, load_mlp, save_mlp
+from app.inference.architectures import (
+    ACTIVATIONS,
+    MLP,
+    MLP_ARCHITECTURE,
+    build_mlp,
+    load_mlp,
+    save_mlp,
+)
 from worker.training.registry import (
     Batch,
     Collate,
@@ -150,4 +157,5 @@ class Tabular(TaskKind):
         return {"valid_loss": loss_sum / count, "valid_accuracy": correct / count}
 
     def save_model(self, model: torch.nn.Module, tokenizer: Any | None, path: Path) -> None:
-        save_mlp(model, self.config, path)  # type: ignore[arg-type]
+        assert isinstance(model, MLP)
+        save_mlp(model, self.config, path)
