@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-test run test lint clean
+.PHONY: install install-test run test test-fast lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ run: install
 ## Run the whole test suite.
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## The quick subset for a developer's loop (a few minutes): no real servers, soak or datasets.
+test-fast: install-test
+	$(BIN)/python -m pytest -m "not slow and not soak and not realdata" $(PYTEST_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check .

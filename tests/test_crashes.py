@@ -35,6 +35,8 @@ from tests.crash_support import (
 )
 from tests.support import Stack, fresh_postgres_database, training_processes, wait_until
 
+pytestmark = pytest.mark.slow
+
 TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
 STARTED = "Fine-tuning job started"
 

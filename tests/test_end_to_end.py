@@ -27,6 +27,8 @@ from tests.support import (
     wait_until,
 )
 
+pytestmark = pytest.mark.slow
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 

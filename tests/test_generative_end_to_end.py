@@ -36,6 +36,8 @@ SYSTEM: ChatCompletionSystemMessageParam = {
     "content": "answer with the code word only",
 }
 # No warmup or decay of weights: the tiny task learns in a few steps.
+pytestmark = pytest.mark.slow
+
 SCHEDULE = {"warmup_ratio": 0.0, "weight_decay": 0.0, "max_seq_length": 128}
 
 

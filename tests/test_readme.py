@@ -44,6 +44,8 @@ from tests.stacks import embedded_stack
 from tests.support import ROOT, fact_texts
 from tests.tiny_models import build_causal_lm
 
+pytestmark = pytest.mark.slow
+
 README = ROOT / "README.md"
 RUNNABLE = ("python", "bash")
 NOT_RUN = ("console", "text", "json")
