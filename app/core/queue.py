@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from celery import Celery
 
+from app.core.filesystem_broker import TRANSPORT as FILESYSTEM_TRANSPORT
 from app.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,9 @@ QUEUE = "tunehouse"
 def make_celery(settings: Settings) -> Celery:
     app = Celery("tunehouse", broker=settings.celery_broker_url, set_as_current=False)
     transport_options: dict[str, object]
+    transport = None
     if settings.uses_filesystem_broker:
+        transport = FILESYSTEM_TRANSPORT  # kombu's, with files that appear whole
         queue_dir, control_dir = settings.ensure_broker_dirs()
         transport_options = {
             "data_folder_in": str(queue_dir),
@@ -43,6 +46,7 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
+        broker_transport=transport,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=settings.broker_publish_timeout,
