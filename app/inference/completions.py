@@ -27,10 +27,10 @@ from app.core.errors import InvalidRequest, TunehouseError
 from app.core.ids import random_token
 from app.core.settings import Settings
 from app.inference.bounds import check_choices, tokens_per_choice
-from app.inference.concurrency import HeldStream, InferenceGate, inference_gate
+from app.inference.concurrency import HeldStream, inference_gate
 from app.inference.protocols import TextGenerator
 from app.inference.registry import Lease, ModelCache
-from app.inference.router import ERRORS, find_model
+from app.inference.router import ERRORS, find_model, run_model
 from app.inference.sampling import Generation, GenerationParams
 from app.inference.schemas import (
     ChatChoice,
@@ -178,31 +178,28 @@ async def _answer(
     encode: Encode,
     params: list[GenerationParams],
 ) -> Any:
-    cache: ModelCache = request.app.state.model_cache
-    gate = inference_gate(request.app)
     head = {
         "id": f"{form.id_prefix}-{random_token()}",
         "created": int(time.time()),
         "model": body.model,
     }
-    cancel = threading.Event()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_head = {**head, "object": form.chunk_object, "system_fingerprint": None}
-        return await _stream(gate, cache, model, form, chunk_head, encode, params, include_usage)
+        return await _stream(request, model, form, chunk_head, encode, params, include_usage)
 
-    def generate() -> tuple[int, list[Generation]]:
-        with cache.lease(model, "generate") as generator:
-            prompts = encode(generator)
-            results = []
-            for prompt, sample in _runs(prompts, params):
-                if cancel.is_set():  # the client has gone: nobody reads the rest
-                    break
-                results.append(generator.complete(prompt, sample, cancel))
+    cancel = threading.Event()
+
+    def generate(generator: TextGenerator) -> tuple[int, list[Generation]]:
+        prompts = encode(generator)
+        results = []
+        for prompt, sample in _runs(prompts, params):
+            if cancel.is_set():  # the client has gone: nobody reads the rest
+                break
+            results.append(generator.complete(prompt, sample, cancel))
         return sum(map(len, prompts)), results
 
-    async with gate.slot():
-        prompt_tokens, results = await gate.run_until_disconnect(request, cancel, generate)
+    prompt_tokens, results = await run_model(request, model, "generate", generate, cancel)
     completion_tokens = sum(result.completion_tokens for result in results)
     return form.answer(
         **head,
@@ -212,8 +209,7 @@ async def _answer(
 
 
 async def _stream(
-    gate: InferenceGate,
-    cache: ModelCache,
+    request: Request,
     model: LoadableModel,
     form: _Format,
     head: dict[str, Any],
@@ -224,6 +220,8 @@ async def _stream(
     """The answer as server-sent events. The slot and the model's lease are taken here, so a
     saturated server or a model that cannot load still answers with a status and an envelope;
     the stream gives them back when it ends."""
+    cache: ModelCache = request.app.state.model_cache
+    gate = inference_gate(request.app)
     slot = await gate.acquire()
     try:
         with anyio.CancelScope(shield=True):  # the lease a load returns must not be lost

@@ -5,6 +5,7 @@ concurrency.py) and runs the model in an inference thread, off the event loop.""
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -74,10 +75,14 @@ async def find_model(
 
 
 async def run_model(
-    request: Request, model: LoadableModel, use: Use, work: Callable[[Any], T]
+    request: Request,
+    model: LoadableModel,
+    use: Use,
+    work: Callable[[Any], T],
+    cancel: threading.Event | None = None,
 ) -> T:
     """``work(servable)`` in an inference slot, with ``model`` loaded for ``use`` and leased
-    until ``work`` returns."""
+    until ``work`` returns; ``cancel``, if given, is set when the client goes away meanwhile."""
     cache: ModelCache = request.app.state.model_cache
 
     def leased() -> T:
@@ -86,7 +91,9 @@ async def run_model(
 
     gate = inference_gate(request.app)
     async with gate.slot():
-        return await gate.run(leased)
+        if cancel is None:
+            return await gate.run(leased)
+        return await gate.run_until_disconnect(request, cancel, leased)
 
 
 def _inputs(value: Any, limit: int) -> list[Any]:
