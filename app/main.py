@@ -40,8 +40,9 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
         settings.db_pool_size, settings.db_max_overflow, settings.db_pool_timeout_seconds
     )
     use_pool_limits(settings.sqlalchemy_url, pool)
-    Storage(settings.storage_root).ensure()
-    Storage(settings.storage_root).sweep_tmp()  # what dead processes' uploads left behind
+    storage = Storage(settings.storage_root)
+    storage.ensure()
+    storage.sweep_tmp()  # what dead processes' uploads left behind
     if settings.uses_filesystem_broker:
         settings.ensure_broker_dirs()
     errors.install(app)
