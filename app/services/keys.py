@@ -160,6 +160,7 @@ def revoke_key(session: Session, key_id: str, organization: str | None = None) -
     result = session.execute(
         stmt.values(revoked_at=utcnow()).execution_options(synchronize_session=False)
     )
-    if rowcount(result):
+    revoked = bool(rowcount(result))
+    if revoked:
         log.info("revoked key %s", key_id)
-    return bool(rowcount(result))
+    return revoked
