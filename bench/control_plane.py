@@ -48,8 +48,6 @@ import multiprocessing as mp
 import os
 import random
 import resource
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -84,11 +82,10 @@ from app.services.datasets import validate_dataset  # noqa: E402
 from app.services.hyperparameters import resolve_hyperparameters  # noqa: E402
 from tests.support import (  # noqa: E402
     BASE_MODEL,
-    free_port,
+    Stack,
     fresh_postgres_database,
     jsonl,
     sentiment_rows,
-    wait_until,
 )
 
 PG_ADMIN_URL = os.environ.get("TUNEHOUSE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -461,37 +458,13 @@ def api_process(world: World) -> Iterator[tuple[str, int]]:
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
     )
-    port = free_port()
-    log = (world.data_dir / "api.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "api", "--role", "control", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    stack = Stack("the API", env, world.data_dir)
     try:
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"the API exited: {(world.data_dir / 'api.log').read_text()}")
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(ready, 90, what="the API to be ready")
-        yield base, process.pid
+        process = stack.start("api", "--role", "control", "--port", str(stack.port), log="api")
+        stack.wait_ready(90)
+        yield stack.base_url, process.pid
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+        stack.stop()
 
 
 Samples = dict[str, list[float]]

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
-from app.core.db import get_engine, session_scope
+from app.core.db import get_engine, session_scope, unit_of_work
 from app.core.process import holder_is_gone, local_owner_prefix
 from app.core.queue import enqueue_job
 from app.core.settings import Settings
@@ -63,18 +63,9 @@ def _pass_sessions(url: str) -> Iterator[Sessions | None]:
             connection.commit()
 
 
-@contextmanager
-def _session_on(connection: Connection) -> Iterator[Session]:
+def _session_on(connection: Connection) -> AbstractContextManager[Session]:
     """``session_scope`` on the pass's connection: one transaction, committed on success."""
-    session = Session(bind=connection, expire_on_commit=False)
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    return unit_of_work(Session(bind=connection, expire_on_commit=False))
 
 
 def _validate_stale(sessions: Sessions, settings: Settings, idle: float) -> list[str]:

@@ -96,18 +96,19 @@ class DatabaseReporter:
     def should_stop(self) -> bool:
         return self._stop.is_set()
 
+    def _lease_state(self) -> leases.LeaseState | None:
+        with session_scope(self.url) as session:
+            return leases.lease_state(session, self.job_id)
+
     def still_ours(self) -> bool:
         """The job is running under our lease (as of now: read before touching files)."""
-        with session_scope(self.url) as session:
-            state = leases.lease_state(session, self.job_id)
-        return state == leases.LeaseState(jobs.RUNNING, self.owner)
+        return self._lease_state() == leases.LeaseState(jobs.RUNNING, self.owner)
 
     def checkpoint_on_stop(self) -> bool:
         """Stopping to be resumed later (a pause, a worker shutting down) saves a checkpoint
         first; a cancel, or a lease that is no longer ours, does not."""
         try:
-            with session_scope(self.url) as session:
-                state = leases.lease_state(session, self.job_id)
+            state = self._lease_state()
         except Exception:
             log.warning("could not read job %s before stopping", self.job_id, exc_info=True)
             return time.monotonic() < self._lease_ok_until  # still ours, as far as we know

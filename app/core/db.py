@@ -104,7 +104,14 @@ def dispose_engine(url: str) -> None:
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
     """A session for one unit of work: committed on success, rolled back on error."""
-    session = new_session(url)
+    with unit_of_work(new_session(url)) as session:
+        yield session
+
+
+@contextmanager
+def unit_of_work(session: Session) -> Iterator[Session]:
+    """``session`` as one unit of work: committed on success, rolled back on error, then
+    closed."""
     try:
         yield session
         session.commit()

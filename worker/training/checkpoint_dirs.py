@@ -66,10 +66,14 @@ def complete_checkpoints(checkpoints_dir: Path) -> dict[int, Path]:
 def latest_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
     """The newest complete checkpoint that holds its training state (the one a resume goes on
     from), or None when there is none."""
-    resumable = [
-        path for path in complete_checkpoints(checkpoints_dir).values() if has_training_state(path)
-    ]
-    return resumable[-1] if resumable else None
+    found = complete_checkpoints(checkpoints_dir)
+    newest = _newest_resumable(found)
+    return None if newest is None else found[newest]
+
+
+def _newest_resumable(found: dict[int, Path]) -> int | None:
+    """Of complete checkpoints (step -> directory), the newest step with its training state."""
+    return max((step for step, path in found.items() if has_training_state(path)), default=None)
 
 
 def has_training_state(path: Path) -> bool:
@@ -106,9 +110,9 @@ def prune_checkpoints(
     tries again."""
     remove_debris(checkpoints_dir)
     found = complete_checkpoints(checkpoints_dir)
-    newest = latest_complete_checkpoint(checkpoints_dir)
-    resumable = next((step for step, path in found.items() if path == newest), None)
-    plan = plan_retention(found, resumable=resumable, keep=keep, is_epoch_end=is_epoch_end)
+    plan = plan_retention(
+        found, resumable=_newest_resumable(found), keep=keep, is_epoch_end=is_epoch_end
+    )
     resized = {
         step: tree_bytes(found[step])
         for step in plan.weights_only
