@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -17,10 +16,9 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.core.db import get_engine, session_scope
+from app.core.db import session_scope
 from app.core.errors import Conflict
 from app.core.ids import new_id
-from app.core.migrate import upgrade
 from app.core.process import process_identity
 from app.core.queue import enqueue_job
 from app.core.settings import Settings
@@ -33,26 +31,11 @@ from app.services.leases import HeldLease
 from tests.conftest import make_settings
 from tests.support import (
     BASE_MODEL,
-    fresh_postgres_database,
     jsonl,
     sentiment_rows,
     training_processes,
 )
 from worker import reconciler, supervisor
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'leases.db'}"
-        upgrade(url)
-        yield url
-        get_engine(url).dispose()
-    else:
-        server = request.getfixturevalue("postgres_url")
-        with fresh_postgres_database(server, "tunehouse_lease") as url:
-            upgrade(url)
-            yield url
 
 
 @dataclass
