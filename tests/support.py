@@ -14,9 +14,14 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from app.core.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -186,6 +191,37 @@ def read_sst2(path: Path) -> list[dict[str, str]]:
             }
             for r in reader
         ]
+
+
+def add_training_file(
+    session: Session, storage: Storage, organization_id: str, content: bytes
+) -> str:
+    """A training file as an upload leaves it: stored, validated, and its row added; returns
+    its id."""
+    from app.core.ids import new_id
+    from app.models import File
+    from app.services.datasets import validate_dataset
+
+    file_id = new_id("file")
+    path = storage.file_path(file_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    info = validate_dataset(path)
+    session.add(
+        File(
+            id=file_id,
+            organization_id=organization_id,
+            filename="train.jsonl",
+            purpose="fine-tune",
+            bytes=len(content),
+            sha256="0" * 64,
+            format=info.format,
+            stats=info.stats,
+            storage_path=storage.relative(path),
+        )
+    )
+    session.flush()
+    return file_id
 
 
 @contextmanager

@@ -18,19 +18,18 @@ from sqlalchemy.orm import Session
 
 from app.core.db import session_scope
 from app.core.errors import Conflict
-from app.core.ids import new_id
 from app.core.process import process_identity
 from app.core.queue import enqueue_job
 from app.core.settings import Settings
 from app.core.storage import Storage
-from app.models import File, Job, JobEvent, utcnow
+from app.models import Job, JobEvent, utcnow
 from app.schemas import JobCreate
 from app.services import job_files, jobs, keys, leases
-from app.services.datasets import validate_dataset
 from app.services.leases import HeldLease
 from tests.conftest import make_settings
 from tests.support import (
     BASE_MODEL,
+    add_training_file,
     jsonl,
     sentiment_rows,
     training_processes,
@@ -70,29 +69,11 @@ class World:
 
     def new_job(self) -> str:
         """A job as the API leaves it: created, files validated, queued."""
-        storage = Storage(self.settings.storage_root)
-        file_id = new_id("file")
-        path = storage.file_path(file_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        content = jsonl(sentiment_rows(20, seed=1))
-        path.write_bytes(content)
-        info = validate_dataset(path)
         with session_scope(self.url) as session:
             org = keys.get_or_create_organization(session, self.org_name)
-            session.add(
-                File(
-                    id=file_id,
-                    organization_id=org.id,
-                    filename="train.jsonl",
-                    purpose="fine-tune",
-                    bytes=len(content),
-                    sha256="0" * 64,
-                    format=info.format,
-                    stats=info.stats,
-                    storage_path=storage.relative(path),
-                )
-            )
-            session.flush()
+            content = jsonl(sentiment_rows(20, seed=1))
+            storage = Storage(self.settings.storage_root)
+            file_id = add_training_file(session, storage, org.id, content)
             body = JobCreate(model=BASE_MODEL, training_file=file_id)
             job, created = jobs.create_job(session, self.settings, org, body)
             assert created
