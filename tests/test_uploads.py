@@ -22,6 +22,7 @@ from app.main import create_app
 from app.services import keys
 from tests.conftest import make_settings
 from tests.support import as_dict, free_port, jsonl, sentiment_rows
+from tests.test_files_api import upload
 
 LIMIT = 64 * 1024  # the server's max_upload_bytes in these tests
 STREAMED = 50 * 1024 * 1024  # what a client offers to send
@@ -305,11 +306,7 @@ def test_a_huge_epilogue_without_a_content_length_is_refused_early(server: Serve
 
 
 def test_a_few_fields_are_fine(api) -> None:
-    data = {"purpose": "fine-tune", **{f"extra{i}": "x" for i in range(15)}}
-    response = api.client.post(
-        "/v1/files",
-        headers=api.headers(),
-        files={"file": ("t.jsonl", jsonl(sentiment_rows(20, seed=4)), "application/json")},
-        data=data,
-    )
+    extras = {f"extra{i}": "x" for i in range(15)}
+    content = jsonl(sentiment_rows(20, seed=4))
+    response = upload(api, content, "t.jsonl", content_type="application/json", **extras)
     assert response.status_code == 200, response.text
