@@ -29,7 +29,7 @@ from tests.served import served
 from tests.support import BASE_MODEL, jsonl, sentiment_rows
 from tests.test_bad_input import assert_error
 from tests.test_files_api import stored_files, upload
-from tests.test_uploads import BOUNDARY, Server, form_head, form_tail, storage_tree
+from tests.test_uploads import BOUNDARY, Server, form_head, form_tail, serving, storage_tree
 
 CONTENT = jsonl(sentiment_rows(20, seed=1))  # every upload here: the same size
 SIZE = len(CONTENT)
@@ -142,10 +142,7 @@ def test_a_new_job_is_refused_at_the_quota(tmp_path: Path) -> None:
 
 def test_an_upload_declared_past_the_quota_is_refused_unread(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data", storage_quota_bytes=1024 * 1024)
-    upgrade(settings.sqlalchemy_url)
-    with session_scope(settings.sqlalchemy_url) as session:
-        key = keys.create_key(session, "org-a").key
-    with Server(settings, key) as server:
+    with serving(settings) as server:
         head = server.request_head(f"Content-Length: {8 * 1024 * 1024}\r\n")
         status, body, sent = server.send(head, iter(()))  # the body is never sent at all
         assert sent == 0

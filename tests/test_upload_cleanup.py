@@ -18,17 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from app.core.db import session_scope
-from app.core.migrate import upgrade
 from app.core.process import local_owner_prefix
 from app.core.storage import TMP_MAX_AGE_SECONDS, Storage
 from app.main import create_app
-from app.services import keys
 from tests.conftest import make_settings
 from tests.support import ROOT, jsonl, sentiment_rows
 from tests.test_bad_input import assert_error, changes_nothing
 from tests.test_files_api import upload
-from tests.test_uploads import BOUNDARY, Server, multipart, read_response
+from tests.test_uploads import BOUNDARY, Server, multipart, read_response, serving
 
 
 class FullDisk(io.FileIO):
@@ -180,11 +177,7 @@ def test_the_sweep_removes_what_no_live_process_owns(tmp_path: Path) -> None:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    settings = make_settings(tmp_path / "data")
-    upgrade(settings.sqlalchemy_url)
-    with session_scope(settings.sqlalchemy_url) as session:
-        key = keys.create_key(session, "org-a").key
-    with Server(settings, key) as running:
+    with serving(make_settings(tmp_path / "data")) as running:
         yield running
 
 

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -126,13 +127,20 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, object]]:
     return status, json.loads(body[:length])
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    settings = make_settings(tmp_path / "data", max_upload_bytes=LIMIT)
+@contextmanager
+def serving(settings: Settings) -> Iterator[Server]:
+    """The app of ``settings`` served over real HTTP, on a migrated database with one
+    organization's key."""
     upgrade(settings.sqlalchemy_url)
     with session_scope(settings.sqlalchemy_url) as session:
         key = keys.create_key(session, "org-a").key
     with Server(settings, key) as running:
+        yield running
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    with serving(make_settings(tmp_path / "data", max_upload_bytes=LIMIT)) as running:
         yield running
 
 
