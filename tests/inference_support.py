@@ -163,13 +163,6 @@ class Throttle:
         return self
 
 
-def wait_for(predicate: Any, timeout: float = 30, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 class raw_request:  # noqa: N801 - used as a context manager, like open()
     """A request sent on a raw socket, which is closed (the client hangs up) on exit."""
 
