@@ -109,6 +109,14 @@ def tunehouse(*args: str, env: dict[str, str], **kwargs) -> subprocess.Completed
     )
 
 
+def answers_ready(base_url: str) -> bool:
+    """Whether the API at ``base_url`` answers its readiness probe with 200."""
+    try:
+        return httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 class Stack:
     """Tunehouse processes started the way a user starts them, and torn down afterwards."""
 
@@ -136,10 +144,7 @@ class Stack:
             for process in self.processes:
                 if process.poll() is not None:
                     raise AssertionError(f"{self.name}: a process exited; see {self.log_dir}")
-            try:
-                return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
+            return answers_ready(self.base_url)
 
         wait_until(ready, timeout, what=f"{self.name} to be ready")
 
