@@ -56,6 +56,19 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A new, migrated database for one test: SQLite, then a PostgreSQL database of its own."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'test.db'}"
+        upgrade(url)
+        yield url
+    else:
+        with fresh_postgres_database(request.getfixturevalue("postgres_url")) as url:
+            upgrade(url)
+            yield url
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     import redis

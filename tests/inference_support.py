@@ -108,15 +108,16 @@ def _register(live: Live, model_id: str, job_id: str, base: str = "tiny-llama") 
         )  # fmt: skip
 
 
-def make_adapter(base: Path, path: Path, seed: int) -> Path:
-    """Save a LoRA adapter of ``base`` with random (non-zero) weights to ``path``."""
+def make_adapter(base: Path, path: Path, seed: int, rank: int = 8, alpha: int = 64) -> Path:
+    """Save a LoRA adapter of ``base`` with random (non-zero) weights to ``path``, as a
+    training job saves one (safetensors), with the base's tokenizer."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj"],
                         init_lora_weights=False)  # fmt: skip
     get_peft_model(model, config).save_pretrained(str(path))
     AutoTokenizer.from_pretrained(base).save_pretrained(path)
@@ -160,13 +161,6 @@ class Throttle:
 
         monkeypatch.setattr(modeling_llama.LlamaForCausalLM, "forward", forward)
         return self
-
-
-def wait_for(predicate: Any, timeout: float = 30, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 class raw_request:  # noqa: N801 - used as a context manager, like open()

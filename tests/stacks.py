@@ -9,9 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
-from tests.support import Stack, free_port, tunehouse, wait_until
+from tests.support import Stack, answers_ready, free_port, tunehouse, wait_until
 
 # Short timings so the tests see reconciles and cancels quickly.
 FAST_TIMINGS = {
@@ -57,21 +55,9 @@ def embedded_stack(
 
 @contextmanager
 def distributed_stack(tmp: Path, database_url: str, broker_url: str) -> Iterator[tuple[Stack, str]]:
-    env = base_env(tmp / "data")
-    env.update(TUNEHOUSE_DATABASE_URL=database_url, TUNEHOUSE_BROKER_URL=broker_url)
-    stack = Stack("postgres+redis", env, tmp)
-    tunehouse("migrate", env=env)
-    key = tunehouse("keys", "create", "--organization", "acme", env=env).stdout.strip()
-    stack.start("api", "--port", str(stack.port), log="api")
-    stack.start("worker", log="worker")
-    try:
-        stack.wait_ready(timeout=90)
+    """`tunehouse api` and `tunehouse worker` on one PostgreSQL and Redis."""
+    with replicated_stack(tmp, database_url, broker_url, apis=1) as (stack, key, _):
         yield stack, key
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.stop()
 
 
 @contextmanager
@@ -104,17 +90,10 @@ def replicated_stack(
     try:
         stack.wait_ready(timeout=90)
         for url in urls[1:]:
-            wait_until(lambda url=url: _ready(url), 90, what=f"the API at {url} to be ready")
+            wait_until(lambda url=url: answers_ready(url), 90, what=f"the API at {url} to be ready")
         yield stack, key, urls
     except BaseException:
         print(stack.logs())
         raise
     finally:
         stack.stop()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -14,9 +14,14 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from app.core.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -104,6 +109,14 @@ def tunehouse(*args: str, env: dict[str, str], **kwargs) -> subprocess.Completed
     )
 
 
+def answers_ready(base_url: str) -> bool:
+    """Whether the API at ``base_url`` answers its readiness probe with 200."""
+    try:
+        return httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 class Stack:
     """Tunehouse processes started the way a user starts them, and torn down afterwards."""
 
@@ -131,10 +144,7 @@ class Stack:
             for process in self.processes:
                 if process.poll() is not None:
                     raise AssertionError(f"{self.name}: a process exited; see {self.log_dir}")
-            try:
-                return httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
+            return answers_ready(self.base_url)
 
         wait_until(ready, timeout, what=f"{self.name} to be ready")
 
@@ -186,6 +196,37 @@ def read_sst2(path: Path) -> list[dict[str, str]]:
             }
             for r in reader
         ]
+
+
+def add_training_file(
+    session: Session, storage: Storage, organization_id: str, content: bytes
+) -> str:
+    """A training file as an upload leaves it: stored, validated, and its row added; returns
+    its id."""
+    from app.core.ids import new_id
+    from app.models import File
+    from app.services.datasets import validate_dataset
+
+    file_id = new_id("file")
+    path = storage.file_path(file_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    info = validate_dataset(path)
+    session.add(
+        File(
+            id=file_id,
+            organization_id=organization_id,
+            filename="train.jsonl",
+            purpose="fine-tune",
+            bytes=len(content),
+            sha256="0" * 64,
+            format=info.format,
+            stats=info.stats,
+            storage_path=storage.relative(path),
+        )
+    )
+    session.flush()
+    return file_id
 
 
 @contextmanager

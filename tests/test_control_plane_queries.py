@@ -5,7 +5,7 @@ use and the reconciler's idle jobs read only about the rows they return, not eve
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -64,19 +64,6 @@ def seed_idle_jobs(url: str, count: int) -> list[str]:
 
 
 # ---- the reconciler's wake-ups (SQLite and PostgreSQL) -----------------------------------------
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'scale.db'}"
-        upgrade(url)
-        yield url
-        get_engine(url).dispose()
-    else:
-        with fresh_postgres_database(request.getfixturevalue("postgres_url"), "th_scale") as url:
-            upgrade(url)
-            yield url
 
 
 def test_a_reconcile_pass_resends_a_bounded_number_of_wakeups_and_every_job_comes_round(

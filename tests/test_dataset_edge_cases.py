@@ -9,6 +9,7 @@ import pytest
 
 from tests.support import jsonl, sentiment_rows
 from tests.test_bad_input import assert_error, changes_nothing
+from tests.test_files_api import upload
 
 GOOD = {"text": "the film was great", "label": "positive"}
 OTHER = {"text": "the film was awful", "label": "negative"}
@@ -18,12 +19,7 @@ def refused(api, content: bytes, name: str, words: str) -> str:
     """Upload ``content`` as ``name``; assert a 400 naming the file and ``words``, with nothing
     stored; return the message."""
     with changes_nothing(api):
-        response = api.client.post(
-            "/v1/files",
-            headers=api.headers(),
-            files={"file": (name, content, "application/octet-stream")},
-            data={"purpose": "fine-tune"},
-        )
+        response = upload(api, content, name)
         error = assert_error(response, 400, param="file", words=words)
     assert error["code"] == "invalid_file"
     assert error["type"] == "invalid_request_error"
@@ -72,12 +68,7 @@ def test_a_deeply_nested_first_line_of_a_text_file(api) -> None:
     """A .txt whose first line looks like JSON is asked whether it is JSONL: that question
     must not fail either. Plain text it is, and its one paragraph is a fine row."""
     content = ("[" * DEEP).encode() + b"\n\nsecond paragraph\n"
-    response = api.client.post(
-        "/v1/files",
-        headers=api.headers(),
-        files={"file": ("notes.txt", content, "text/plain")},
-        data={"purpose": "fine-tune"},
-    )
+    response = upload(api, content, "notes.txt", content_type="text/plain")
     assert response.status_code == 200, response.text
     assert (response.json()["format"], response.json()["stats"]["rows"]) == ("text", 2)
 
@@ -91,12 +82,7 @@ def test_an_integer_of_4301_digits_is_refused_by_its_line(api) -> None:
 
 def test_an_integer_within_the_limit_is_a_label(api) -> None:
     content = good_lines(GOOD, OTHER, {"text": "x", "label": int("7" * 4300)})
-    response = api.client.post(
-        "/v1/files",
-        headers=api.headers(),
-        files={"file": ("train.jsonl", content, "application/octet-stream")},
-        data={"purpose": "fine-tune"},
-    )
+    response = upload(api, content, "train.jsonl")
     assert response.status_code == 200, response.text
 
 
@@ -139,23 +125,15 @@ def test_paragraphs_within_the_limit_are_rows(api) -> None:
     line = "x" * 999 + "\n"
     paragraph = line.encode() * 1000  # 1,000,000 bytes with its newlines: under 1 MiB
     content = paragraph + b"\n" + paragraph
-    response = api.client.post(
-        "/v1/files",
-        headers=api.headers(),
-        files={"file": ("book.txt", content, "text/plain")},
-        data={"purpose": "fine-tune"},
-    )
+    response = upload(api, content, "book.txt", content_type="text/plain")
     assert response.status_code == 200, response.text
     assert response.json()["stats"]["rows"] == 2
     assert response.json()["stats"]["text_chars"]["max"] == 999_999
 
 
 def test_a_jsonl_of_sentiment_rows_is_untouched(api) -> None:
-    response = api.client.post(
-        "/v1/files",
-        headers=api.headers(),
-        files={"file": ("t.jsonl", jsonl(sentiment_rows(20, seed=3)), "application/json")},
-        data={"purpose": "fine-tune"},
+    response = upload(
+        api, jsonl(sentiment_rows(20, seed=3)), "t.jsonl", content_type="application/json"
     )
     assert response.status_code == 200, response.text
 
@@ -171,12 +149,7 @@ def test_a_csv_row_spanning_lines_keeps_to_the_row_limit(api) -> None:
 
 def test_a_csv_row_spanning_a_few_lines_is_fine(api) -> None:
     content = b'text,label\n"two\nlines",a\n"one line",b\n'
-    response = api.client.post(
-        "/v1/files",
-        headers=api.headers(),
-        files={"file": ("train.csv", content, "text/csv")},
-        data={"purpose": "fine-tune"},
-    )
+    response = upload(api, content, "train.csv", content_type="text/csv")
     assert response.status_code == 200, response.text
     assert response.json()["stats"]["rows"] == 2
 
@@ -192,12 +165,7 @@ def test_stats_list_the_most_frequent_labels_and_count_the_rest(api) -> None:
     """5,000 distinct labels: the file object lists 100 of them (the most frequent) with the
     number of distinct labels, and stays a few kilobytes in the listing too."""
     labels = [f"label-{i:04d}" for i in range(5000)] + ["label-4999"] * 3 + ["label-2500"] * 2
-    response = api.client.post(
-        "/v1/files",
-        headers=api.headers(),
-        files={"file": ("train.jsonl", labelled(labels), "application/octet-stream")},
-        data={"purpose": "fine-tune"},
-    )
+    response = upload(api, labelled(labels), "train.jsonl")
     assert response.status_code == 200, response.text
     assert len(response.content) < 8 * 1024, len(response.content)
     stats = response.json()["stats"]
@@ -219,12 +187,7 @@ def test_stats_list_the_most_frequent_labels_and_count_the_rest(api) -> None:
 
 def test_long_labels_are_listed_within_a_byte_budget(api) -> None:
     labels = [f"{i:03d}" + "x" * 2000 for i in range(40)]
-    response = api.client.post(
-        "/v1/files",
-        headers=api.headers(),
-        files={"file": ("train.jsonl", labelled(labels), "application/octet-stream")},
-        data={"purpose": "fine-tune"},
-    )
+    response = upload(api, labelled(labels), "train.jsonl")
     assert response.status_code == 200, response.text
     stats = response.json()["stats"]
     assert (stats["distinct_labels"], stats["label_counts_truncated"]) == (40, True)
@@ -233,12 +196,7 @@ def test_long_labels_are_listed_within_a_byte_budget(api) -> None:
 
 
 def test_few_labels_are_all_listed(api) -> None:
-    response = api.client.post(
-        "/v1/files",
-        headers=api.headers(),
-        files={"file": ("t.jsonl", labelled(["a", "b", "b", "c"]), "application/octet-stream")},
-        data={"purpose": "fine-tune"},
-    )
+    response = upload(api, labelled(["a", "b", "b", "c"]), "t.jsonl")
     assert response.status_code == 200, response.text
     stats = response.json()["stats"]
     assert stats["label_counts"] == {"a": 1, "b": 2, "c": 1}
@@ -280,19 +238,14 @@ def test_a_job_checks_validation_labels_against_every_training_label(api) -> Non
     job."""
     from tests.test_jobs_api import create, retrieve
 
-    def upload(labels: list[str]) -> str:
-        response = api.client.post(
-            "/v1/files",
-            headers=api.headers(),
-            files={"file": ("t.jsonl", labelled(labels), "application/octet-stream")},
-            data={"purpose": "fine-tune"},
-        )
+    def uploaded(labels: list[str]) -> str:
+        response = upload(api, labelled(labels), "t.jsonl")
         assert response.status_code == 200, response.text
         return str(response.json()["id"])
 
-    training = upload([f"label-{i:03d}" for i in range(150)] * 2)
-    late = upload(["label-120", "label-149"])
-    unseen = upload(["label-120", "label-150"])
+    training = uploaded([f"label-{i:03d}" for i in range(150)] * 2)
+    late = uploaded(["label-120", "label-149"])
+    unseen = uploaded(["label-120", "label-150"])
     fine = retrieve(api, create(api, training, validation_file=late).json()["id"])
     assert fine["status"] == "queued", fine
     failed = retrieve(api, create(api, training, validation_file=unseen).json()["id"])

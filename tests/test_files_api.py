@@ -28,12 +28,19 @@ FILE_FIELDS = {
 }
 
 
-def upload(api, content: bytes, name: str = "train.jsonl", key: str | None = None, **fields):
+def upload(
+    api,
+    content: bytes,
+    name: str = "train.jsonl",
+    key: str | None = None,
+    content_type: str = "application/octet-stream",
+    **fields,
+):
     data = {"purpose": "fine-tune", **fields}
     return api.client.post(
         "/v1/files",
         headers=api.headers(key),
-        files={"file": (name, content, "application/octet-stream")},
+        files={"file": (name, content, content_type)},
         data=data,
     )
 

@@ -23,14 +23,9 @@ from app.main import create_app
 from app.models import FineTunedModel
 from app.services import keys
 from tests.conftest import make_settings
+from tests.inference_support import TEXTS, make_adapter
 from tests.support import BASE_MODEL, as_dict
 from tests.tiny_models import build_causal_lm
-
-TEXTS = [
-    "the quick brown fox jumps over the lazy dog",
-    "a tiny model says hello to the world",
-    "once upon a time there was a little language model",
-] * 5
 
 
 @dataclass
@@ -180,20 +175,8 @@ def test_wrong_kind_of_model_is_a_400(served: Served) -> None:
 
 def _register_adapter(served: Served, base: Path, name: str, seed: int) -> str:
     """A LoRA adapter with random (non-zero) weights, registered as a fine-tuned model."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"],
-                        init_lora_weights=False)  # fmt: skip
-    peft_model = get_peft_model(model, config)
     job_id = f"ftjob-adapter{seed:011d}"
-    storage_root = served.settings.storage_root
-    path = storage_root / "models" / job_id
-    peft_model.save_pretrained(str(path))
-    AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    make_adapter(base, served.settings.storage_root / "models" / job_id, seed)
     model_id = f"ft:tiny-llama:{served.org_name}:{name}:{seed:08d}"
     with session_scope(served.settings.sqlalchemy_url) as session:
         session.add(

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import make_settings
-from tests.inference_support import TEXTS, Live, Throttle, live_server, raw_request, wait_for
+from tests.inference_support import TEXTS, Live, Throttle, live_server, raw_request
+from tests.support import wait_until
 from tests.tiny_models import build_causal_lm
 
 
@@ -100,7 +101,7 @@ def _hold_a_slot(live: Live, throttle: Throttle) -> Any:
     throttle.gate.clear()
     pool = ThreadPoolExecutor(max_workers=1)
     running = pool.submit(_post, live, "/v1/completions", {**COMPLETION, "temperature": 0})
-    wait_for(lambda: throttle.calls > 0, what="the generation to start")
+    wait_until(lambda: throttle.calls > 0, 30, interval=0.02, what="the generation to start")
     pool.shutdown(wait=False)
     return running
 
@@ -173,7 +174,9 @@ def test_a_completion_whose_client_hangs_up_stops_generating(
         throttle = Throttle(delay=0.02).install(monkeypatch)
         body = {**COMPLETION, "max_tokens": 400, "temperature": 0, "stream": stream}
         with raw_request(live, "/v1/completions", body):
-            wait_for(lambda: throttle.calls >= 3, what="the generation to start")
+            wait_until(
+                lambda: throttle.calls >= 3, 30, interval=0.02, what="the generation to start"
+            )
         hung_up_at = throttle.calls
         # The one slot comes back once the abandoned generation has stopped.
         assert _post(live, "/v1/completions", COMPLETION).status_code == 200

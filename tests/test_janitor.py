@@ -19,17 +19,15 @@ import pytest
 from sqlalchemy import select, update
 
 from app.core.db import get_engine, session_scope
-from app.core.ids import new_id
 from app.core.migrate import upgrade
 from app.core.settings import Settings
 from app.core.storage import Storage
-from app.models import Checkpoint, File, FineTunedModel, Job, utcnow
+from app.models import Checkpoint, FineTunedModel, Job, utcnow
 from app.schemas import HyperparametersRequest, JobCreate
 from app.services import job_files, jobs, keys, leases, models, results
-from app.services.datasets import validate_dataset
 from tests.conftest import make_settings
 from tests.crash_support import tabular_rows
-from tests.support import jsonl
+from tests.support import add_training_file, jsonl
 from worker import reconciler, supervisor
 
 # 240 rows, 10% held out: 216 to train on, 7 steps of 32 per epoch.
@@ -52,31 +50,13 @@ class World:
 
     def new_job(self) -> str:
         """A tabular job that checkpoints every step, queued as the API leaves it."""
-        file_id = new_id("file")
-        path = self.storage.file_path(file_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        content = jsonl(tabular_rows(240))
-        path.write_bytes(content)
-        info = validate_dataset(path)
         hyperparameters = HyperparametersRequest(
             n_epochs=EPOCHS, batch_size=32, checkpoint_every_steps=1
         )
         with session_scope(self.url) as session:
             org = keys.get_or_create_organization(session, self.org_name)
-            session.add(
-                File(
-                    id=file_id,
-                    organization_id=org.id,
-                    filename="train.jsonl",
-                    purpose="fine-tune",
-                    bytes=len(content),
-                    sha256="0" * 64,
-                    format=info.format,
-                    stats=info.stats,
-                    storage_path=self.storage.relative(path),
-                )
-            )
-            session.flush()
+            content = jsonl(tabular_rows(240))
+            file_id = add_training_file(session, self.storage, org.id, content)
             body = JobCreate(
                 model="tunehouse/mlp", training_file=file_id, hyperparameters=hyperparameters
             )

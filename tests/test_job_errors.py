@@ -13,6 +13,7 @@ import pytest
 from app.core.storage import Storage, redact_paths
 from tests.conftest import Api
 from tests.support import BASE_MODEL, jsonl, sentiment_rows
+from tests.test_files_api import upload
 from worker import supervisor
 
 # A slash that starts a word and is followed by a name: "/tmp/...", "'/home/..."
@@ -25,13 +26,8 @@ def assert_no_server_paths(api: Api, text: str) -> None:
     assert not ABSOLUTE_PATH.search(text), text
 
 
-def upload(api: Api) -> str:
-    response = api.client.post(
-        "/v1/files",
-        headers=api.headers(),
-        files={"file": ("train.jsonl", jsonl(sentiment_rows(24, seed=2)), "text/plain")},
-        data={"purpose": "fine-tune"},
-    )
+def training_file(api: Api) -> str:
+    response = upload(api, jsonl(sentiment_rows(24, seed=2)), content_type="text/plain")
     assert response.status_code == 200, response.text
     return str(response.json()["id"])
 
@@ -50,7 +46,7 @@ def job_with_events(api: Api, job_id: str) -> tuple[dict[str, Any], list[str]]:
 
 
 def test_a_file_gone_before_validation_is_named_by_its_id(api: Api) -> None:
-    file_id = upload(api)
+    file_id = training_file(api)
     remove_bytes(api, file_id)
     body = {"model": BASE_MODEL, "training_file": file_id}
     created = api.client.post("/v1/fine_tuning/jobs", headers=api.headers(), json=body)
@@ -70,7 +66,7 @@ def test_a_file_gone_before_training_is_named_without_server_paths(
 ) -> None:
     """The job was validated and queued; then its file is lost, and the training process
     (a real one, started by the supervisor) fails the job."""
-    file_id = upload(api)
+    file_id = training_file(api)
     body = {"model": BASE_MODEL, "training_file": file_id}
     created = api.client.post("/v1/fine_tuning/jobs", headers=api.headers(), json=body)
     job_id = created.json()["id"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -17,42 +16,25 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.core.db import get_engine, session_scope
+from app.core.db import session_scope
 from app.core.errors import Conflict
-from app.core.ids import new_id
-from app.core.migrate import upgrade
 from app.core.process import process_identity
 from app.core.queue import enqueue_job
 from app.core.settings import Settings
 from app.core.storage import Storage
-from app.models import File, Job, JobEvent, utcnow
+from app.models import Job, JobEvent, utcnow
 from app.schemas import JobCreate
 from app.services import job_files, jobs, keys, leases
-from app.services.datasets import validate_dataset
 from app.services.leases import HeldLease
 from tests.conftest import make_settings
 from tests.support import (
     BASE_MODEL,
-    fresh_postgres_database,
+    add_training_file,
     jsonl,
     sentiment_rows,
     training_processes,
 )
 from worker import reconciler, supervisor
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'leases.db'}"
-        upgrade(url)
-        yield url
-        get_engine(url).dispose()
-    else:
-        server = request.getfixturevalue("postgres_url")
-        with fresh_postgres_database(server, "tunehouse_lease") as url:
-            upgrade(url)
-            yield url
 
 
 @dataclass
@@ -87,29 +69,11 @@ class World:
 
     def new_job(self) -> str:
         """A job as the API leaves it: created, files validated, queued."""
-        storage = Storage(self.settings.storage_root)
-        file_id = new_id("file")
-        path = storage.file_path(file_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        content = jsonl(sentiment_rows(20, seed=1))
-        path.write_bytes(content)
-        info = validate_dataset(path)
         with session_scope(self.url) as session:
             org = keys.get_or_create_organization(session, self.org_name)
-            session.add(
-                File(
-                    id=file_id,
-                    organization_id=org.id,
-                    filename="train.jsonl",
-                    purpose="fine-tune",
-                    bytes=len(content),
-                    sha256="0" * 64,
-                    format=info.format,
-                    stats=info.stats,
-                    storage_path=storage.relative(path),
-                )
-            )
-            session.flush()
+            content = jsonl(sentiment_rows(20, seed=1))
+            storage = Storage(self.settings.storage_root)
+            file_id = add_training_file(session, storage, org.id, content)
             body = JobCreate(model=BASE_MODEL, training_file=file_id)
             job, created = jobs.create_job(session, self.settings, org, body)
             assert created

@@ -25,8 +25,8 @@ from tests.inference_support import (
     make_adapter,
     raw_request,
     register_copy,
-    wait_for,
 )
+from tests.support import wait_until
 from tests.tiny_models import build_causal_lm
 
 ADAPTERS = 4
@@ -151,7 +151,7 @@ def test_a_deleted_model_serves_its_running_request_then_its_files_go(
     throttle.gate.clear()  # the next generation stops inside its first forward pass
     with ThreadPoolExecutor(max_workers=1) as pool:
         running = pool.submit(live.complete, doomed, PROMPT)
-        wait_for(lambda: throttle.calls > 0, what="the generation to start")
+        wait_until(lambda: throttle.calls > 0, 30, interval=0.02, what="the generation to start")
         with live.client() as http:
             deleted = http.delete(f"/v1/models/{doomed}")
             assert deleted.status_code == 200, deleted.text
@@ -161,7 +161,9 @@ def test_a_deleted_model_serves_its_running_request_then_its_files_go(
         assert directory.is_dir(), "the files stay while a request uses the model"
         throttle.gate.set()
         assert running.result(timeout=30) == expected
-    wait_for(lambda: not directory.exists(), what="the deleted model's files to go")
+    wait_until(
+        lambda: not directory.exists(), 30, interval=0.02, what="the deleted model's files to go"
+    )
     assert live.complete(other, PROMPT) == reference[f"{other}|generate"]
 
 
@@ -176,12 +178,14 @@ def test_a_stream_whose_client_hangs_up_gives_its_model_back(
     throttle.gate.clear()
     body = {"model": doomed, "prompt": PROMPT, "max_tokens": 8, "stream": True}
     with raw_request(live, "/v1/completions", body):
-        wait_for(lambda: throttle.calls > 0, what="the generation to start")
+        wait_until(lambda: throttle.calls > 0, 30, interval=0.02, what="the generation to start")
         with live.client() as http:
             assert http.delete(f"/v1/models/{doomed}").status_code == 200
         assert directory.is_dir(), "the files stay while the stream runs"
     throttle.gate.set()  # the abandoned generation stops at its next token
-    wait_for(lambda: not directory.exists(), what="the deleted model's files to go")
+    wait_until(
+        lambda: not directory.exists(), 30, interval=0.02, what="the deleted model's files to go"
+    )
 
 
 def _adapters_ids(live: Live) -> list[str]:

@@ -15,16 +15,20 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 
 from app.core.db import get_engine, session_scope
-from app.core.ids import new_id
 from app.core.migrate import upgrade
 from app.core.settings import Settings
 from app.core.storage import Storage
-from app.models import File, Job
+from app.models import Job
 from app.schemas import JobCreate
 from app.services import job_files, jobs, keys
-from app.services.datasets import validate_dataset
 from tests.conftest import make_settings
-from tests.support import BASE_MODEL, fresh_postgres_database, jsonl, sentiment_rows
+from tests.support import (
+    BASE_MODEL,
+    add_training_file,
+    fresh_postgres_database,
+    jsonl,
+    sentiment_rows,
+)
 from worker import reconciler
 
 ORG = "org-reconciler"
@@ -32,29 +36,10 @@ ORG = "org-reconciler"
 
 def validating_job(settings: Settings) -> str:
     """A job as an API process that stopped at once leaves it: created, still validating."""
-    storage = Storage(settings.storage_root)
-    file_id = new_id("file")
-    path = storage.file_path(file_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    content = jsonl(sentiment_rows(20, seed=1))
-    path.write_bytes(content)
-    info = validate_dataset(path)
     with session_scope(settings.sqlalchemy_url) as session:
         org = keys.get_or_create_organization(session, ORG)
-        session.add(
-            File(
-                id=file_id,
-                organization_id=org.id,
-                filename="train.jsonl",
-                purpose="fine-tune",
-                bytes=len(content),
-                sha256="0" * 64,
-                format=info.format,
-                stats=info.stats,
-                storage_path=storage.relative(path),
-            )
-        )
-        session.flush()
+        content = jsonl(sentiment_rows(20, seed=1))
+        file_id = add_training_file(session, Storage(settings.storage_root), org.id, content)
         job, _ = jobs.create_job(
             session, settings, org, JobCreate(model=BASE_MODEL, training_file=file_id)
         )

@@ -16,15 +16,14 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from app.core.db import get_engine, session_scope
-from app.core.migrate import upgrade
+from app.core.db import session_scope
 from app.core.settings import Settings
 from app.core.storage import Storage, attempt_name
 from app.main import create_app
 from app.models import File, FineTunedModel, Job, JobEvent, utcnow
 from app.services import keys, leases, models, results
 from tests.conftest import make_settings
-from tests.support import fresh_postgres_database, jsonl
+from tests.support import jsonl
 from tests.tiny_models import build_causal_lm
 from worker import reconciler
 from worker.runner import DatabaseReporter, _finish
@@ -150,23 +149,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_causal_lm(tmp_path_factory.mktemp("tiny") / "model", TEXTS, layers=1)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def server(request: pytest.FixtureRequest, tmp_path: Path, tiny_model: Path) -> Iterator[Server]:
-    def serve(**overrides: Any) -> Iterator[Server]:
-        settings = make_settings(tmp_path / "data", base_models={TINY: tiny_model}, **overrides)
-        upgrade(settings.sqlalchemy_url)
-        with session_scope(settings.sqlalchemy_url) as session:
-            key = keys.create_key(session, "org-a").key
-        with TestClient(create_app(settings)) as client:
-            yield Server(settings, client, key)
-        get_engine(settings.sqlalchemy_url).dispose()
-
-    if request.param == "sqlite":
-        yield from serve()
-    else:
-        postgres = request.getfixturevalue("postgres_url")
-        with fresh_postgres_database(postgres, "tunehouse_register") as url:
-            yield from serve(database_url=url)
+@pytest.fixture
+def server(database_url: str, tmp_path: Path, tiny_model: Path) -> Iterator[Server]:
+    settings = make_settings(
+        tmp_path / "data", base_models={TINY: tiny_model}, database_url=database_url
+    )
+    with session_scope(settings.sqlalchemy_url) as session:
+        key = keys.create_key(session, "org-a").key
+    with TestClient(create_app(settings)) as client:
+        yield Server(settings, client, key)
 
 
 def fail_one_commit(monkeypatch: pytest.MonkeyPatch, *, committed: bool) -> list[str]:

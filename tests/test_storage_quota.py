@@ -17,7 +17,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.core.db import get_engine, session_scope
+from app.core.db import session_scope
 from app.core.ids import new_id
 from app.core.migrate import upgrade
 from app.core.settings import Settings
@@ -26,10 +26,10 @@ from app.models import Checkpoint, File, FineTunedModel, Job
 from app.services import keys, quota
 from tests.conftest import Api, make_settings
 from tests.served import served
-from tests.support import BASE_MODEL, fresh_postgres_database, jsonl, sentiment_rows
+from tests.support import BASE_MODEL, jsonl, sentiment_rows
 from tests.test_bad_input import assert_error
 from tests.test_files_api import stored_files, upload
-from tests.test_uploads import BOUNDARY, Server, form_head, form_tail, storage_tree
+from tests.test_uploads import BOUNDARY, Server, form_head, form_tail, serving, storage_tree
 
 CONTENT = jsonl(sentiment_rows(20, seed=1))  # every upload here: the same size
 SIZE = len(CONTENT)
@@ -142,10 +142,7 @@ def test_a_new_job_is_refused_at_the_quota(tmp_path: Path) -> None:
 
 def test_an_upload_declared_past_the_quota_is_refused_unread(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data", storage_quota_bytes=1024 * 1024)
-    upgrade(settings.sqlalchemy_url)
-    with session_scope(settings.sqlalchemy_url) as session:
-        key = keys.create_key(session, "org-a").key
-    with Server(settings, key) as server:
+    with serving(settings) as server:
         head = server.request_head(f"Content-Length: {8 * 1024 * 1024}\r\n")
         status, body, sent = server.send(head, iter(()))  # the body is never sent at all
         assert sent == 0
@@ -154,20 +151,6 @@ def test_an_upload_declared_past_the_quota_is_refused_unread(tmp_path: Path) -> 
         assert isinstance(error, dict) and error["code"] == "quota_exceeded"
         assert "uses 0 of 1048576 bytes" in str(error["message"])
         assert not list((settings.storage_root / "files").glob("*"))
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'quota.db'}"
-        upgrade(url)
-        yield url
-        get_engine(url).dispose()
-    else:
-        with fresh_postgres_database(request.getfixturevalue("postgres_url"), "th_quota") as url:
-            upgrade(url)
-            yield url
-            get_engine(url).dispose()
 
 
 def test_concurrent_uploads_of_one_org_cannot_pass_the_quota_together(

@@ -18,16 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from app.core.db import session_scope
-from app.core.migrate import upgrade
 from app.core.process import local_owner_prefix
 from app.core.storage import TMP_MAX_AGE_SECONDS, Storage
 from app.main import create_app
-from app.services import keys
 from tests.conftest import make_settings
 from tests.support import ROOT, jsonl, sentiment_rows
 from tests.test_bad_input import assert_error, changes_nothing
-from tests.test_uploads import BOUNDARY, Server, multipart, read_response
+from tests.test_files_api import upload
+from tests.test_uploads import BOUNDARY, Server, multipart, read_response, serving
 
 
 class FullDisk(io.FileIO):
@@ -62,24 +60,14 @@ def test_a_full_disk_answers_507_and_leaves_no_temporary_file(api, full_disk, ro
     assert (len(content) < io.DEFAULT_BUFFER_SIZE) == (rows == 20)
     tmp = Storage(api.settings.storage_root).tmp_dir
     with changes_nothing(api):
-        response = api.client.post(
-            "/v1/files",
-            headers=api.headers(),
-            files={"file": ("train.jsonl", content, "application/octet-stream")},
-            data={"purpose": "fine-tune"},
-        )
+        response = upload(api, content)
         error = assert_error(response, 507, words="disk is full")
     assert (error["type"], error["code"]) == ("server_error", "disk_full")
     assert list(tmp.iterdir()) == []
 
 
 def test_an_upload_after_the_disk_has_room_again_goes_through(api) -> None:
-    response = api.client.post(
-        "/v1/files",
-        headers=api.headers(),
-        files={"file": ("train.jsonl", jsonl(sentiment_rows(20, seed=5)), "text/plain")},
-        data={"purpose": "fine-tune"},
-    )
+    response = upload(api, jsonl(sentiment_rows(20, seed=5)), content_type="text/plain")
     assert response.status_code == 200, response.text
     assert list(Storage(api.settings.storage_root).tmp_dir.iterdir()) == []
 
@@ -95,12 +83,7 @@ def test_a_failure_after_the_body_is_received_removes_the_temporary_file(
         raise RuntimeError("the settings are gone")
 
     monkeypatch.setattr(files_route.DatasetLimits, "from_settings", broken)
-    response = api.client.post(
-        "/v1/files",
-        headers=api.headers(),
-        files={"file": ("train.jsonl", jsonl(sentiment_rows(20, seed=5)), "text/plain")},
-        data={"purpose": "fine-tune"},
-    )
+    response = upload(api, jsonl(sentiment_rows(20, seed=5)), content_type="text/plain")
     assert_error(response, 500)
     assert list(Storage(api.settings.storage_root).tmp_dir.iterdir()) == []
 
@@ -194,11 +177,7 @@ def test_the_sweep_removes_what_no_live_process_owns(tmp_path: Path) -> None:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    settings = make_settings(tmp_path / "data")
-    upgrade(settings.sqlalchemy_url)
-    with session_scope(settings.sqlalchemy_url) as session:
-        key = keys.create_key(session, "org-a").key
-    with Server(settings, key) as running:
+    with serving(make_settings(tmp_path / "data")) as running:
         yield running
 
 

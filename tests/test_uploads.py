@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from app.main import create_app
 from app.services import keys
 from tests.conftest import make_settings
 from tests.support import as_dict, free_port, jsonl, sentiment_rows
+from tests.test_files_api import upload
 
 LIMIT = 64 * 1024  # the server's max_upload_bytes in these tests
 STREAMED = 50 * 1024 * 1024  # what a client offers to send
@@ -125,13 +127,20 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, object]]:
     return status, json.loads(body[:length])
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    settings = make_settings(tmp_path / "data", max_upload_bytes=LIMIT)
+@contextmanager
+def serving(settings: Settings) -> Iterator[Server]:
+    """The app of ``settings`` served over real HTTP, on a migrated database with one
+    organization's key."""
     upgrade(settings.sqlalchemy_url)
     with session_scope(settings.sqlalchemy_url) as session:
         key = keys.create_key(session, "org-a").key
     with Server(settings, key) as running:
+        yield running
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    with serving(make_settings(tmp_path / "data", max_upload_bytes=LIMIT)) as running:
         yield running
 
 
@@ -305,11 +314,7 @@ def test_a_huge_epilogue_without_a_content_length_is_refused_early(server: Serve
 
 
 def test_a_few_fields_are_fine(api) -> None:
-    data = {"purpose": "fine-tune", **{f"extra{i}": "x" for i in range(15)}}
-    response = api.client.post(
-        "/v1/files",
-        headers=api.headers(),
-        files={"file": ("t.jsonl", jsonl(sentiment_rows(20, seed=4)), "application/json")},
-        data=data,
-    )
+    extras = {f"extra{i}": "x" for i in range(15)}
+    content = jsonl(sentiment_rows(20, seed=4))
+    response = upload(api, content, "t.jsonl", content_type="application/json", **extras)
     assert response.status_code == 200, response.text

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from tests.crash_support import tabular_rows
 from tests.soak.http import Http
 from tests.soak.world import CANCEL, UNTOUCHED, JobPlan, World
 from tests.support import jsonl, sentiment_rows
@@ -32,17 +33,7 @@ CORPUS_ENV = {
 
 SENTENCES = [row["text"] for row in sentiment_rows(60, seed=5)]
 PROMPTS = ["say hello", "once upon a time", "the quick brown fox", "tell me about the world"]
-FEATURES = 6
-
-
-def tabular_rows(n: int, seed: int) -> list[dict[str, Any]]:
-    """Rows of 6 features whose label follows a linear rule: a tunehouse/mlp job in seconds."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        x = [round(rng.uniform(-1, 1), 4) for _ in range(FEATURES)]
-        rows.append({"features": x, "label": "up" if x[0] + 0.5 * x[1] - x[2] > 0 else "down"})
-    return rows
+FEATURES = 6  # as in tests.crash_support.tabular_rows
 
 
 def job_body(training_file: str, seed: int, fate: str) -> dict[str, Any]:

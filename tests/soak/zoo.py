@@ -16,6 +16,7 @@ from sqlalchemy import select
 from app.core.db import session_scope
 from app.models import ApiKey, FineTunedModel, Organization
 from app.services.keys import hash_key
+from tests.inference_support import make_adapter
 from tests.support import BASE_MODEL, NEGATIVE, NOUNS, POSITIVE
 from tests.tiny_models import build_causal_lm
 
@@ -97,7 +98,11 @@ def build_models(root: Path, adapters: int = 3, classifiers: int = 2) -> ModelFi
     """Build the models once under ``root`` (seconds); register them per deployment."""
     llama = build_causal_lm(root / LLAMA, TEXTS)
     registered = [
-        Registered(f"lora{i}", "causal-lm", _lora_adapter(llama, root / f"lora{i}", seed=i))
+        Registered(
+            f"lora{i}",
+            "causal-lm",
+            make_adapter(llama, root / f"lora{i}", seed=i, rank=4, alpha=32),
+        )
         for i in range(adapters)
     ]
     for i in range(classifiers):
@@ -105,23 +110,6 @@ def build_models(root: Path, adapters: int = 3, classifiers: int = 2) -> ModelFi
         path = _tiny_classifier(root / f"classifier{i}", labels, seed=i)
         registered.append(Registered(f"cls{i}", "classification", path, labels))
     return ModelFiles(llama, registered)
-
-
-def _lora_adapter(base: Path, path: Path, seed: int) -> Path:
-    """A LoRA adapter of ``base`` with random, non-zero weights (so each answers differently),
-    saved by peft as a training job saves one (safetensors) with the base's tokenizer."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(
-        r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    get_peft_model(model, config).save_pretrained(str(path))
-    AutoTokenizer.from_pretrained(base).save_pretrained(path)
-    return path
 
 
 def _tiny_classifier(path: Path, labels: list[str], seed: int) -> Path:
