@@ -27,16 +27,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from app.core.db import session_scope  # noqa: E402
-from app.core.ids import new_id  # noqa: E402
 from app.core.migrate import upgrade  # noqa: E402
 from app.core.settings import Settings  # noqa: E402
 from app.core.storage import Storage  # noqa: E402
-from app.models import File, Job  # noqa: E402
+from app.models import Job  # noqa: E402
 from app.schemas import HyperparametersRequest, JobCreate  # noqa: E402
 from app.services import job_files, jobs, keys  # noqa: E402
-from app.services.datasets import validate_dataset  # noqa: E402
 from tests.crash_support import tabular_rows  # noqa: E402
-from tests.support import BASE_MODEL, jsonl, sentiment_rows  # noqa: E402
+from tests.support import BASE_MODEL, add_training_file, jsonl, sentiment_rows  # noqa: E402
 from worker.supervisor import supervise_job  # noqa: E402
 
 JOBS = {
@@ -60,27 +58,9 @@ def queue_job(
     settings: Settings, model: str, rows: list[dict[str, object]], hp: dict[str, int]
 ) -> str:
     storage = Storage(settings.storage_root)
-    file_id = new_id("file")
-    path = storage.file_path(file_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(jsonl(rows))
-    info = validate_dataset(path)
     with session_scope(settings.sqlalchemy_url) as session:
         org = keys.get_or_create_organization(session, "bench")
-        session.add(
-            File(
-                id=file_id,
-                organization_id=org.id,
-                filename="train.jsonl",
-                purpose="fine-tune",
-                bytes=path.stat().st_size,
-                sha256="0" * 64,
-                format=info.format,
-                stats=info.stats,
-                storage_path=storage.relative(path),
-            )
-        )
-        session.flush()
+        file_id = add_training_file(session, storage, org.id, jsonl(rows))
         hyperparameters = HyperparametersRequest(**hp, checkpoint_every_steps=1)
         body = JobCreate(model=model, training_file=file_id, hyperparameters=hyperparameters)
         job_id = jobs.create_job(session, settings, org, body)[0].id

@@ -66,7 +66,6 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import redis  # noqa: E402
 from sqlalchemy import event, insert, text  # noqa: E402
-from sqlalchemy.orm import Session  # noqa: E402
 
 from app.core.db import PoolLimits, get_engine, session_scope, use_pool_limits  # noqa: E402
 from app.core.ids import new_id  # noqa: E402
@@ -78,11 +77,11 @@ from app.core.storage import Storage  # noqa: E402
 from app.models import File, Job, JobEvent, utcnow  # noqa: E402
 from app.schemas import HyperparametersRequest, SupervisedMethod  # noqa: E402
 from app.services import files, jobs, keys, leases, results  # noqa: E402
-from app.services.datasets import validate_dataset  # noqa: E402
 from app.services.hyperparameters import resolve_hyperparameters  # noqa: E402
 from tests.support import (  # noqa: E402
     BASE_MODEL,
     Stack,
+    add_training_file,
     fresh_postgres_database,
     jsonl,
     sentiment_rows,
@@ -127,30 +126,6 @@ class World:
         )
 
 
-def _training_file(session: Session, storage: Storage, org_id: str, seed: int) -> File:
-    """A real classification file, stored and validated as an upload would be."""
-    file_id = new_id("file")
-    path = storage.file_path(file_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, object]] = [dict(row) for row in sentiment_rows(40, seed)]
-    path.write_bytes(jsonl(rows))
-    info = validate_dataset(path, filename_hint="train.jsonl")
-    file = File(
-        id=file_id,
-        organization_id=org_id,
-        filename="train.jsonl",
-        purpose="fine-tune",
-        bytes=path.stat().st_size,
-        sha256="0" * 64,
-        format=info.format,
-        stats=info.stats,
-        storage_path=storage.relative(path),
-    )
-    session.add(file)
-    session.flush()
-    return file
-
-
 def _job_sizes(jobs_total: int, orgs: int) -> list[int]:
     """Half of the jobs in the big organization, the rest shared by the others."""
     big = (jobs_total + 1) // 2
@@ -176,8 +151,9 @@ def seed(url: str, data_dir: Path, jobs_total: int, orgs_total: int) -> tuple[li
                 "big" if index == 0 else ("creates" if index == len(sizes) - 1 else f"org{index}")
             )
             made = keys.create_key(session, name)
-            file = _training_file(session, storage, made.organization.id, index)
-            orgs.append(Org(name, made.key, file.id))
+            content = jsonl([dict(row) for row in sentiment_rows(40, index)])
+            file_id = add_training_file(session, storage, made.organization.id, content)
+            orgs.append(Org(name, made.key, file_id))
             org_ids.append(made.organization.id)
         owners = [index for index, size in enumerate(sizes) for _ in range(size)]
         rng.shuffle(owners)
