@@ -103,8 +103,10 @@ def main() -> None:
     models_dir = settings.storage_root / "models"
     print(f"{args.model}: job {status} after {steps} steps in {time.monotonic() - started:.0f} s")
     print(f"  peak under storage/jobs while training: {peak:>13,} bytes")
-    print(f"  storage/jobs once ended:                {tree_bytes(jobs_dir):>13,} bytes")
+    left = tree_bytes(jobs_dir)
+    print(f"  storage/jobs once ended:                {left:>13,} bytes")
     print(f"  storage/models once ended:              {tree_bytes(models_dir):>13,} bytes")
+    print(f"  storage/jobs once ended vs its peak:    {left / max(peak, 1):>13.2f}x")
     print(f"  checkpoints left: {', '.join(kept) or 'none'}")
     shutil.rmtree(data_dir, ignore_errors=True)
 
