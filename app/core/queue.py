@@ -38,6 +38,9 @@ def make_celery(settings: Settings) -> Celery:
         # lease makes that second delivery a no-op, so it only has to outlive a normal start.
         transport_options = {
             "visibility_timeout": settings.broker_visibility_timeout,
+            # Look for such tasks every 10 s (kombu's interval), not on every tenth look
+            # (its default throttle, about 100 s), so the timeout means what it says.
+            "unacked_restore_throttle": 1,
             "max_retries": 1,
         }
     app.conf.update(
