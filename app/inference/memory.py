@@ -71,13 +71,14 @@ def base_bytes(servable: Any) -> int:
 def _modules(root: Any) -> Iterator[Any]:
     import torch
 
-    from app.inference.registry import Lease
+    from app.inference.registry import Lease, ModelCache
 
     seen: set[int] = set()
     stack: list[tuple[Any, int]] = [(root, 0)]
     while stack:
         value, depth = stack.pop()
-        if id(value) in seen or isinstance(value, Lease):  # a lease's servable counts itself
+        # A lease's servable counts itself; a cache holds other models.
+        if id(value) in seen or isinstance(value, Lease | ModelCache):
             continue
         seen.add(id(value))
         if isinstance(value, torch.nn.Module):
