@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import uvicorn
@@ -71,7 +71,7 @@ class Live:
 
 
 @contextmanager
-def live_server(settings: Settings, lifespan: str = "off") -> Iterator[Live]:
+def live_server(settings: Settings, lifespan: Literal["on", "off"] = "off") -> Iterator[Live]:
     """``create_app(settings)`` behind uvicorn on a free port, in a daemon thread: a request that
     hangs fails its client's timeout instead of the whole test session. ``lifespan="on"`` runs
     the app's start-up and shut-down (the inference role's model warmer)."""

@@ -6,6 +6,7 @@ however many wait, and memory given back to the operating system on eviction (RS
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -14,15 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from prometheus_client import REGISTRY
 
+from app.inference.protocols import Use
 from app.inference.registry import ModelCache, factory
 from app.services.models import LoadableModel
 from tests.support import wait_until
 
 BLOB = "test-blob"
+PREDICT: Use = "predict"  # typed as any use: the lease's servable is a Blob
 FLOATS = 1000  # a small blob: 4,000 bytes of weights
 SIZE = 4 * FLOATS
 BUILDS: Counter[str] = Counter()
@@ -85,7 +87,7 @@ def test_eviction_by_bytes_with_concurrent_clients(tmp_path: Path) -> None:
         rng = random.Random(seed)
         for _ in range(15):
             model = rng.choice(models)
-            with cache.lease(model, "predict") as blob:
+            with cache.lease(model, PREDICT) as blob:
                 assert blob.predict(["x"])[0] == [{"label": model.id}]
                 assert cache.stats().bytes >= SIZE
         return seed
@@ -102,7 +104,7 @@ def test_a_full_cache_of_models_in_use_evicts_none_of_them(tmp_path: Path) -> No
     their requests end; then the cache comes back under it."""
     models = [make_blob(tmp_path, f"m{i}") for i in range(3)]
     cache = ModelCache(64, max_bytes=2 * SIZE)
-    leases = [cache.lease(model, "predict") for model in models]
+    leases = [cache.lease(model, PREDICT) for model in models]
     assert cache.stats().bytes == 3 * SIZE > cache.max_bytes
     assert not any(lease.servable.released.is_set() for lease in leases)
     for lease in leases:
@@ -116,15 +118,15 @@ def test_a_full_cache_of_models_in_use_evicts_none_of_them(tmp_path: Path) -> No
 def test_a_model_bigger_than_the_budget_is_served_alone(tmp_path: Path) -> None:
     small, big = make_blob(tmp_path, "small"), make_blob(tmp_path, "big", floats=10 * FLOATS)
     cache = ModelCache(64, max_bytes=5 * SIZE)
-    with cache.lease(small, "predict"):
+    with cache.lease(small, PREDICT):
         pass
-    with cache.lease(big, "predict") as blob:
+    with cache.lease(big, PREDICT) as blob:
         assert blob.predict(["x"])[0] == [{"label": "big"}]
     assert cache.loaded("big") and not cache.loaded("small")
-    with cache.lease(big, "predict"):  # kept while it is the one in use last
+    with cache.lease(big, PREDICT):  # kept while it is the one in use last
         pass
     assert BUILDS["big"] == 1
-    with cache.lease(small, "predict"):
+    with cache.lease(small, PREDICT):
         pass
     assert cache.loaded("small") and not cache.loaded("big")
 
@@ -134,7 +136,7 @@ def test_pinned_models_are_never_evicted(tmp_path: Path) -> None:
     cache = ModelCache(2, max_bytes=2 * SIZE, pinned=["m0"])
     assert cache.warm(models[0], "predict")
     for model in models[1:]:
-        with cache.lease(model, "predict"):
+        with cache.lease(model, PREDICT):
             pass
         assert cache.loaded("m0"), model.id
     assert BUILDS["m0"] == 1
@@ -144,7 +146,7 @@ def test_pinned_models_are_never_evicted(tmp_path: Path) -> None:
 def test_warming_skips_when_the_cache_is_full_of_models_in_use(tmp_path: Path) -> None:
     a, b, c = (make_blob(tmp_path, name) for name in "abc")
     cache = ModelCache(64, max_bytes=2 * SIZE)
-    with cache.lease(a, "predict"), cache.lease(b, "predict"):
+    with cache.lease(a, PREDICT), cache.lease(b, PREDICT):
         assert not cache.warm(c, "predict")
     assert not cache.loaded("c")
     assert cache.warm(c, "predict") and cache.loaded("c")
@@ -159,7 +161,7 @@ def test_one_load_per_model_however_many_requests_wait(tmp_path: Path) -> None:
 
     def client(_: int) -> Blob:
         start.wait()
-        with cache.lease(model, "predict") as blob:
+        with cache.lease(model, PREDICT) as blob:
             return blob
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -172,7 +174,7 @@ def test_unload_takes_a_model_out_and_releases_it_after_its_request(tmp_path: Pa
     model = make_blob(tmp_path, "m")
     cache = ModelCache(64)
     before = evictions("unload")
-    lease = cache.lease(model, "predict")
+    lease = cache.lease(model, PREDICT)
     assert cache.unload("m") and not cache.loaded("m")
     assert not lease.servable.released.is_set(), "its request still runs"
     lease.close()
@@ -182,7 +184,9 @@ def test_unload_takes_a_model_out_and_releases_it_after_its_request(tmp_path: Pa
 
 
 def rss() -> int:
-    return int(psutil.Process().memory_info().rss)
+    """This process's resident memory (Linux)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def test_eviction_gives_the_memory_back(tmp_path: Path) -> None:
@@ -191,15 +195,15 @@ def test_eviction_gives_the_memory_back(tmp_path: Path) -> None:
     big = make_blob(tmp_path, "big", floats=size // 4)
     small = make_blob(tmp_path, "small")
     cache = ModelCache(64, max_bytes=size // 2)
-    with cache.lease(small, "predict"):
+    with cache.lease(small, PREDICT):
         pass
     before = rss()
-    with cache.lease(big, "predict") as blob:
+    with cache.lease(big, PREDICT) as blob:
         released = blob.released
         del blob
     loaded = rss()
     assert loaded - before > 0.8 * size
-    with cache.lease(small, "predict"):  # the big one goes: its budget is too small for both
+    with cache.lease(small, PREDICT):  # the big one goes: its budget is too small for both
         pass
     assert released.is_set()
     # Collected and trimmed in the background, at once.

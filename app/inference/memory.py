@@ -17,6 +17,7 @@ import gc
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _DEPTH = 3  # attribute levels searched below a servable
 _WIDE = 64  # containers larger than this (a tokenizer's vocabulary) are not searched
+_PAUSE = 1.0  # seconds between two returns of memory to the operating system
 
 
 def servable_bytes(servable: Any) -> int:
@@ -109,8 +111,9 @@ def return_memory() -> None:
 
 class _Returner:
     """``return_memory`` in a background thread, once for any number of asks that come while
-    it runs: a full collection takes a tenth of a second with torch loaded, too long for the
-    request whose lease's close evicted a model."""
+    it runs, and at most once per ``_PAUSE`` seconds: a full collection takes a tenth of a
+    second with torch loaded (and holds the GIL), too long for the request whose lease's close
+    evicted a model, and too often when models come and go many times a second."""
 
     def __init__(self) -> None:
         self._asked = threading.Event()
@@ -134,6 +137,7 @@ class _Returner:
                 return_memory()
             except Exception:
                 log.exception("returning memory failed")
+            time.sleep(_PAUSE)
 
 
 return_memory_soon = _Returner().ask
@@ -143,6 +147,6 @@ return_memory_soon = _Returner().ask
 def _malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None  # type: ignore[no-any-return]
+        return ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):  # not glibc
         return None
