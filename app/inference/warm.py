@@ -60,7 +60,7 @@ class Warmer:
         self._thread = threading.Thread(target=self._run, name="tunehouse-warmer", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
         """Stop looking; a load in progress finishes on its own (the thread is a daemon)."""
         self._stop.set()
         if self._thread is not None:
@@ -76,11 +76,14 @@ class Warmer:
                 if model is not None:
                     self._warm(model)
             self.started.set()
-            interval = self.settings.warm_poll_seconds
-            while interval > 0 and not self._stop.wait(interval):
-                self.warm_new_models()
         except Exception:  # never take the process down; requests still load on demand
-            log.exception("warming models stopped")
+            log.exception("loading pinned models failed")
+        interval = self.settings.warm_poll_seconds
+        while interval > 0 and not self._stop.wait(interval):
+            try:
+                self.warm_new_models()
+            except Exception as exc:  # the database away for a moment: look again later
+                log.warning("looking for new models failed: %s", exc)
 
     def warm_new_models(self) -> None:
         """Load the models of the jobs that succeeded since the last look."""
@@ -128,6 +131,7 @@ class Warmer:
 
 def import_runtime() -> None:
     """Import torch and transformers' model classes (the first load would pay for it)."""
+    import peft  # noqa: F401  (LoRA adapters)
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from transformers import AutoModel, AutoModelForCausalLM  # noqa: F401
