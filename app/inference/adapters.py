@@ -7,8 +7,9 @@ inference route finds its model (another organization's is 404 ``model_not_found
 could point at another organization's files, or at anything on the machine), so ``lora_path``
 is accepted only when it equals ``lora_name``, and the adapter is read from the server's own
 storage. Loading makes the adapter (and its base) the cache's most recently used; unloading
-takes it out of the cache (a request using it keeps it until it ends). Unloading an adapter
-that is not loaded is a 404, as vLLM answers.
+takes it out of the cache (a request using it keeps it until it ends), a pinned one too (the
+caller asked; it is pinned again when it next loads). Unloading an adapter that is not loaded is
+a 404, as vLLM answers.
 """
 
 from __future__ import annotations
