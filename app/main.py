@@ -1,6 +1,6 @@
 """The FastAPI application. ``create_app`` builds it for one role: the control routes, the
-inference routes, or both. The control plane never imports torch; the inference routes load it
-on the first prediction."""
+inference routes, or both. The control plane never imports torch; an inference process imports
+it in the background at start-up (its lifespan starts the model warmer, app/inference/warm.py)."""
 
 from __future__ import annotations
 
