@@ -20,11 +20,13 @@ from prometheus_client import REGISTRY
 
 from app.inference.protocols import Use
 from app.inference.registry import ModelCache, factory
+from app.inference.sampling import GenerationParams
 from app.services.models import LoadableModel
 from tests.support import wait_until
 
 BLOB = "test-blob"
 PREDICT: Use = "predict"  # typed as any use: the lease's servable is a Blob
+GENERATE: Use = "generate"
 FLOATS = 1000  # a small blob: 4,000 bytes of weights
 SIZE = 4 * FLOATS
 BUILDS: Counter[str] = Counter()
@@ -207,4 +209,28 @@ def test_eviction_gives_the_memory_back(tmp_path: Path) -> None:
         pass
     assert released.is_set()
     # Collected and trimmed in the background, at once.
+    wait_until(lambda: loaded - rss() > 0.7 * size, 10, interval=0.05, what="RSS to fall")
+
+
+def test_evicting_a_causal_lm_gives_its_memory_back(tmp_path: Path) -> None:
+    """The same with a real causal LM of about 35 MB. transformers maps safetensors weights and
+    reads them on first use: a generation makes them resident (one token reads every weight,
+    the tied embedding as the output layer), and evicting the model for a small one unmaps
+    them."""
+    from tests.inference_support import TEXTS
+    from tests.tiny_models import build_causal_lm
+
+    big_dir = build_causal_lm(tmp_path / "big", TEXTS, hidden_size=384, layers=6, heads=6)
+    small_dir = build_causal_lm(tmp_path / "small", TEXTS, hidden_size=16, layers=1, heads=2)
+    big, small = (LoadableModel(p.name, "causal-lm", p, None) for p in (big_dir, small_dir))
+    cache = ModelCache(64, max_bytes=2**20)
+    with cache.lease(big, GENERATE) as generator:
+        generator.complete(generator.encode("once upon a time"), GenerationParams(max_tokens=2))
+        size = cache.stats().bytes
+        del generator
+    loaded = rss()
+    assert size > 30 * 2**20
+    with cache.lease(small, GENERATE):
+        pass
+    assert not cache.loaded("big")
     wait_until(lambda: loaded - rss() > 0.7 * size, 10, interval=0.05, what="RSS to fall")
