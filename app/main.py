@@ -1,13 +1,15 @@
 """The FastAPI application. ``create_app`` builds it for one role: the control routes, the
-inference routes, or both. The control plane never imports torch; the inference routes load it
-on the first prediction."""
+inference routes, or both. The control plane never imports torch; an inference process imports
+it in the background at start-up (its lifespan starts the model warmer, app/inference/warm.py)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI, Request, Response
 from prometheus_client import Counter, Histogram
 
@@ -17,9 +19,11 @@ from app.api.routes import files, health, jobs, keys, models
 from app.core.db import PoolLimits, use_pool_limits
 from app.core.settings import Role, Settings, get_settings
 from app.core.storage import Storage
+from app.inference.adapters import router as adapters_router
 from app.inference.completions import router as completions_router
 from app.inference.registry import ModelCache
 from app.inference.router import router as inference_router
+from app.inference.warm import Warmer
 
 # Labelled by the route's name (its handler), which stays few and stable whatever the URL holds.
 REQUESTS = Counter("tunehouse_http_requests_total", "HTTP requests", ["method", "route", "status"])
@@ -33,6 +37,7 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
         title="Tunehouse",
         version=__version__,
         description="Self-hosted fine-tuning and inference with OpenAI's API shapes.",
+        lifespan=_lifespan,
     )
     app.state.settings = settings
     app.state.role = role
@@ -52,9 +57,16 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
         for router in (files.router, jobs.router, models.router, keys.router):
             app.include_router(router, prefix="/v1")
     if role in ("inference", "all"):
-        app.state.model_cache = ModelCache(settings.model_cache_size)
+        app.state.model_cache = cache = ModelCache(
+            settings.model_cache_size,
+            max_bytes=settings.model_cache_budget,
+            adapters_per_base=settings.max_lora_adapters_per_base,
+            pinned=settings.pinned_models,
+        )
+        app.state.warmer = Warmer(cache, settings)  # started by the lifespan
         app.include_router(inference_router, prefix="/v1")
         app.include_router(completions_router, prefix="/v1")
+        app.include_router(adapters_router, prefix="/v1")
         if role == "inference":
             app.include_router(models.router, prefix="/v1")
 
@@ -78,6 +90,19 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
     openapi.install(app, settings)
     logging.getLogger("tunehouse").setLevel(settings.log_level)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # An inference process warms its models in the background: start-up does not wait for it.
+    warmer: Warmer | None = getattr(app.state, "warmer", None)
+    if warmer is not None:
+        warmer.start()
+    try:
+        yield
+    finally:
+        if warmer is not None:
+            await anyio.to_thread.run_sync(warmer.stop)
 
 
 app: FastAPI  # declared, not bound: the first `app.main.app` goes through __getattr__

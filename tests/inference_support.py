@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import uvicorn
@@ -71,9 +71,10 @@ class Live:
 
 
 @contextmanager
-def live_server(settings: Settings) -> Iterator[Live]:
+def live_server(settings: Settings, lifespan: Literal["on", "off"] = "off") -> Iterator[Live]:
     """``create_app(settings)`` behind uvicorn on a free port, in a daemon thread: a request that
-    hangs fails its client's timeout instead of the whole test session."""
+    hangs fails its client's timeout instead of the whole test session. ``lifespan="on"`` runs
+    the app's start-up and shut-down (the inference role's model warmer)."""
     upgrade(settings.sqlalchemy_url)
     with session_scope(settings.sqlalchemy_url) as session:
         new = keys.create_key(session, "acme")
@@ -81,7 +82,7 @@ def live_server(settings: Settings) -> Iterator[Live]:
     app = create_app(settings)
     port = free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan,
         timeout_graceful_shutdown=1,
     )  # fmt: skip
     server = uvicorn.Server(config)

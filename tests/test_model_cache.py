@@ -264,3 +264,28 @@ def _completion(live: Live, model: str) -> tuple[int, str | None]:
     if response.status_code != 200:
         return response.status_code, None
     return 200, str(response.json()["choices"][0]["text"])
+
+
+def test_a_byte_budget_counts_a_shared_base_once(
+    tmp_path: Path, tiny_base: Path, adapter_dirs: list[Path], reference: dict[str, str]
+) -> None:
+    """A budget that holds the base and two and a half adapters keeps two adapters on it: the
+    base is counted once, not once per adapter, and the least recently used adapter goes."""
+    from app.inference.generation import load_causal_lm
+    from app.inference.memory import adapter_bytes, module_bytes
+
+    base, adapter = module_bytes(load_causal_lm(tiny_base)), adapter_bytes(adapter_dirs[0])
+    budget = base + 5 * adapter // 2
+    settings = make_settings(
+        tmp_path / "data", base_models={"tiny-llama": str(tiny_base)}, model_cache_bytes=budget,
+    )  # fmt: skip
+    with live_server(settings) as live:
+        cache = live.app.state.model_cache
+        adapters = _adapters(live, adapter_dirs)[:3]
+        for model in adapters:
+            assert live.complete(model, PROMPT) == reference[f"{model}|generate"]
+        assert [cache.loaded(model) for model in adapters] == [False, True, True]
+        stats = cache.stats()
+        assert (stats.bytes, stats.adapters, stats.bases) == (base + 2 * adapter, 2, 1)
+        assert live.complete(adapters[0], PROMPT) == reference[f"{adapters[0]}|generate"]
+        assert [cache.loaded(model) for model in adapters] == [True, False, True]

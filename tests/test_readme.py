@@ -263,7 +263,9 @@ def sse_and_json(output: str) -> Iterator[tuple[str, Any]]:
             position += 1
         if position == len(output):
             return
-        if output.startswith("data: ", position):
+        if output.startswith(": ", position):  # an SSE comment (the stream's keep-alive)
+            position = output.index("\n", position)
+        elif output.startswith("data: ", position):
             end = output.index("\n", position)
             payload = output[position + len("data: ") : end]
             yield "sse", payload if payload == "[DONE]" else json.loads(payload)

@@ -7,12 +7,14 @@ defaults need no server: SQLite, Celery's filesystem broker and local storage, a
 
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -104,8 +106,22 @@ class Settings(BaseSettings):
     max_prediction_inputs: int = Field(default=256, gt=0)
     # Most tokens one completion may generate.
     max_new_tokens: int = Field(default=2048, ge=1)
-    # Fine-tuned models kept loaded by an inference process.
-    model_cache_size: int = Field(default=4, ge=1)
+    # The inference process's model cache (app/inference/registry.py). Bytes of weights it
+    # keeps loaded (parameters and buffers, a shared LoRA base counted once), least recently
+    # used out first; default: a quarter of this machine's memory. Models in use stay loaded
+    # whatever this says, and a model bigger than the budget is still served, alone.
+    model_cache_bytes: int | None = Field(default=None, gt=0)
+    # Most servables it keeps besides the byte budget (a model serving two routes counts twice;
+    # each LoRA adapter counts); also the most models it loads at once.
+    model_cache_size: int = Field(default=64, ge=1)
+    # LoRA adapters kept loaded on each base model; the least recently used idle one goes.
+    max_lora_adapters_per_base: int = Field(default=64, ge=1)
+    # Model ids (fine-tuned or base) loaded at an inference process's start-up and never
+    # evicted: a JSON list, or ids separated by commas.
+    pinned_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # How often an inference process looks for newly succeeded jobs and loads their models
+    # before any request asks (0: never; models then load on their first request).
+    warm_poll_seconds: float = Field(default=1.0, ge=0)
     # Completions one request may ask for: prompts × n.
     max_choices_per_request: int = Field(default=16, ge=1)
     # Tokens one request may generate in all: choices × max_tokens (predictions: 128 an input).
@@ -120,10 +136,29 @@ class Settings(BaseSettings):
     # the broker, so all API processes share it, and per process otherwise.
     rate_limit_per_minute: int = Field(default=0, ge=0)
 
+    @field_validator("pinned_models", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @field_validator("base_models", mode="before")
     @classmethod
     def _empty_base_models(cls, value: object) -> object:
         return {} if value in ("", None) else value
+
+    @property
+    def model_cache_budget(self) -> int:
+        """``model_cache_bytes``, or a quarter of this machine's physical memory."""
+        if self.model_cache_bytes is not None:
+            return self.model_cache_bytes
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        except (AttributeError, ValueError, OSError):  # not POSIX
+            return 4 * 2**30
 
     @property
     def resolved_data_dir(self) -> Path:

@@ -1,11 +1,17 @@
-"""Loaded models: a small LRU cache of servables, one factory per (use, model kind).
+"""Loaded models: an LRU cache of servables under a memory budget, one factory per (use, model
+kind).
 
 A servable is what a route needs (``app/inference/protocols.py``): a classifier's ``predict``, a
 causal LM's generator, an encoder's ``embed``. A request holds a ``Lease`` on its servable while
-it runs: eviction takes a servable out of the cache at once, but releases it only when its last
-lease is closed, so a running request never loses its model. LoRA adapters of one base share that
-base in memory: it is loaded once, wrapped by peft, and each adapter is added to it by name (a few
-MB each), counted by the servables that use it, and deleted when none does.
+it runs: nothing in use is evicted, and a servable taken out of the cache (unloaded, deleted) is
+released only when its last lease is closed, so a running request never loses its model. LoRA
+adapters of one base share that base in memory: it is loaded once, wrapped by peft, and each
+adapter is added to it by name (a few MB each), counted by the servables that use it, and
+deleted when none does.
+
+The limits (``ModelCache``): bytes of weights (measured, app/inference/memory.py), servables,
+and adapters per base; models named as pinned never go for them. Evicted memory is given back
+to the operating system (``memory.return_memory_soon``). Metrics: app/inference/cache_metrics.py.
 
 Locks: the cache's ``_lock`` guards its dictionaries only and is never held while loading,
 releasing or waiting. A base's ``SharedBase`` lock comes after its attach lock, never before.
@@ -18,14 +24,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar, overload
 
 from app.core.errors import InvalidRequest, NotFound
+from app.inference import cache_metrics as metrics
+from app.inference import memory
 from app.inference.protocols import USES, Embedder, Predictor, TextGenerator, Use
 from app.services.models import LoadableModel, require_safe_weights
 
@@ -61,9 +70,23 @@ class _Entry:
     key: Key
     servable: Any
     users: int = 0
-    cached: bool = False  # in the LRU order, counted against the capacity
+    inner: int = 0  # users that are wrappers of the same model (a predictor over a generator)
+    cached: bool = False  # in the LRU order, counted against the limits
     findable: bool = True  # a lookup may hand it out (False once its model is forgotten)
     on_released: list[Callable[[], None]] = field(default_factory=list)
+    bytes: int = 0  # its weights (a LoRA adapter: the adapter's own; see app/inference/memory)
+    base: str | None = None  # a LoRA adapter's shared base directory
+    pinned: bool = False  # named in TUNEHOUSE_PINNED_MODELS: never evicted for a limit
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    bytes: int  # weights held by the models cached or in use
+    budget: int
+    servables: int
+    models: int
+    adapters: int  # LoRA adapters cached, on every base
+    bases: int  # LoRA bases held
 
 
 @dataclass(eq=False)
@@ -76,14 +99,14 @@ class _Load:
 class Lease(Generic[S]):
     """One user's hold on a servable; closing it (once) lets the cache release the servable."""
 
-    def __init__(self, cache: ModelCache, entry: _Entry):
-        self._cache, self._entry, self._open = cache, entry, True
+    def __init__(self, cache: ModelCache, entry: _Entry, inner: bool = False):
+        self._cache, self._entry, self._open, self._inner = cache, entry, True, inner
         self.servable: S = entry.servable
 
     def close(self) -> None:
         if self._open:
             self._open = False
-            self._cache._close(self._entry)
+            self._cache._close(self._entry, self._inner)
 
     def __enter__(self) -> S:
         return self.servable
@@ -106,19 +129,41 @@ class SharedBase:
 
 
 class ModelCache:
-    """Keeps up to ``capacity`` servables, least recently used out first, and loads at most
-    ``capacity`` models at once (each load holds a whole model in memory)."""
+    """Servables kept under a memory budget and a count cap, least recently used out first.
 
-    def __init__(self, capacity: int):
+    ``max_bytes`` budgets the weights of every model held (cached or in use; see
+    app/inference/memory.py for what is counted), ``capacity`` the servables cached, and
+    ``adapters_per_base`` the LoRA adapters cached on one base. Past a limit the least recently
+    used idle model goes (all its servables at once: a predictor built over a generator shares
+    its weights); a model in use, a pinned one and the one just used never go for a limit.
+    So a burst of requests on different models may hold more than the budget: the cache comes
+    back under it as they end. A model bigger than the whole budget is served alone. At most
+    ``capacity`` models load at once."""
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        max_bytes: int | None = None,
+        adapters_per_base: int = 64,
+        pinned: Iterable[str] = (),
+    ):
         self.capacity = capacity
+        self.max_bytes = max_bytes if max_bytes is not None else 2**62
+        self.adapters_per_base = adapters_per_base
+        self.pinned = frozenset(pinned)
         self._lock = threading.Lock()
         self._entries: dict[Key, _Entry] = {}  # every servable a lookup may hand out
         self._lru: OrderedDict[Key, _Entry] = OrderedDict()  # the cached ones, oldest first
+        self._live: set[_Entry] = set()  # every servable not yet released
         self._loading: dict[Key, _Load] = {}  # one load per key; others wait for it
         self._forgotten: set[str] = set()  # deleted models: never loaded again
         self._loads = threading.BoundedSemaphore(capacity)
         self._bases: dict[str, SharedBase] = {}
+        self._base_bytes: dict[str, int] = {}  # a LoRA base's directory -> its measured bytes
         self._attach_locks: dict[str, threading.Lock] = {}
+        self._local = threading.local()  # .wrapping: this thread builds a wrapping servable
+        metrics.BUDGET.set(self.max_bytes)
 
     @overload
     def lease(self, model: LoadableModel, use: Literal["predict"]) -> Lease[Predictor]: ...
@@ -131,21 +176,33 @@ class ModelCache:
 
     def lease(self, model: LoadableModel, use: Use) -> Lease[Any]:
         """``model`` loaded for ``use``, held until the lease is closed (``with`` closes it)."""
+        return self._lease(model, use, counted=True)
+
+    def _lease(self, model: LoadableModel, use: Use, counted: bool) -> Lease[Any]:
         spec = _factory(model, use)
         key: Key = (use, model.id, str(model.path))
+        inner = getattr(self._local, "wrapping", 0) > 0  # a wrapper's hold, not a request's
+        counted = counted and not inner
+        waited = False
         while True:
-            found = self._find(model, key)
+            found = self._find(model, key, inner)
             if isinstance(found, Lease):
+                if counted:
+                    (metrics.MISSES if waited else metrics.HITS).labels(use).inc()
                 return found
             load, mine = found
+            waited = True
             if mine:
-                return self._load(spec, model, key, load)
+                lease = self._load(spec, model, key, load, inner)
+                if counted:
+                    metrics.MISSES.labels(use).inc()
+                return lease
             load.done.wait()  # holding nothing: another request is loading this model
             if load.error is not None:
                 raise load.error
             # Loaded: look it up again (it may even have been evicted and released since).
 
-    def _find(self, model: LoadableModel, key: Key) -> Lease[Any] | tuple[_Load, bool]:
+    def _find(self, model: LoadableModel, key: Key, inner: bool) -> Lease[Any] | tuple[_Load, bool]:
         """A lease on the live servable of ``key``; else its load in progress, and whether this
         caller has just claimed it (and must load)."""
         with self._lock:
@@ -159,9 +216,45 @@ class ModelCache:
                 load = self._loading[key] = _Load()
                 return load, True
             entry.users += 1
+            entry.inner += inner
             evicted = self._remember(entry)
         self._release(evicted)
-        return Lease(self, entry)
+        return Lease(self, entry, inner)
+
+    def warm(self, model: LoadableModel, use: Use) -> bool:
+        """Load ``model`` for ``use`` now, as the most recently used, unless it is loaded already
+        or the cache has no room that an idle model could give (everything held is in use or
+        pinned). Whether it loaded; a failure to load is raised."""
+        key: Key = (use, model.id, str(model.path))
+        with self._lock:
+            if key in self._entries or not self._has_room():
+                return False
+        with self._lease(model, use, counted=False):
+            pass
+        metrics.WARMED.inc()
+        return True
+
+    def unload(self, model_id: str) -> bool:
+        """Take every servable of ``model_id`` out of the cache (each is released when its last
+        request ends); False when none was cached. It loads again when next asked for."""
+        with self._lock:
+            cached = [e for e in self._lru.values() if e.key[1] == model_id]
+            released: list[_Entry] = []
+            for entry in cached:
+                if entry.cached:  # not dropped with an earlier one of its group
+                    released += self._drop_group(entry, "unload")
+            self._publish()
+        self._release(released)
+        return bool(cached)
+
+    def loaded(self, model_id: str) -> bool:
+        """Whether a servable of ``model_id`` is in the cache."""
+        with self._lock:
+            return any(e.key[1] == model_id for e in self._lru.values())
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return self._stats()
 
     def forget(self, model_id: str, then: Callable[[], None] | None = None) -> None:
         """Drop every servable of ``model_id`` and its checkpoints (a deleted model): each is
@@ -170,6 +263,7 @@ class ModelCache:
             self._forgotten.add(model_id)
             doomed = [e for e in self._entries.values() if _matches(e.key[1], {model_id})]
             loads = [load for k, load in self._loading.items() if _matches(k[1], {model_id})]
+            groups = {e.key[1:] for e in doomed if e.cached}
             for entry in doomed:
                 del self._entries[entry.key]
                 entry.findable = False
@@ -177,6 +271,10 @@ class ModelCache:
                     del self._lru[entry.key]
                     entry.cached = False
             idle = [entry for entry in doomed if entry.users == 0]
+            self._live.difference_update(idle)
+            if groups:
+                metrics.EVICTIONS.labels("delete").inc(len(groups))
+            self._publish()
             if then is not None:
                 countdown = _Countdown(len(doomed) + len(loads), then)
                 for entry in doomed:
@@ -192,9 +290,13 @@ class ModelCache:
 
     # -- loading and releasing -------------------------------------------------------------------
 
-    def _load(self, spec: Factory, model: LoadableModel, key: Key, load: _Load) -> Lease[Any]:
+    def _load(
+        self, spec: Factory, model: LoadableModel, key: Key, load: _Load, inner: bool
+    ) -> Lease[Any]:
+        started = time.perf_counter()
         try:
             servable = self._build(spec, model)
+            size, base = self._measure(spec, model, servable)
         except BaseException as exc:
             with self._lock:
                 del self._loading[key]
@@ -203,9 +305,15 @@ class ModelCache:
             for callback in load.on_released:  # a forget() waiting for this load
                 _run(callback)
             raise
-        entry = _Entry(key, servable, users=1, on_released=load.on_released)
+        if spec.wraps is None:  # a wrapper's time is its inner servable's load
+            metrics.LOAD_SECONDS.observe(time.perf_counter() - started)
+        entry = _Entry(
+            key, servable, users=1, inner=int(inner), on_released=load.on_released,
+            bytes=size, base=base, pinned=model.id in self.pinned,
+        )  # fmt: skip
         with self._lock:
             del self._loading[key]
+            self._live.add(entry)
             evicted = []
             if _matches(model.id, self._forgotten):  # deleted while it loaded: this use only
                 entry.findable = False
@@ -214,11 +322,15 @@ class ModelCache:
                 evicted = self._remember(entry)
         load.done.set()
         self._release(evicted)
-        return Lease(self, entry)
+        return Lease(self, entry, inner)
 
     def _build(self, spec: Factory, model: LoadableModel) -> Any:
         if spec.wraps is not None:  # its inner servable loads (and checks) the weights
-            return spec.build(self, model)
+            self._local.wrapping = getattr(self._local, "wrapping", 0) + 1
+            try:
+                return spec.build(self, model)
+            finally:
+                self._local.wrapping -= 1
         with self._loads:
             # The one weights check, before anything in the directories is read.
             require_safe_weights(model.path)
@@ -226,6 +338,24 @@ class ModelCache:
                 require_safe_weights(model.base_path, "Its base model")
             log.info("loading %s from %s", model.id, model.path)
             return spec.build(self, model)
+
+    def _measure(
+        self, spec: Factory, model: LoadableModel, servable: Any
+    ) -> tuple[int, str | None]:
+        """The bytes a new servable adds, and the shared base it sits on (whose bytes are
+        measured once, with its first adapter)."""
+        if spec.wraps is not None:  # its inner servable holds the weights
+            return 0, None
+        if model.base_path is None:
+            return memory.servable_bytes(servable), None
+        base = str(model.base_path)
+        with self._lock:
+            known = base in self._base_bytes
+        if not known:
+            measured = memory.base_bytes(servable)
+            with self._lock:
+                self._base_bytes.setdefault(base, measured)
+        return memory.adapter_bytes(model.path), base
 
     def _remember(self, entry: _Entry) -> list[_Entry]:
         """Under the lock: mark ``entry`` most recently used, caching it if it is not; returns
@@ -235,31 +365,111 @@ class ModelCache:
             return []
         entry.cached = True
         self._lru[entry.key] = entry
-        evicted = []
-        while len(self._lru) > self.capacity:
-            # The least recently used idle servable; if every one is in use, the least recently
-            # used of all (it leaves the cache now and is released by its last user).
-            victim = next((e for e in self._lru.values() if e.users == 0), None)
-            if victim is None:
-                victim = next(e for e in self._lru.values() if e is not entry)
-            del self._lru[victim.key]
-            victim.cached = False
-            if victim.users == 0:
-                del self._entries[victim.key]
-                victim.findable = False
-                evicted.append(victim)
-            log.info("evicted %s (%s)", victim.key[1], victim.key[0])
+        evicted = self._evict_over_limits(protect=entry)
+        self._publish()
         return evicted
 
-    def _close(self, entry: _Entry) -> None:
+    def _evict_over_limits(self, protect: _Entry | None) -> list[_Entry]:
+        """Under the lock: drop the least recently used idle models (never ``protect``'s) until
+        each limit holds or nothing more may go; returns the servables to release."""
+        released: list[_Entry] = []
+        for reason in ("adapter-lru", "count", "bytes"):
+            while (eligible := self._over(reason)) is not None:
+                victim = self._victim(eligible, protect)
+                if victim is None:  # all in use or pinned: over the limit until they end
+                    break
+                released += self._drop_group(victim, reason)
+        return released
+
+    def _over(self, reason: str) -> Callable[[_Entry], bool] | None:
+        """Which servables may go to bring ``reason``'s limit back; None when it holds."""
+        if reason == "count":
+            return (lambda entry: True) if len(self._lru) > self.capacity else None
+        if reason == "bytes":
+            return (lambda entry: True) if self._held_bytes() > self.max_bytes else None
+        adapters: dict[str, set[tuple[str, str]]] = {}
+        for entry in self._lru.values():
+            if entry.base is not None:
+                adapters.setdefault(entry.base, set()).add(entry.key[1:])
+        for base, models in adapters.items():
+            if len(models) > self.adapters_per_base:
+                return lambda entry, base=base: entry.base == base  # type: ignore[misc]
+        return None
+
+    def _victim(self, eligible: Callable[[_Entry], bool], protect: _Entry | None) -> _Entry | None:
+        """The least recently used cached servable ``eligible`` accepts whose model is idle,
+        unpinned and not ``protect``'s."""
+        busy = {e.key[1:] for e in self._live if e.users > e.inner or e.pinned}
+        if protect is not None:
+            busy.add(protect.key[1:])
+        return next((e for e in self._lru.values() if e.key[1:] not in busy and eligible(e)), None)
+
+    def _drop_group(self, victim: _Entry, reason: str) -> list[_Entry]:
+        """Under the lock: take every cached servable of ``victim``'s model out of the cache;
+        returns those to release now (the others go with their last user)."""
+        released = []
+        for entry in [e for e in self._lru.values() if e.key[1:] == victim.key[1:]]:
+            del self._lru[entry.key]
+            entry.cached = False
+            if entry.users == 0:
+                self._entries.pop(entry.key, None)
+                entry.findable = False
+                self._live.discard(entry)
+                released.append(entry)
+        metrics.EVICTIONS.labels(reason).inc()
+        log.info("evicted %s (%s)", victim.key[1], reason)
+        return released
+
+    def _held_bytes(self) -> int:
+        """Bytes held by the models that are cached or in use, a shared base once. A servable
+        held only by a wrapper of its own model counts while that model is cached or in use."""
+        active = {e.key[1:] for e in self._live if e.cached or e.users > e.inner}
+        held = [e for e in self._live if e.key[1:] in active and (e.cached or e.users)]
+        bases = {e.base for e in held if e.base is not None}
+        return sum(e.bytes for e in held) + sum(self._base_bytes.get(b, 0) for b in bases)
+
+    def _has_room(self) -> bool:
+        """Whether idle models could make room for one more (under the lock)."""
+        kept = [e for e in self._live if e.users > e.inner or e.pinned]
+        models = {e.key[1:] for e in kept}
+        bases = {e.base for e in kept if e.base is not None}
+        kept_bytes = sum(e.bytes for e in kept) + sum(self._base_bytes.get(b, 0) for b in bases)
+        return len(models) < self.capacity and kept_bytes < self.max_bytes
+
+    def _stats(self) -> CacheStats:
+        models = {e.key[1:] for e in self._lru.values()}
+        adapters = {e.key[1:] for e in self._lru.values() if e.base is not None}
+        bases = {e.base for e in self._live if e.base is not None}
+        return CacheStats(
+            bytes=self._held_bytes(), budget=self.max_bytes, servables=len(self._lru),
+            models=len(models), adapters=len(adapters), bases=len(bases),
+        )  # fmt: skip
+
+    def _publish(self) -> None:
+        stats = self._stats()
+        metrics.BYTES.set(stats.bytes)
+        metrics.MODELS.set(stats.models)
+        metrics.ADAPTERS.set(stats.adapters)
+        metrics.BASES.set(stats.bases)
+
+    def _close(self, entry: _Entry, inner: bool) -> None:
         with self._lock:
             entry.users -= 1
-            if entry.users or entry.cached:
+            entry.inner -= inner
+            if entry.users == 0 and not entry.cached:  # out of the cache, its last user done
+                if entry.findable:
+                    del self._entries[entry.key]
+                    entry.findable = False
+                self._live.discard(entry)
+                released = [entry]
+            elif entry.cached and entry.users == entry.inner:
+                # Idle now: a burst that held the cache over its limits gives back what it can,
+                # keeping the most recently used model (one bigger than the budget stays).
+                released = self._evict_over_limits(protect=next(reversed(self._lru.values())))
+            else:
                 return
-            if entry.findable:  # out of the cache, and its last user is done
-                del self._entries[entry.key]
-                entry.findable = False
-        self._release([entry])
+            self._publish()
+        self._release(released)
 
     def _release(self, entries: list[_Entry]) -> None:
         for entry in entries:
@@ -268,6 +478,8 @@ class ModelCache:
                 _run(release)
             for callback in entry.on_released:
                 _run(callback)
+        if any(entry.bytes for entry in entries):
+            memory.return_memory_soon()
 
     # -- shared LoRA bases -----------------------------------------------------------------------
 

@@ -251,6 +251,20 @@ def _loadable(settings: Settings, row: FineTunedModel, model_id: str, path: Path
     return LoadableModel(model_id, model_kind(row.task), path, row.labels, base_path)
 
 
+def loadable_by_id(
+    session: Session, settings: Settings, storage: Storage, model_id: str
+) -> LoadableModel:
+    """A fine-tuned model of any organization, or a base model, by its id: for the server's own
+    loads (pinned models, models of jobs that just succeeded), never for a caller's request."""
+    row = session.get(FineTunedModel, model_id)
+    if row is not None:
+        return _loadable(settings, row, row.id, storage.resolve(row.storage_path))
+    base = settings.registered_base_models().get(model_id)
+    if base is not None:
+        return LoadableModel(model_id, base_kind(settings, model_id) or KIND_ENCODER, base, None)
+    raise _not_found(model_id)
+
+
 def _checkpoint_path(
     session: Session, storage: Storage, org: Organization, parent: FineTunedModel, step: int
 ) -> Path | None:

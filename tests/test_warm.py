@@ -1,0 +1,109 @@
+"""Warm when ready: an inference process loads a job's model as the job succeeds, before any
+request asks for it, and its pinned models at start-up; the first request then loads nothing."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.core.db import session_scope
+from app.core.storage import Storage
+from app.models import Job
+from app.services import results
+from tests.conftest import make_settings
+from tests.inference_support import TEXTS, Live, live_server
+from tests.support import wait_until
+from tests.tiny_models import build_causal_lm
+
+
+@dataclass
+class Trained:
+    """What a training run hands to registration (worker.training's TrainingResult)."""
+
+    model_kind: str = "causal-lm"
+    labels: list[str] = field(default_factory=list)
+    adapter: bool = False
+    trained_tokens: int = 10
+    steps: int = 1
+    metrics_history: list[dict[str, float | int]] = field(default_factory=lambda: [{"step": 1}])
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_causal_lm(
+        tmp_path_factory.mktemp("tiny") / "tiny-llama", TEXTS, hidden_size=32, max_positions=32
+    )
+
+
+def metric(live: Live, name: str) -> float:
+    """A sample of /metrics, as a scraper reads it (0 when absent)."""
+    with httpx.Client(base_url=live.base_url) as http:
+        text = http.get("/metrics").text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def succeed_job(live: Live, source: Path, job_id: str) -> str:
+    """A running job whose training stored ``source`` as its model, registered as the worker
+    registers it (the job succeeds in the same transaction)."""
+    storage = Storage(live.settings.storage_root)
+    model_dir = live.settings.storage_root / "models" / job_id
+    shutil.copytree(source, model_dir)
+    with session_scope(live.settings.sqlalchemy_url) as session:
+        session.add(
+            Job(
+                id=job_id, organization_id=live.org_id, model="tiny-llama", task="text",
+                training_file="file-x", status="running", hyperparameters={}, method={},
+                seed=0, lease_owner="worker-1",
+            )
+        )  # fmt: skip
+    with session_scope(live.settings.sqlalchemy_url) as session:
+        registration = results.register_fine_tuned_model(
+            session, storage, job_id, "worker-1", model_dir=model_dir, trained=Trained()
+        )
+    return registration.model
+
+
+@pytest.fixture
+def live(tmp_path: Path, tiny_base: Path) -> Iterator[Live]:
+    settings = make_settings(
+        tmp_path / "data", base_models={"tiny-llama": str(tiny_base)},
+        warm_poll_seconds=0.2, pinned_models=["tiny-llama"], model_cache_size=2,
+    )  # fmt: skip
+    with live_server(settings, lifespan="on") as served:
+        yield served
+    assert not served.app.state.warmer._thread.is_alive(), "the warmer stops with the server"
+
+
+def test_a_succeeded_jobs_model_is_loaded_before_its_first_request(
+    live: Live, tiny_base: Path
+) -> None:
+    wait_until(lambda: live.app.state.model_cache.loaded("tiny-llama"), 30, what="pinned model")
+    warmed = metric(live, "tunehouse_model_cache_warmed_total")
+    model = succeed_job(live, tiny_base, "ftjob-warm0000001")
+    wait_until(
+        lambda: metric(live, "tunehouse_model_cache_warmed_total") > warmed,
+        30, interval=0.1, what="the new model to be loaded",
+    )  # fmt: skip
+    loads = metric(live, "tunehouse_model_cache_load_seconds_count")
+    hits = metric(live, 'tunehouse_model_cache_hits_total{use="generate"}')
+    assert live.complete(model)
+    assert metric(live, "tunehouse_model_cache_load_seconds_count") == loads, "no load"
+    assert metric(live, 'tunehouse_model_cache_hits_total{use="generate"}') == hits + 1
+
+
+def test_a_pinned_model_loads_at_start_up_and_stays(live: Live, tiny_base: Path) -> None:
+    """The cache holds two servables; the pinned base stays however many others come."""
+    cache = live.app.state.model_cache
+    wait_until(lambda: cache.loaded("tiny-llama"), 30, what="the pinned model to load")
+    for i in range(3):
+        model = succeed_job(live, tiny_base, f"ftjob-{i}other00000")
+        assert live.complete(model)
+        assert cache.loaded("tiny-llama")
+    assert len(cache) == 2
