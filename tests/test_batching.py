@@ -283,7 +283,7 @@ def test_int8_answers_close_to_full_precision(served: tuple[Live, str]) -> None:
     vectors = _answer(live, "/v1/embeddings", BASE_MODEL, SENTENCES, quantization="none")
     quantized = _answer(live, "/v1/embeddings", BASE_MODEL, SENTENCES, quantization="int8")
     cosines = [float(np.dot(a, b)) for a, b in zip(vectors, quantized, strict=True)]
-    assert all(0.95 < c < 1 - 1e-6 for c in cosines), cosines
+    assert all(0.9 < c < 1 - 1e-6 for c in cosines), cosines
 
 
 def test_int8_of_the_deployment_and_a_bad_quantization(
