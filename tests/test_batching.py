@@ -307,6 +307,20 @@ def test_int8_of_the_deployment_and_a_bad_quantization(
 # -- the batcher alone --------------------------------------------------------------------------
 
 
+def test_a_request_to_an_idle_batcher_runs_without_waiting_for_others() -> None:
+    """However long the batching delay, a lone request is answered at once (a request that
+    waited for the delay would fail its 5 s timeout here)."""
+    batcher: Batcher[int, int] = Batcher(
+        _doubling, BatchPolicy(max_batch_size=8, max_delay_seconds=60),
+        {"use": "predict", "kind": "test", "precision": "none"},
+    )  # fmt: skip
+    try:
+        for row in range(3):
+            assert batcher.submit([row], list).result(timeout=5) == [2 * row]
+    finally:
+        batcher.close()
+
+
 def _doubling(rows: list[int]) -> list[int]:
     if 13 in rows:
         raise ValueError("unlucky row")

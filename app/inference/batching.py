@@ -7,15 +7,17 @@ own order; the route awaits that future on the event loop, holding an inference 
 thread (app/inference/router.py).
 
 Each batcher has one batch thread, started by the first submit and stopped by ``close()`` (the
-servable's ``release()``, once the cache has let it go and its last request is done; the thread
-is never joined from under a lock, and may be the one closing itself). The thread takes up to
-``max_batch_size`` rows from the head of the queue, whatever requests they come from. The wait
-for more rows is adaptive: a batch starts at once when the model was idle (nothing queued behind
-the last batch, and that batch was one request's), and waits up to ``max_batch_delay_ms`` for
-more rows only under observed load. A batch is sorted by length and cut into sub-batches where
-padding would waste much of the work; each sub-batch is one call of ``run``. A sub-batch that
-fails is run again one row at a time, so one bad row fails only its own request. A request
-cancelled before its first row ran (its client went away) is dropped from the queue.
+servable's ``release()``, once the cache has let it go and its last request is done). ``close()``
+never joins the thread: the thread itself may be closing it, as its last request's lease ends.
+
+The thread takes up to ``max_batch_size`` rows from the head of the queue, whatever requests
+they come from. The wait for more rows is adaptive: a batch starts at once when the model was
+idle, and waits up to ``max_batch_delay_ms`` for more rows only under observed load (rows
+queued while the last batch ran, or a last batch of several requests that has just ended). A
+batch is sorted by length and cut into sub-batches where padding would waste much of the work;
+each sub-batch is one call of ``run``. A sub-batch that fails is run again one row at a time,
+so one bad row fails only its own request. A request cancelled before its first row ran (its
+client went away) is dropped from the queue.
 
 Lock: ``_cond`` guards the queue and the thread's state only. It is never held while a batch runs
 or a future's callbacks run (they take the model cache's lock, and wake the event loop).
@@ -117,7 +119,7 @@ class Batcher(Generic[I, R]):
     _queue: deque[_Item[I, R]] = field(default_factory=deque, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
     _closed: bool = field(default=False, init=False)
-    _loaded: bool = field(default=False, init=False)  # the last batch saw load
+    _shared: bool = field(default=False, init=False)  # the last batch held several requests
 
     def submit(self, payloads: Sequence[I], finish: Callable[[list[R]], T]) -> Future[T]:
         """A future of ``finish(results)``, ``results`` in the order of ``payloads`` (which
@@ -159,7 +161,9 @@ class Batcher(Generic[I, R]):
     # -- the batch thread ------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        while (batch := self._collect()) is not None:
+        after_batch = False  # the first rows found the model idle
+        while (batch := self._collect(after_batch)) is not None:
+            after_batch = True
             try:
                 self._run_batch(batch)
             except Exception:  # never lose the thread: every request must get an answer
@@ -167,16 +171,21 @@ class Batcher(Generic[I, R]):
                 for item in batch:
                     self._fail(item.request, RuntimeError("the batch failed"))
 
-    def _collect(self) -> list[_Item[I, R]] | None:
+    def _collect(self, after_batch: bool) -> list[_Item[I, R]] | None:
         """The next batch, waiting for its first row (and, under load, for more rows)."""
-        limit = self.policy.max_batch_size
+        limit, delay = self.policy.max_batch_size, self.policy.max_delay_seconds
         with self._cond:
+            backlog = after_batch and bool(self._queue)  # rows came while the last batch ran
+            idle_since = time.monotonic()
             while not self._queue and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return None
-            if self._loaded and self.policy.max_delay_seconds > 0:
-                deadline = time.monotonic() + self.policy.max_delay_seconds
+            # Under load (a backlog, or a last batch of several requests that ended just
+            # now), wait a little for more rows; an idle model runs the first row at once.
+            recent = time.monotonic() - idle_since <= delay
+            if delay > 0 and (backlog or (self._shared and recent)):
+                deadline = time.monotonic() + delay
                 while len(self._queue) < limit and not self._closed:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -187,9 +196,7 @@ class Batcher(Generic[I, R]):
                 item = self._queue.popleft()
                 if self._admit(item.request):
                     batch.append(item)
-            requests = {id(item.request) for item in batch}
-            # Load: rows left behind this batch, or several requests in it.
-            self._loaded = bool(self._queue) or len(requests) > 1
+            self._shared = len({id(item.request) for item in batch}) > 1
             return batch
 
     @staticmethod
