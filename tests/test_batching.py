@@ -25,8 +25,9 @@ from app.core.db import session_scope
 from app.inference.batching import Batcher, BatchPolicy
 from app.models import FineTunedModel
 from tests.conftest import make_settings
-from tests.inference_support import Live, live_server, raw_request
+from tests.inference_support import TEXTS, Live, live_server, raw_request
 from tests.support import BASE_MODEL, wait_until
+from tests.tiny_models import build_causal_lm
 
 MAX_BATCH = 4
 CLIENTS = 16
@@ -289,7 +290,11 @@ def test_int8_answers_close_to_full_precision(served: tuple[Live, str]) -> None:
 def test_int8_of_the_deployment_and_a_bad_quantization(
     tmp_path: Path, classifier_dir: Path
 ) -> None:
-    with _live(tmp_path, classifier_dir, inference_quantization="int8") as (live, classifier):
+    tiny = build_causal_lm(tmp_path / "tiny-llama", TEXTS, hidden_size=32, max_positions=32)
+    with _live(
+        tmp_path, classifier_dir, inference_quantization="int8",
+        base_models={"tiny-llama": str(tiny)},
+    ) as (live, classifier):  # fmt: skip
         default = _answer(live, "/v1/predictions", classifier, SENTENCES[:3])
         int8 = _answer(live, "/v1/predictions", classifier, SENTENCES[:3], quantization="int8")
         full = _answer(live, "/v1/predictions", classifier, SENTENCES[:3], quantization="none")
@@ -298,6 +303,11 @@ def test_int8_of_the_deployment_and_a_bad_quantization(
             bad = _post(live, route, {"model": BASE_MODEL, "input": "hi", "quantization": "int4"})
             assert bad.status_code == 400, bad.text
             assert bad.json()["error"]["param"] == "quantization"
+        generative = {"model": "tiny-llama", "input": "hi", "quantization": "int8"}
+        refused = _post(live, "/v1/predictions", generative)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == "quantization" and "causal-lm model" in error["message"]
         schemas = httpx.get(f"{live.base_url}/openapi.json").json()["components"]["schemas"]
         for name in ("PredictionRequest", "EmbeddingRequest"):
             field = schemas[name]["properties"]["quantization"]
