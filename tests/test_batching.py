@@ -2,13 +2,16 @@
 passes and answer what each request alone answers; a batch never outgrows max_batch_size; a bad
 input fails only its own request; a request waiting for its batch holds an inference slot (503
 when they are all taken); a client that hangs up has its rows dropped; a released model's batch
-thread stops; int8 answers close to full precision. And the batcher itself, without a model."""
+thread stops; int8 answers close to full precision. And the batcher itself, without a model, and
+torch's threads, set once in a fresh process."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +29,7 @@ from app.inference.batching import Batcher, BatchPolicy
 from app.models import FineTunedModel
 from tests.conftest import make_settings
 from tests.inference_support import TEXTS, Live, live_server, raw_request
-from tests.support import BASE_MODEL, wait_until
+from tests.support import BASE_MODEL, ROOT, wait_until
 from tests.tiny_models import build_causal_lm
 
 MAX_BATCH = 4
@@ -355,3 +358,26 @@ def test_a_row_that_fails_fails_only_its_request_and_the_thread_stops_on_close()
     batcher.close()
     wait_until(lambda: not batcher.running, 10, interval=0.02, what="the batch thread to stop")
     assert threading.active_count() == threads
+
+
+def test_an_inference_process_sets_torchs_threads_once_on_first_use() -> None:
+    """In a fresh process (torch not imported yet): the setting's thread count, one inter-op
+    thread, OpenMP threads that sleep while they wait; a second call changes nothing."""
+    script = (
+        "import os, sys\n"
+        "from app.core.settings import Settings\n"
+        "from app.inference.concurrency import configure_torch_threads\n"
+        "assert 'torch' not in sys.modules\n"
+        "configure_torch_threads(Settings(_env_file=None, inference_threads=1))\n"
+        "configure_torch_threads(Settings(_env_file=None, inference_threads=2))\n"
+        "import torch\n"
+        "print(torch.get_num_threads(), torch.get_num_interop_threads(),"
+        " os.environ['OMP_WAIT_POLICY'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1", "PASSIVE"]
