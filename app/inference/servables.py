@@ -75,6 +75,9 @@ class _BatchedTexts:
 
     def release(self) -> None:
         self.batchers.close()
+        # The weights go now, not when the garbage collector finds the cycle between this
+        # servable and its batchers (no request is left to use them).
+        self.models.clear()
 
 
 def quantize_int8(model: Any) -> Any:
