@@ -19,6 +19,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 Role = Literal["control", "inference", "all"]
+# The precision of classifier and encoder forward passes: full, or int8 linear layers.
+Quantization = Literal["none", "int8"]
 
 
 class Settings(BaseSettings):
@@ -104,6 +106,17 @@ class Settings(BaseSettings):
     # 100 most frequent whatever this is).
     max_dataset_labels: int = Field(default=10_000, ge=2)
     max_prediction_inputs: int = Field(default=256, gt=0)
+    # Dynamic batching of predictions and embeddings: the most rows (inputs, from any number of
+    # requests) one forward pass takes, and how long a batch waits for more rows once the
+    # model is busy (never while it is idle: a lone request runs at once).
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    max_batch_delay_ms: float = Field(default=5.0, ge=0, le=1000)
+    # torch's threads in an inference process, set once when it first serves: intra-op threads
+    # for each forward pass (default: the CPUs this process may run on; inter-op: 1).
+    inference_threads: int | None = Field(default=None, ge=1)
+    # Precision of classifier and encoder forward passes, unless a request names its own:
+    # int8 quantizes their linear layers (faster on CPU; scores change slightly).
+    inference_quantization: Quantization = "none"
     # Most tokens one completion may generate.
     max_new_tokens: int = Field(default=2048, ge=1)
     # The inference process's model cache (app/inference/registry.py). Bytes of weights it
@@ -126,8 +139,10 @@ class Settings(BaseSettings):
     max_choices_per_request: int = Field(default=16, ge=1)
     # Tokens one request may generate in all: choices × max_tokens (predictions: 128 an input).
     max_tokens_per_request: int = Field(default=16384, ge=1)
-    # Inference requests an inference process runs at once (loading or running a model).
-    inference_concurrency: int = Field(default=4, ge=1)
+    # Inference requests an inference process serves at once (loading a model, waiting for
+    # their batch, generating). Each prediction waiting for its batch holds a slot but no
+    # thread, so this bounds the requests one batch can gather from.
+    inference_concurrency: int = Field(default=64, ge=1)
     # Inference requests that may wait for a slot (holding no thread); more get a 503.
     inference_queue_size: int = Field(default=64, ge=0)
     # Seconds an inference request waits for a slot before it gets a 503 with Retry-After.

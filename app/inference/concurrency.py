@@ -6,14 +6,25 @@ worker thread counted by this gate's own limiter (never one of the default pool'
 which the control routes and authentication need). The others wait for a slot on the event
 loop, holding no thread: at most ``inference_queue_size`` of them, each for at most
 ``inference_queue_timeout_seconds``; past either bound the answer is a 503 with ``Retry-After``.
-A request that holds a slot and whose client goes away has its generation cancelled.
+A request that holds a slot and whose client goes away has its generation cancelled. A
+prediction or an embedding holds its slot, but no thread, while it waits for its batch
+(app/inference/batching.py); its client going away cancels its rows not yet run.
+
+torch's thread pools are sized once per process, before the first model is loaded, by
+``configure_torch_threads`` (``inference_threads``): each forward pass uses every CPU the process
+may run on, and no inter-op pool, since batching keeps the forward passes few and wide; idle
+OpenMP threads sleep rather than spin.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+import os
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -23,16 +34,62 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.core.errors import ServiceUnavailable
+from app.core.errors import ServiceUnavailable, TunehouseError
 from app.core.settings import Settings
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
+
+_torch_configured = False
+_torch_lock = threading.Lock()
+
+
+def configure_torch_threads(settings: Settings) -> None:
+    """Size torch's thread pools for this process, once, on its first inference (importing
+    torch then); later calls, whatever their settings, change nothing."""
+    global _torch_configured
+    if _torch_configured:
+        return
+    with _torch_lock:
+        if _torch_configured:
+            return
+        # Threads that wait at the end of a parallel region sleep instead of spinning (read by
+        # OpenMP when torch is first imported, so only if this is that import): they share the
+        # cores with the event loop, the tokenizers and whatever else runs on the machine, and
+        # spinning ones made a MiniLM forward pass 10 to 40 times slower on 2 busy cores.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        import torch
+
+        threads = settings.inference_threads or available_cpus()
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # inter-op work already ran in this process (it is set once)
+            log.info("torch's inter-op threads were already set; left as they are")
+        log.info("torch uses %d threads for each forward pass", threads)
+        _torch_configured = True
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as a container limits it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class InferenceBusy(ServiceUnavailable):
     def __init__(self, message: str, *, retry_after: int):
         super().__init__(message, code="inference_busy")
         self.headers = {"Retry-After": str(retry_after)}
+
+
+class ClientGone(TunehouseError):
+    """The client went away before its answer was ready (nobody reads this answer)."""
+
+    status_code = 499
+    error_type = "client_closed_request"
 
 
 class InferenceGate:
@@ -95,6 +152,28 @@ class InferenceGate:
             raise failure
         return result
 
+    async def wait(self, request: Request, future: Future[T]) -> T:
+        """The result of ``future`` (the caller holds a slot, but no thread). If the client
+        goes away first, ``future`` is cancelled: work not yet started is dropped, work that
+        has started ends (its result is dropped). Cancelling the caller cancels it too."""
+        watch = _Disconnect(request, future)
+        failure: BaseException | None = None
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watch.cancel_on_disconnect)
+            try:
+                result = await asyncio.wrap_future(future)
+            except asyncio.CancelledError:
+                if not watch.gone:  # the caller itself is cancelled
+                    raise
+                failure = ClientGone("The client closed the request.")
+            except Exception as exc:  # raised below, not as a task group's ExceptionGroup
+                failure = exc
+            finally:
+                tasks.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return result
+
     def _busy(self, why: str) -> InferenceBusy:
         return InferenceBusy(
             f"The server is busy with other inference requests ({why}); retry after "
@@ -127,6 +206,17 @@ async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> No
     while (await request.receive())["type"] != "http.disconnect":
         await anyio.sleep(0.1)
     cancel.set()
+
+
+class _Disconnect:
+    def __init__(self, request: Request, future: Future[Any]):
+        self.request, self.future, self.gone = request, future, False
+
+    async def cancel_on_disconnect(self) -> None:
+        while (await self.request.receive())["type"] != "http.disconnect":
+            await anyio.sleep(0.1)
+        self.gone = True
+        self.future.cancel()
 
 
 class HeldStream(StreamingResponse):

@@ -1,12 +1,16 @@
 """Inference routes: predictions for every kind of model, and embeddings. Each request finds its
 model with a short database session, then waits for an inference slot (app/inference/
-concurrency.py) and runs the model in an inference thread, off the event loop."""
+concurrency.py) and leases the model in an inference thread, off the event loop. A classifier,
+tabular model or encoder then queues the request's rows for its batch thread (app/inference/
+batching.py), and the request waits on the event loop, holding its slot but no thread; anything
+else (a generative model's predictions, completions) runs in the inference thread."""
 
 from __future__ import annotations
 
 import base64
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import numpy as np
@@ -16,12 +20,13 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
 from app.core.errors import InvalidRequest
-from app.core.kinds import KIND_CAUSAL_LM
-from app.core.settings import Settings
+from app.core.kinds import KIND_CAUSAL_LM, KIND_CLASSIFICATION, KIND_ENCODER
+from app.core.settings import Quantization, Settings
 from app.core.storage import Storage
+from app.inference.batching import BatchPolicy
 from app.inference.bounds import check_choices, check_tokens
-from app.inference.concurrency import inference_gate
-from app.inference.protocols import Embedder, Predictor, Use
+from app.inference.concurrency import configure_torch_threads, inference_gate
+from app.inference.protocols import Use
 from app.inference.registry import ModelCache
 from app.inference.schemas import (
     Embedding,
@@ -41,6 +46,9 @@ from app.services.models import LoadableModel, resolve_loadable
 router = APIRouter(tags=["inference"])
 
 T = TypeVar("T")
+
+# The kinds of model whose forward passes may run in int8.
+QUANTIZABLE = (KIND_CLASSIFICATION, KIND_ENCODER)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid input or wrong kind of model"},
@@ -84,8 +92,10 @@ async def run_model(
     """``work(servable)`` in an inference slot, with ``model`` loaded for ``use`` and leased
     until ``work`` returns; ``cancel``, if given, is set when the client goes away meanwhile."""
     cache: ModelCache = request.app.state.model_cache
+    settings: Settings = request.app.state.settings
 
     def leased() -> T:
+        configure_torch_threads(settings)
         with cache.lease(model, use) as servable:
             return work(servable)
 
@@ -94,6 +104,42 @@ async def run_model(
         if cancel is None:
             return await gate.run(leased)
         return await gate.run_until_disconnect(request, cancel, leased)
+
+
+async def run_batched(
+    request: Request,
+    model: LoadableModel,
+    use: Use,
+    submit: Callable[[Any, BatchPolicy], Future[T]],
+    fallback: Callable[[Any], T],
+) -> T:
+    """``submit(servable, policy)``'s answer, with ``model`` loaded for ``use`` and leased until
+    that answer is ready. The request holds an inference slot throughout, and an inference
+    thread only to lease the model and submit its rows; a servable that does not batch (it has
+    no ``submit``) answers ``fallback(servable)`` in that thread."""
+    cache: ModelCache = request.app.state.model_cache
+    settings: Settings = request.app.state.settings
+    policy = BatchPolicy.from_settings(settings)
+
+    def enqueue() -> Future[T]:
+        configure_torch_threads(settings)
+        lease = cache.lease(model, use)
+        try:
+            if hasattr(lease.servable, "submit"):
+                future = submit(lease.servable, policy)
+            else:
+                future = Future()
+                future.set_result(fallback(lease.servable))
+        except BaseException:
+            lease.close()
+            raise
+        future.add_done_callback(lambda _: lease.close())
+        return future
+
+    gate = inference_gate(request.app)
+    async with gate.slot():
+        future = await gate.run(enqueue)
+        return await gate.wait(request, future)
 
 
 def _inputs(value: Any, limit: int) -> list[Any]:
@@ -105,6 +151,19 @@ def _inputs(value: Any, limit: int) -> list[Any]:
             f"'input' holds {len(inputs)} items; the limit is {limit}.", param="input"
         )
     return inputs
+
+
+def _quantization(asked: Quantization | None, settings: Settings, kind: str) -> Quantization:
+    """The request's precision, else the deployment's for the kinds that have one."""
+    if asked is None:
+        return settings.inference_quantization if kind in QUANTIZABLE else "none"
+    if asked == "int8" and kind not in QUANTIZABLE:
+        raise InvalidRequest(
+            f"'quantization': 'int8' serves {' and '.join(QUANTIZABLE)} models; this is a "
+            f"{kind} model.",
+            param="quantization",
+        )
+    return asked
 
 
 @router.post(
@@ -126,16 +185,19 @@ async def predict(
     if model.kind == KIND_CAUSAL_LM:  # each input is a generation
         choices = check_choices(settings, len(inputs), 1, prompt_param="input")
         check_tokens(settings, choices, TextPredictor.max_tokens, param="input")
-
-    def answer(predictor: Predictor) -> PredictionResponse:
-        results, tokens = predictor.predict(inputs)
-        return PredictionResponse(
-            model=body.model,
-            data=[Prediction(index=i, **r) for i, r in enumerate(results)],
-            usage=PredictionUsage(prompt_tokens=tokens, total_tokens=tokens),
-        )
-
-    return await run_model(request, model, "predict", answer)
+    quantization = _quantization(body.quantization, settings, model.kind)
+    results, tokens = await run_batched(
+        request,
+        model,
+        "predict",
+        lambda predictor, policy: predictor.submit(inputs, policy, quantization),
+        lambda predictor: predictor.predict(inputs),
+    )
+    return PredictionResponse(
+        model=body.model,
+        data=[Prediction(index=i, **r) for i, r in enumerate(results)],
+        usage=PredictionUsage(prompt_tokens=tokens, total_tokens=tokens),
+    )
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
@@ -151,25 +213,28 @@ async def embeddings(
     if any(not isinstance(t, str) or not t for t in texts):
         raise InvalidRequest("Every input must be a non-empty string.", param="input")
     model = await find_model(session, settings, storage, org, body.model)
-
-    def answer(embedder: Embedder) -> EmbeddingResponse:
-        vectors, tokens = embedder.embed(texts)
-        if body.dimensions is not None:
-            if body.dimensions > len(vectors[0]):
-                raise InvalidRequest(
-                    f"dimensions must be at most {len(vectors[0])} for this model.",
-                    param="dimensions",
-                )
-            vectors = [_renormalise(v[: body.dimensions]) for v in vectors]
-        data = [
-            Embedding(index=i, embedding=_encode(v, body.encoding_format))
-            for i, v in enumerate(vectors)
-        ]
-        return EmbeddingResponse(
-            data=data, model=body.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens)
-        )
-
-    return await run_model(request, model, "embed", answer)
+    quantization = _quantization(body.quantization, settings, model.kind)
+    vectors, tokens = await run_batched(
+        request,
+        model,
+        "embed",
+        lambda embedder, policy: embedder.submit(texts, policy, quantization),
+        lambda embedder: embedder.embed(texts),
+    )
+    if body.dimensions is not None:
+        if body.dimensions > len(vectors[0]):
+            raise InvalidRequest(
+                f"dimensions must be at most {len(vectors[0])} for this model.",
+                param="dimensions",
+            )
+        vectors = [_renormalise(v[: body.dimensions]) for v in vectors]
+    data = [
+        Embedding(index=i, embedding=_encode(v, body.encoding_format))
+        for i, v in enumerate(vectors)
+    ]
+    return EmbeddingResponse(
+        data=data, model=body.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens)
+    )
 
 
 def _encode(vector: list[float], encoding: str) -> list[float] | str:

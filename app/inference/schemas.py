@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.core.settings import Quantization
+
 # Bounds of our own (OpenAI's where it has them): the characters of one text (tokenizers
 # truncate to the model's context, but only after reading it all), the messages of a chat, the
 # prompts of a completion request and the samples of each. The server's settings bound the
@@ -22,6 +24,15 @@ MAX_N = 16
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+# Tunehouse's extension of /v1/predictions and /v1/embeddings: the precision of the forward pass.
+QUANTIZATION = Field(
+    default=None,
+    description=(
+        "Tunehouse extension: 'int8' runs a classifier or an encoder with int8 linear layers "
+        "(faster on CPU, scores change slightly), 'none' in full precision; default: the "
+        "server's TUNEHOUSE_INFERENCE_QUANTIZATION."
+    ),
+)
 
 
 class StreamOptions(BaseModel):
@@ -142,6 +153,7 @@ class EmbeddingRequest(BaseModel):
     input: Text | list[Text] = Field(description="one text or a list of texts")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1, le=65536)
+    quantization: Quantization | None = QUANTIZATION
 
 
 class Embedding(BaseModel):
@@ -165,6 +177,7 @@ class PredictionRequest(BaseModel):
     input: Text | list[Text] | list[Annotated[list[float], Field(max_length=65536)]] = Field(
         description="one text, a list of texts, or rows of numbers for a tabular model"
     )
+    quantization: Quantization | None = QUANTIZATION
 
 
 class Prediction(BaseModel):

@@ -4,72 +4,164 @@ checks a model's weights once, before its factory runs (``ModelCache._build``)."
 from __future__ import annotations
 
 import threading
+import warnings
+from concurrent.futures import Future
 from functools import partial
 from typing import Any
 
 from app.core.kinds import KIND_CAUSAL_LM, KIND_CLASSIFICATION, KIND_ENCODER, KIND_TABULAR
+from app.core.settings import Quantization
+from app.inference.batching import Batchers, BatchPolicy
 from app.inference.loading import load_pretrained
-from app.inference.protocols import TextGenerator
+from app.inference.protocols import TextGenerator, Use
 from app.inference.registry import ModelCache, factory
 from app.services.models import LoadableModel
 
 
-@factory("predict", KIND_CLASSIFICATION)
-class ClassifierPredictor:
-    batch_size = 32
+class _BatchedTexts:
+    """A transformers model of tokenized texts, served in dynamic batches in full precision and,
+    from the first request that asks, in int8 (a quantized copy beside the full one). Texts are
+    tokenized by their request, unpadded; each sub-batch is padded to its longest row."""
 
-    def __init__(self, cache: ModelCache, model: LoadableModel):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    use: Use
+
+    def __init__(self, model_class: Any, model: LoadableModel):
+        from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model.path)
-        self.model = load_pretrained(AutoModelForSequenceClassification, model.path)
-        self.id2label = {int(k): str(v) for k, v in self.model.config.id2label.items()}
+        # A fast tokenizer is not safe to call from several threads at once (its Rust side
+        # may raise "Already borrowed"); a request holds this only while it tokenizes.
+        self._tokenizing = threading.Lock()
+        self.models: dict[Quantization, Any] = {"none": load_pretrained(model_class, model.path)}
+        self.batchers = Batchers(model.kind, self.use, self._run, self._quantize, _length)
 
-    def predict(self, inputs: list[Any]) -> tuple[list[dict[str, Any]], int]:
+    def forward(self, model: Any, batch: dict[str, Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def _submit(
+        self, texts: list[str], policy: BatchPolicy, quantization: Quantization
+    ) -> Future[tuple[list[Any], int]]:
+        batcher = self.batchers.get(quantization, policy)
+        with self._tokenizing:
+            encoded = self.tokenizer(texts, truncation=True, max_length=512)
+        rows = [{key: encoded[key][i] for key in encoded} for i in range(len(texts))]
+        tokens = sum(len(row["input_ids"]) for row in rows)
+        return batcher.submit(rows, lambda results: (results, tokens))
+
+    def _quantize(self, quantization: Quantization) -> None:
+        if quantization == "int8" and "int8" not in self.models:
+            self.models["int8"] = quantize_int8(self.models["none"])
+
+    def _run(self, quantization: Quantization, rows: list[dict[str, list[int]]]) -> list[Any]:
         import torch
 
-        texts = _texts(inputs)
-        results: list[dict[str, Any]] = []
-        tokens = 0
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                texts[start : start + self.batch_size],
-                padding=True,
-                truncation=True,
-                max_length=512,
-                return_tensors="pt",
-            )
-            tokens += int(batch["attention_mask"].sum())
-            with torch.inference_mode():
-                probs = torch.softmax(self.model(**batch).logits.float(), dim=-1)
-            results += [_scored(row, self.id2label) for row in probs.tolist()]
-        return results, tokens
+        with torch.inference_mode():
+            return self.forward(self.models[quantization], self._pad(rows))
+
+    def _pad(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(row["input_ids"]) for row in rows)
+        left = self.tokenizer.padding_side == "left"
+        batch = {}
+        for key in rows[0]:
+            fill = (self.tokenizer.pad_token_id or 0) if key == "input_ids" else 0
+            padded = []
+            for row in rows:
+                pad = [fill] * (width - len(row[key]))
+                padded.append(pad + row[key] if left else row[key] + pad)
+            batch[key] = torch.tensor(padded)
+        return batch
+
+    def release(self) -> None:
+        self.batchers.close()
+        # The weights go now, not when the garbage collector finds the cycle between this
+        # servable and its batchers (no request is left to use them).
+        self.models.clear()
+
+
+def quantize_int8(model: Any) -> Any:
+    """A copy of ``model`` whose linear layers compute in int8: weights quantized once, per
+    output channel, activations quantized per batch as they come (dynamic quantization). Through
+    ``torch.ao.quantization.quantize_dynamic``: deprecated in favour of torchao, but torchao's
+    int8 (0.18, ``Int8DynamicActivationInt8WeightConfig``) measured about half as fast on this
+    CPU without ``torch.compile``; its deprecation warnings are silenced here only."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
+        quantization = torch.ao.quantization
+        # Per-channel weights: on a MiniLM classifier, SST-2 dev accuracy moves 0.3 points
+        # from full precision (per-tensor weights: 1.0).
+        quantized = quantization.quantize_dynamic(
+            model, {torch.nn.Linear: quantization.per_channel_dynamic_qconfig}
+        )
+    return quantized.eval()
+
+
+@factory("predict", KIND_CLASSIFICATION)
+class ClassifierPredictor(_BatchedTexts):
+    """A label and its scores for each text, from a fine-tuned sequence classifier."""
+
+    use = "predict"
+
+    def __init__(self, cache: ModelCache, model: LoadableModel):
+        from transformers import AutoModelForSequenceClassification
+
+        super().__init__(AutoModelForSequenceClassification, model)
+        config = self.models["none"].config
+        self.id2label = {int(k): str(v) for k, v in config.id2label.items()}
+
+    def submit(
+        self, inputs: list[Any], policy: BatchPolicy, quantization: Quantization = "none"
+    ) -> Future[tuple[list[dict[str, Any]], int]]:
+        return self._submit(_texts(inputs), policy, quantization)
+
+    def forward(self, model: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        import torch
+
+        probs = torch.softmax(model(**batch).logits.float(), dim=-1)
+        return [_scored(row, self.id2label) for row in probs.tolist()]
 
 
 @factory("predict", KIND_TABULAR)
 class TabularPredictor:
+    """A label and its scores for each row of numbers, from a ``tunehouse/mlp`` model."""
+
     def __init__(self, cache: ModelCache, model: LoadableModel):
+        import torch
+
         from app.inference.architectures import load_mlp
 
         self.model, self.config = load_mlp(model.path)
         self.model.eval()
         self.id2label = dict(enumerate(str(label) for label in self.config["labels"]))
+        self.size = int(self.config["input_size"])
+        self.mean = torch.tensor(self.config["feature_mean"], dtype=torch.float32)
+        self.std = torch.tensor(self.config["feature_std"], dtype=torch.float32)
+        self.batchers = Batchers(model.kind, "predict", self._run)
 
-    def predict(self, inputs: list[Any]) -> tuple[list[dict[str, Any]], int]:
+    def submit(
+        self, inputs: list[Any], policy: BatchPolicy, quantization: Quantization = "none"
+    ) -> Future[tuple[list[dict[str, Any]], int]]:
+        rows = []
+        for index, row in enumerate(inputs):  # every row checked before any is queued
+            if not isinstance(row, list) or len(row) != self.size:
+                raise _bad_input(f"input[{index}] must be a list of {self.size} numbers")
+            rows.append([float(x) for x in row])
+        return self.batchers.get("none", policy).submit(rows, lambda results: (results, 0))
+
+    def _run(self, quantization: Quantization, rows: list[list[float]]) -> list[dict[str, Any]]:
         import torch
 
-        size = int(self.config["input_size"])
-        rows = []
-        for index, row in enumerate(inputs):
-            if not isinstance(row, list) or len(row) != size:
-                raise _bad_input(f"input[{index}] must be a list of {size} numbers")
-            rows.append([float(x) for x in row])
         features = torch.tensor(rows, dtype=torch.float32)
-        mean = torch.tensor(self.config["feature_mean"], dtype=torch.float32)
-        std = torch.tensor(self.config["feature_std"], dtype=torch.float32)
         with torch.inference_mode():
-            probs = torch.softmax(self.model((features - mean) / std), dim=-1)
-        return [_scored(row, self.id2label) for row in probs.tolist()], 0
+            probs = torch.softmax(self.model((features - self.mean) / self.std), dim=-1)
+        return [_scored(row, self.id2label) for row in probs.tolist()]
+
+    def release(self) -> None:
+        self.batchers.close()
 
 
 @factory("generate", KIND_CAUSAL_LM)
@@ -117,39 +209,34 @@ class TextPredictor:
 
 
 @factory("embed", KIND_ENCODER, KIND_CLASSIFICATION)
-class SentenceEmbedder:
+class SentenceEmbedder(_BatchedTexts):
     """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe for
     all-MiniLM-L6-v2); a fine-tuned classifier embeds with its fine-tuned encoder."""
 
-    batch_size = 32
+    use = "embed"
 
     def __init__(self, cache: ModelCache, model: LoadableModel):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model.path)
-        self.model = load_pretrained(AutoModel, model.path)
+        super().__init__(AutoModel, model)
 
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    def submit(
+        self, texts: list[str], policy: BatchPolicy, quantization: Quantization = "none"
+    ) -> Future[tuple[list[list[float]], int]]:
+        return self._submit(texts, policy, quantization)
+
+    def forward(self, model: Any, batch: dict[str, Any]) -> list[list[float]]:
         import torch
 
-        vectors: list[list[float]] = []
-        tokens = 0
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                texts[start : start + self.batch_size],
-                padding=True,
-                truncation=True,
-                max_length=512,
-                return_tensors="pt",
-            )
-            mask = batch["attention_mask"]
-            tokens += int(mask.sum())
-            with torch.inference_mode():
-                hidden = self.model(**batch).last_hidden_state
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-            vectors += torch.nn.functional.normalize(pooled, p=2, dim=1).tolist()
-        return vectors, tokens
+        hidden = model(**batch).last_hidden_state
+        weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        vectors: list[list[float]] = torch.nn.functional.normalize(pooled, p=2, dim=1).tolist()
+        return vectors
+
+
+def _length(row: dict[str, list[int]]) -> int:
+    return len(row["input_ids"])
 
 
 def _texts(inputs: list[Any]) -> list[str]:

@@ -29,6 +29,7 @@ from app.core.errors import InvalidRequest, NotFound
 from app.core.kinds import KIND_CAUSAL_LM, KIND_CLASSIFICATION, KIND_ENCODER, KIND_TABULAR
 from app.core.settings import Settings
 from app.core.storage import Storage
+from app.inference.concurrency import configure_torch_threads
 from app.inference.protocols import Use
 from app.inference.registry import ModelCache
 from app.models import Job, utcnow
@@ -68,6 +69,7 @@ class Warmer:
 
     def _run(self) -> None:
         try:
+            configure_torch_threads(self.settings)  # before anything imports torch
             import_runtime()
             for model_id in self.settings.pinned_models:
                 if self._stop.is_set():
