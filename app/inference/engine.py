@@ -170,6 +170,7 @@ class DecodeEngine:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # (rows, cache length): 1 = a token, 0 = padding
         # Counters for tests and logs (engine thread writes, anyone reads).
+        self.submitted = 0  # sequences
         self.prefills = 0
         self.steps = 0
         self.largest_batch = 0
@@ -202,6 +203,7 @@ class DecodeEngine:
             if self._closed:
                 raise EngineClosed("the model has been unloaded")
             ACTIVE.inc(len(runs))
+            self.submitted += len(runs)
             self._pending += groups.values()
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -237,6 +239,11 @@ class DecodeEngine:
                 self._wake.notify()
 
     @property
+    def pausing(self) -> int:
+        """How many callers wait in ``paused()``."""
+        return self._pauses
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -247,9 +254,7 @@ class DecodeEngine:
         try:
             while True:
                 with self._wake:
-                    while not self._closed and (
-                        self._pauses or not (self._pending or self._rows)
-                    ):
+                    while not self._closed and (self._pauses or not (self._pending or self._rows)):
                         self._wake.wait()
                     if self._closed:
                         break

@@ -43,13 +43,17 @@ class TextGenerator(Protocol):
     ) -> Generation: ...
 
     def generate(
-        self, prompts: list[tuple[list[int], GenerationParams]], cancel: threading.Event | None = None
+        self,
+        prompts: list[tuple[list[int], GenerationParams]],
+        cancel: threading.Event | None = None,
     ) -> Generator[tuple[int, Piece], None, None]:
         """All of ``prompts`` at once: ``(index, piece)`` as pieces of any of them are final."""
         ...
 
     def complete_all(
-        self, prompts: list[tuple[list[int], GenerationParams]], cancel: threading.Event | None = None
+        self,
+        prompts: list[tuple[list[int], GenerationParams]],
+        cancel: threading.Event | None = None,
     ) -> list[Generation]:
         """All of ``prompts`` generated at once, in their order."""
         ...
