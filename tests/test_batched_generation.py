@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,8 @@ def test_concurrent_greedy_generations_equal_each_served_alone(
     release = _held(throttle, lm.engine, 2 * len(cases))
     calls: list[Callable[[], Generation]] = []
     for adapter, prompt in cases:
-        calls.append(lambda a=adapter, p=prompt: lm.complete(a, p, GREEDY))
-        calls.append(lambda a=adapter, p=prompt: lm.stream(a, p, GREEDY))
+        calls.append(partial(lm.complete, adapter, prompt, GREEDY))
+        calls.append(partial(lm.stream, adapter, prompt, GREEDY))
     releasing = threading.Thread(target=release)
     releasing.start()
     together = _at_once(calls)
@@ -316,6 +317,7 @@ def live(tmp_path: Path, tiny_base: Path) -> Iterator[Live]:
 def _ask(live: Live, model: str, kind: str) -> list[str]:
     """One request's choices' texts (a chat, a completion with n=2; streamed or not)."""
     stream = kind.endswith("stream")
+    body: dict[str, Any]
     if kind.startswith("chat"):
         route, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}
     else:
@@ -386,7 +388,7 @@ def test_concurrent_requests_over_http_equal_each_served_alone(
 
     releasing = threading.Thread(target=release)
     releasing.start()
-    together = _at_once([lambda case=case: _ask(live, *case) for case in cases])
+    together = _at_once([partial(_ask, live, *case) for case in cases])
     releasing.join()
 
     assert together == alone

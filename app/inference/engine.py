@@ -351,21 +351,24 @@ class DecodeEngine:
     def _merge(self, cache: DynamicCache, length: int, copies: int) -> None:
         """Add ``copies`` rows holding the one-row ``cache`` to the batch, left-padding the
         shorter side to the longer."""
-        _check_layers(cache)
         if self._cache is None or self._mask is None:
-            for layer in cache.layers:
-                layer.keys = layer.keys.repeat(copies, 1, 1, 1)
-                layer.values = layer.values.repeat(copies, 1, 1, 1)
+            for layer in _layers(cache):
+                keys, values = _states(layer)
+                layer.keys, layer.values = (
+                    keys.repeat(copies, 1, 1, 1),
+                    values.repeat(copies, 1, 1, 1),
+                )
             self._cache = cache
             self._mask = torch.ones(copies, length, dtype=torch.long)
             return
         width = max(self._mask.shape[1], length)
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+        for old, new in zip(_layers(self._cache), _layers(cache), strict=True):
+            (old_keys, old_values), (new_keys, new_values) = _states(old), _states(new)
             old.keys = torch.cat(
-                [_pad(old.keys, width), _pad(new.keys, width).expand(copies, -1, -1, -1)]
+                [_pad(old_keys, width), _pad(new_keys, width).expand(copies, -1, -1, -1)]
             )
             old.values = torch.cat(
-                [_pad(old.values, width), _pad(new.values, width).expand(copies, -1, -1, -1)]
+                [_pad(old_values, width), _pad(new_values, width).expand(copies, -1, -1, -1)]
             )
         added = F.pad(torch.ones(copies, length, dtype=torch.long), (width - length, 0))
         self._mask = torch.cat([F.pad(self._mask, (width - self._mask.shape[1], 0)), added])
@@ -386,9 +389,10 @@ class DecodeEngine:
         mask = self._mask[selected]
         # Columns that are padding in every row left are no longer needed.
         first = int(mask.argmax(dim=1).min())
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[selected, :, first:, :]
-            layer.values = layer.values[selected, :, first:, :]
+        for layer in _layers(self._cache):
+            keys, values = _states(layer)
+            layer.keys = keys[selected, :, first:, :]
+            layer.values = values[selected, :, first:, :]
         self._mask = mask[:, first:]
 
     def _reset(self) -> None:
@@ -399,10 +403,21 @@ def _members(groups: list[_Group]) -> list[_Sequence]:
     return [sequence for group in groups for sequence in group.sequences]
 
 
-def _check_layers(cache: DynamicCache) -> None:
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """``cache``'s layers, each a plain ``DynamicLayer`` (rows, heads, length, head_dim)."""
+    layers = []
     for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
+        if not isinstance(layer, DynamicLayer) or type(layer) is not DynamicLayer:
             raise TypeError(f"batched generation needs DynamicLayer caches, not {type(layer)}")
+        layers.append(layer)
+    return layers
+
+
+def _states(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    keys, values = layer.keys, layer.values
+    if keys is None or values is None:
+        raise RuntimeError("an empty cache layer after a forward pass")
+    return keys, values
 
 
 def _pad(states: torch.Tensor, width: int) -> torch.Tensor:
