@@ -49,6 +49,9 @@ from app.inference.sampling import GenerationParams
 log = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+# Prompts prefilled in one step at most, so a crowd of new requests delays the tokens of the
+# running ones by a few prefills at a time, not by all of theirs.
+PREFILLS_PER_STEP = 8
 
 BATCH_SIZE = Histogram(
     "tunehouse_generation_batch_size",
@@ -258,7 +261,8 @@ class DecodeEngine:
                         self._wake.wait()
                     if self._closed:
                         break
-                    joining, self._pending = self._pending, []
+                    joining = self._pending[:PREFILLS_PER_STEP]
+                    del self._pending[:PREFILLS_PER_STEP]
                 try:
                     self._step(joining)
                 except Exception as exc:
