@@ -3,7 +3,9 @@ when asked: the first token leaves as soon as it exists. Both routes answer thro
 what differs between them is a ``_Format``.
 
 A completion runs in an inference slot (app/inference/concurrency.py) and stops generating when
-its client goes away, streamed or not.
+its client goes away, streamed or not. All the choices of a request (its prompts, ``n`` samples of
+each) are submitted to the model's decode engine at once and generated together; a streamed
+answer interleaves their chunks, each choice's opening chunk first.
 """
 
 from __future__ import annotations
@@ -192,11 +194,8 @@ async def _answer(
 
     def generate(generator: TextGenerator) -> tuple[int, list[Generation]]:
         prompts = encode(generator)
-        results = []
-        for prompt, sample in _runs(prompts, params):
-            if cancel.is_set():  # the client has gone: nobody reads the rest
-                break
-            results.append(generator.complete(prompt, sample, cancel))
+        # Every choice of every prompt decodes at once (a cancel stops them all).
+        results = generator.complete_all(_runs(prompts, params), cancel)
         return sum(map(len, prompts)), results
 
     prompt_tokens, results = await run_model(request, model, "generate", generate, cancel)
@@ -255,19 +254,21 @@ def _events(
     cancel: threading.Event,
 ) -> Iterator[str]:
     completion_tokens = 0
+    runs = _runs(prompts, params)
     try:
-        for index, (prompt, sample) in enumerate(_runs(prompts, params)):
-            if cancel.is_set():
-                return
-            if form.opening is not None:
+        if form.opening is not None:  # each choice opens before any of its pieces
+            for index in range(len(runs)):
                 yield _sse(_chunk(head, index, None, form.opening))
-            with closing(generator.stream(prompt, sample, cancel)) as pieces:
-                for piece in pieces:
-                    if piece.text or piece.finish_reason:
-                        fields = form.piece(piece.text)
-                        yield _sse(_chunk(head, index, piece.finish_reason, fields))
-                    if piece.finish_reason:
-                        completion_tokens += piece.completion_tokens
+        # The choices decode together: their chunks interleave, as OpenAI's do.
+        with closing(generator.generate(runs, cancel)) as pieces:
+            for index, piece in pieces:
+                if piece.text or piece.finish_reason:
+                    fields = form.piece(piece.text)
+                    yield _sse(_chunk(head, index, piece.finish_reason, fields))
+                if piece.finish_reason:
+                    completion_tokens += piece.completion_tokens
+        if cancel.is_set():
+            return
         if include_usage:
             usage = _usage(sum(map(len, prompts)), completion_tokens)
             yield _sse({**head, "choices": [], "usage": usage.model_dump()})

@@ -1,59 +1,31 @@
 """Text generation for causal LMs, token by token, with stop sequences and streaming.
 
-``model.generate`` runs in a thread and hands each new token to a queue; the caller decodes the
-growing sequence and yields text as soon as it is final (not possibly the start of a stop
-sequence, not half of a UTF-8 character). A stop sequence ends generation at once through a
-stopping criterion. One lock per loaded model serialises generations, so several LoRA adapters
-can share one base model: the adapter is switched inside the lock.
+The tokens come from the model's decode engine (app/inference/engine.py), which decodes the
+sequences of every request on the model (and on every LoRA adapter of its base) together. A
+``Generator`` submits a request's sequences at once and turns each one's tokens into text: it
+decodes the growing sequence and yields text as soon as it is final (not possibly the start of a
+stop sequence, not half of a UTF-8 character). A stop sequence found here stops that sequence in
+the engine; the sequence leaves the batch at the next step. Nothing here holds a lock: the caller
+only waits on its submission's queue.
 """
 
 from __future__ import annotations
 
 import collections.abc as abc
-import logging
-import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from app.inference.engine import DecodeEngine, Run
 from app.inference.loading import load_pretrained
 from app.inference.sampling import FinishReason, Generation, GenerationParams, Piece
 from app.inference.templates import DEFAULT_CHAT_TEMPLATE
 
-log = logging.getLogger(__name__)
-
-
-class _QueueStreamer(BaseStreamer):
-    def __init__(self) -> None:
-        self.tokens: queue.Queue[list[int] | None] = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first pushes the prompt
-            self._prompt_seen = True
-            return
-        self.tokens.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.tokens.put(None)
-
-
-class _StopWhenSet(StoppingCriteria):
-    """Stops the generation once any of ``events`` is set."""
-
-    def __init__(self, *events: threading.Event):
-        self.events = events
-
-    def __call__(
-        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
-    ) -> torch.Tensor:
-        stop = any(event.is_set() for event in self.events)
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)
+# One sequence to generate: a prompt's token ids and its parameters.
+Prompt = tuple[list[int], GenerationParams]
 
 
 def load_causal_lm(path: Path) -> Any:
@@ -70,19 +42,19 @@ def load_tokenizer(path: Path) -> Any:
 
 
 class Generator:
-    """One tokenizer over a (possibly shared) model. ``activate`` runs inside the model's lock
-    before each generation (it selects a LoRA adapter, or does nothing); ``on_release`` runs
-    when the cache lets this generator go (a LoRA adapter leaves its base)."""
+    """One tokenizer over a (possibly shared) model's decode engine. ``adapter`` names the LoRA
+    adapter its sequences use (None: the model itself); ``on_release`` runs when the cache lets
+    this generator go (it stops the engine, or takes the adapter off its base)."""
 
     def __init__(
         self,
         model: Any,
         tokenizer: Any,
-        lock: threading.Lock,
-        activate: Callable[[], None] = lambda: None,
+        engine: DecodeEngine,
+        adapter: str | None = None,
         on_release: Callable[[], None] = lambda: None,
     ):
-        self.model, self.tokenizer, self.lock, self.activate = model, tokenizer, lock, activate
+        self.model, self.tokenizer, self.engine, self.adapter = model, tokenizer, engine, adapter
         self.release = on_release
         config = model.config
         self.context_length = int(
@@ -103,6 +75,46 @@ class Generator:
 
     # -- generation ------------------------------------------------------------------------------
 
+    def generate(
+        self, prompts: list[Prompt], cancel: threading.Event | None = None
+    ) -> abc.Generator[tuple[int, Piece], None, None]:
+        """Generate every one of ``prompts`` at once (they decode together, and prompts that are
+        the same are prefilled once); yield ``(index, piece)`` as each piece becomes final, the
+        pieces of different sequences interleaved. Each sequence's last piece has its
+        finish_reason. Setting ``cancel`` (a client went away) stops them all at the next token;
+        closing this generator stops them and waits until they have left the engine."""
+        texts = [
+            _Text(self.tokenizer, params, self._budget(prompt, params))
+            for prompt, params in prompts
+        ]
+        for index, text in enumerate(texts):
+            if text.max_new <= 0:
+                yield index, Piece("", "length", 0)
+        wanted = [index for index, text in enumerate(texts) if text.max_new > 0]
+        if not wanted:
+            return
+        runs = [Run(prompts[i][0], prompts[i][1], texts[i].max_new) for i in wanted]
+        submission = self.engine.submit(
+            runs, adapter=self.adapter, eos=self.tokenizer.eos_token_id, cancel=cancel
+        )
+        open_ = set(range(len(runs)))
+        try:
+            while open_:
+                slot, item = submission.next()
+                if slot not in open_:
+                    continue  # tokens decoded after this sequence's stop sequence
+                index, text = wanted[slot], texts[wanted[slot]]
+                if isinstance(item, BaseException):
+                    raise item
+                pieces = text.end() if item is None else text.feed(item)
+                for piece in pieces:
+                    yield index, piece
+                if text.finish is not None:
+                    open_.discard(slot)
+                    submission.stops[slot].set()
+        finally:
+            submission.close()
+
     def stream(
         self,
         prompt_ids: list[int],
@@ -111,95 +123,8 @@ class Generator:
     ) -> abc.Generator[Piece, None, None]:
         """Yield text pieces as they become final; the last piece has the finish_reason.
         Setting ``cancel`` (a client went away) stops the generation at the next token."""
-        max_new = min(params.max_tokens, max(self.context_length - len(prompt_ids), 0))
-        if max_new <= 0:
-            yield Piece("", "length", 0)
-            return
-        # This sequence's own stop (a stop sequence, the end), apart from the caller's cancel,
-        # which may go on to the request's next sequence.
-        streamer, stop_event = _QueueStreamer(), threading.Event()
-        stops = (stop_event,) if cancel is None else (stop_event, cancel)
-        failure: list[BaseException] = []
-        thread = threading.Thread(
-            target=self._generate,
-            args=(prompt_ids, params, max_new, streamer, stops, failure),
-            daemon=True,
-        )
-        thread.start()
-        generated: list[int] = []
-        emitted = ""
-        finish: FinishReason | None = None
-        eos = self.tokenizer.eos_token_id
-        try:
-            while True:
-                tokens = streamer.tokens.get()
-                if tokens is None:
-                    break
-                if eos is not None and eos in tokens:
-                    generated += tokens[: tokens.index(eos)]
-                    finish = "stop"
-                    stop_event.set()
-                else:
-                    generated += tokens
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                cut = _first_stop(text, params.stop)
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
-                    stop_event.set()
-                final = text if finish else _stable_prefix(text, params.stop)
-                if len(final) > len(emitted):
-                    yield Piece(final[len(emitted) :], completion_tokens=len(generated))
-                    emitted = final
-                if finish:
-                    break
-        finally:
-            stop_event.set()
-            thread.join()
-        if failure:
-            raise failure[0]
-        if finish is None:
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            finish = "length" if len(generated) >= max_new else "stop"
-            if len(text) > len(emitted):
-                yield Piece(text[len(emitted) :], completion_tokens=len(generated))
-        yield Piece("", finish, len(generated))
-
-    def _generate(
-        self,
-        prompt_ids: list[int],
-        params: GenerationParams,
-        max_new: int,
-        streamer: _QueueStreamer,
-        stops: tuple[threading.Event, ...],
-        failure: list[BaseException],
-    ) -> None:
-        try:
-            input_ids = torch.tensor([prompt_ids], dtype=torch.long)
-            kwargs: dict[str, Any] = {
-                "input_ids": input_ids,
-                "attention_mask": torch.ones_like(input_ids),
-                "max_new_tokens": max_new,
-                "streamer": streamer,
-                "stopping_criteria": [_StopWhenSet(*stops)],
-                "pad_token_id": self.tokenizer.pad_token_id,
-                "eos_token_id": self.tokenizer.eos_token_id,
-            }
-            if params.temperature > 0:
-                kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
-            else:
-                kwargs.update(do_sample=False)
-            with self.lock, torch.inference_mode():
-                if any(stop.is_set() for stop in stops):  # stopped while waiting for the lock
-                    streamer.end()
-                    return
-                self.activate()
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                self.model.generate(**kwargs)
-        except BaseException as exc:  # surfaced to the caller's thread
-            log.exception("generation failed")
-            failure.append(exc)
-            streamer.end()
+        for _, piece in self.generate([(prompt_ids, params)], cancel):
+            yield piece
 
     def complete(
         self,
@@ -207,13 +132,64 @@ class Generator:
         params: GenerationParams,
         cancel: threading.Event | None = None,
     ) -> Generation:
-        result = Generation()
-        for piece in self.stream(prompt_ids, params, cancel):
+        return self.complete_all([(prompt_ids, params)], cancel)[0]
+
+    def complete_all(
+        self, prompts: list[Prompt], cancel: threading.Event | None = None
+    ) -> list[Generation]:
+        """Every one of ``prompts`` generated at once, in their order."""
+        results = [Generation() for _ in prompts]
+        for index, piece in self.generate(prompts, cancel):
+            result = results[index]
             result.text += piece.text
             result.completion_tokens = piece.completion_tokens or result.completion_tokens
             if piece.finish_reason:
                 result.finish_reason = piece.finish_reason
-        return result
+        return results
+
+    def _budget(self, prompt_ids: list[int], params: GenerationParams) -> int:
+        """The tokens this prompt may generate: its max_tokens, within the context."""
+        return min(params.max_tokens, max(self.context_length - len(prompt_ids), 0))
+
+
+class _Text:
+    """One sequence's text so far, and what of it is final."""
+
+    def __init__(self, tokenizer: Any, params: GenerationParams, max_new: int):
+        self.tokenizer, self.stops, self.max_new = tokenizer, params.stop, max_new
+        self.generated: list[int] = []
+        self.emitted = ""
+        self.finish: FinishReason | None = None
+
+    def feed(self, token: int) -> list[Piece]:
+        """The pieces ``token`` makes final; the last one ends the sequence if it is finished
+        (the end of sequence, a stop sequence)."""
+        if token == self.tokenizer.eos_token_id:
+            self.finish = "stop"
+        else:
+            self.generated.append(token)
+        text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+        cut = _first_stop(text, self.stops)
+        if cut is not None:
+            text, self.finish = text[:cut], "stop"
+        final = text if self.finish else _stable_prefix(text, self.stops)
+        pieces = []
+        if len(final) > len(self.emitted):
+            pieces.append(Piece(final[len(self.emitted) :], completion_tokens=len(self.generated)))
+            self.emitted = final
+        if self.finish:
+            pieces.append(Piece("", self.finish, len(self.generated)))
+        return pieces
+
+    def end(self) -> list[Piece]:
+        """The engine has let the sequence go (its token budget, or a cancel): the rest."""
+        text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+        self.finish = "length" if len(self.generated) >= self.max_new else "stop"
+        pieces = []
+        if len(text) > len(self.emitted):
+            pieces.append(Piece(text[len(self.emitted) :], completion_tokens=len(self.generated)))
+        pieces.append(Piece("", self.finish, len(self.generated)))
+        return pieces
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -42,6 +42,22 @@ class TextGenerator(Protocol):
         self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event | None = None
     ) -> Generation: ...
 
+    def generate(
+        self,
+        prompts: list[tuple[list[int], GenerationParams]],
+        cancel: threading.Event | None = None,
+    ) -> Generator[tuple[int, Piece], None, None]:
+        """All of ``prompts`` at once: ``(index, piece)`` as pieces of any of them are final."""
+        ...
+
+    def complete_all(
+        self,
+        prompts: list[tuple[list[int], GenerationParams]],
+        cancel: threading.Event | None = None,
+    ) -> list[Generation]:
+        """All of ``prompts`` generated at once, in their order."""
+        ...
+
 
 class Embedder(Protocol):
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:

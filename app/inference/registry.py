@@ -122,10 +122,22 @@ class SharedBase:
     """A base model wrapped by peft, shared by the servables of its LoRA adapters."""
 
     model: Any
-    # One generation or adapter change at a time; the adapter is selected inside it.
+    # One decode step or adapter change at a time (the engine holds it per step, not per
+    # generation, so an adapter change waits at most one step).
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Adapter name -> the servables using it; an adapter is deleted when its count reaches 0.
     adapters: Counter[str] = field(default_factory=Counter)
+    # The decode engine every adapter of this base generates in (app/inference/engine.py).
+    engine: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        from app.inference.engine import DecodeEngine
+
+        self.engine = DecodeEngine(self.model, self.lock, adapters=True)
+
+    def close(self) -> None:
+        """The base leaves memory: its engine thread stops."""
+        self.engine.close()
 
 
 class ModelCache:
@@ -497,7 +509,7 @@ class ModelCache:
                 peft_model = PeftModel.from_pretrained(base, adapter_path, adapter_name=name)
                 shared = self._bases[str(base_path)] = SharedBase(peft_model.eval())
             elif not shared.adapters[name]:
-                with shared.lock:  # not while a generation runs on the base
+                with shared.engine.paused():  # between decode steps, never during one
                     shared.model.load_adapter(adapter_path, adapter_name=name)
             shared.adapters[name] += 1
         return shared
@@ -514,11 +526,12 @@ class ModelCache:
             if shared.adapters[name]:
                 return
             del shared.adapters[name]
-            if not shared.adapters:
-                del self._bases[str(base_path)]
+            if shared.adapters:
+                with shared.engine.paused():
+                    shared.model.delete_adapter(name)
                 return
-            with shared.lock:
-                shared.model.delete_adapter(name)
+            del self._bases[str(base_path)]
+        shared.close()  # outside the attach lock: it waits for the engine thread to end
 
     def _attach_lock(self, base_path: Path) -> threading.Lock:
         with self._lock:

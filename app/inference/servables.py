@@ -166,26 +166,31 @@ class TabularPredictor:
 
 @factory("generate", KIND_CAUSAL_LM)
 def load_generator(cache: ModelCache, model: LoadableModel) -> TextGenerator:
+    from app.inference.engine import DecodeEngine
     from app.inference.generation import Generator, load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model.path)
     if model.base_path is None:
-        return Generator(load_causal_lm(model.path), tokenizer, threading.Lock())
-    # A LoRA adapter: it shares its base with the other adapters of that base.
+        lm = load_causal_lm(model.path)
+        engine = DecodeEngine(lm, threading.Lock())
+        return Generator(lm, tokenizer, engine, on_release=engine.close)
+    # A LoRA adapter: it shares its base, and the base's decode engine, with the other adapters
+    # of that base.
     shared = cache.attach_adapter(model.base_path, model.path, model.id)
     return Generator(
         shared.model,
         tokenizer,
-        shared.lock,
-        activate=partial(shared.model.set_adapter, model.id),
+        shared.engine,
+        adapter=model.id,
         on_release=partial(cache.detach_adapter, model.base_path, model.id),
     )
 
 
 @factory("predict", KIND_CAUSAL_LM, wraps="generate")
 class TextPredictor:
-    """/v1/predictions for a generative model: the greedy continuation of each input. It holds
-    a lease on the model's generate servable, which stays loaded while this one is."""
+    """/v1/predictions for a generative model: the greedy continuation of each input, all
+    inputs generated at once. It holds a lease on the model's generate servable, which stays
+    loaded while this one is."""
 
     max_tokens = 128
 
@@ -197,12 +202,9 @@ class TextPredictor:
 
         generator = self._generator.servable
         params = GenerationParams(max_tokens=self.max_tokens, temperature=0.0)
-        results, tokens = [], 0
-        for text in _texts(inputs):
-            prompt = generator.encode(text)
-            tokens += len(prompt)
-            results.append({"text": generator.complete(prompt, params).text})
-        return results, tokens
+        prompts = [generator.encode(text) for text in _texts(inputs)]
+        results = generator.complete_all([(prompt, params) for prompt in prompts])
+        return [{"text": result.text} for result in results], sum(map(len, prompts))
 
     def release(self) -> None:
         self._generator.close()
