@@ -76,6 +76,14 @@ TARGET_GENERATION_SPEEDUP = 3.0
 TARGET_MEMORY_RATIO = 1.2
 
 
+STARTED = time.perf_counter()
+
+
+def note(text: str) -> None:
+    """A progress line, with the seconds since the run began."""
+    print(f"[{time.perf_counter() - STARTED:5.0f} s] {text}", flush=True)
+
+
 # -- server processes ------------------------------------------------------------------------------
 
 
@@ -202,6 +210,10 @@ class Registry:
         return {"Authorization": f"Bearer {self.key}"}
 
 
+def describe(server: Server) -> str:
+    return f"{server.name} {server.base_url} (pid {server.process.pid})"
+
+
 def openapi_paths(server: Server) -> dict[str, Any]:
     return dict(httpx.get(server.base_url + "/openapi.json", timeout=30).json()["paths"])
 
@@ -265,6 +277,7 @@ async def closed_loop(
                     await classify(http, text)
                 except (httpx.HTTPError, ValueError, KeyError) as exc:
                     errors.append(f"{type(exc).__name__}: {exc}"[:300])
+                    await asyncio.sleep(0.05)  # a failing server is not hammered in a tight loop
                     continue
                 answered = time.perf_counter()
                 if begin <= answered <= end:
@@ -354,7 +367,7 @@ def train_sst2(target: Path, rows: int) -> None:
     """One epoch on the first ``rows`` SST-2 train rows through an embedded stack over HTTP; the
     model directory the job leaves is copied to ``target``/model."""
     train = read_sst2(SHARED_DATA / "sst2" / "train.tsv")[:rows]
-    print(f"training the SST-2 classifier ({rows} rows, 1 epoch) on an embedded stack ...")
+    note(f"training the SST-2 classifier ({rows} rows, 1 epoch) on an embedded stack ...")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         with embedded_stack(tmp) as (stack, key):
@@ -471,7 +484,7 @@ def run_classify(args: argparse.Namespace, tmp: Path) -> list[tuple[str, bool | 
     )
     dev = read_sst2(SHARED_DATA / "sst2" / "dev.tsv")
     if args.quick:
-        dev = dev[:48]
+        dev = dev[:24]
     texts = [row["text"] for row in dev]
 
     registry = Registry(tmp / "classify").create()
@@ -490,6 +503,7 @@ def run_classify(args: argparse.Namespace, tmp: Path) -> list[tuple[str, bool | 
         tunehouse = stack.enter_context(tunehouse_cm)
         naive = stack.enter_context(naive_cm)
         tunehouse.headers = registry.headers
+        note(f"servers: {describe(tunehouse)}; {describe(naive)}")
         routes: dict[str, tuple[Server, Classify]] = {
             "naive": (naive, naive_classify()),
             "tunehouse": (tunehouse, tunehouse_classify(CLASSIFIER_ID)),
@@ -503,9 +517,9 @@ def run_classify(args: argparse.Namespace, tmp: Path) -> list[tuple[str, bool | 
                 tunehouse_classify(CLASSIFIER_ID, quantization="int8"),
             )
 
-        print(f"\n== Part 1: classification ==\n{model.about}")
-        print(f"{len(os.sched_getaffinity(0))} CPUs; load average before the run: "
-              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        note(f"models loaded; {len(os.sched_getaffinity(0))} CPUs, load average {load}")
+        note(f"sending each of {len(texts)} dev sentences to {', '.join(routes)} ...")
         answers = {
             name: asyncio.run(classify_all(server, classify, texts))
             for name, (server, classify) in routes.items()
@@ -519,8 +533,8 @@ def run_classify(args: argparse.Namespace, tmp: Path) -> list[tuple[str, bool | 
                 level = levels[name][clients]
                 failed = f", {len(level.errors)} errors: {level.errors[0]}" if level.errors else ""
                 p50 = level.percentile(0.5) * 1000
-                print(f"  {name:15} {clients:>3} clients: {level.rps:7.1f} req/s, p50 {p50:7.1f} ms"
-                      f"{failed}", flush=True)  # fmt: skip
+                note(f"{name:15} {clients:>3} clients: {level.rps:7.1f} req/s, p50 {p50:7.1f} ms"
+                     f"{failed}")  # fmt: skip
         rss = {name: server.rss_bytes() for name, (server, _) in routes.items()}
 
     truth = [row["label"] for row in dev]
@@ -529,6 +543,7 @@ def run_classify(args: argparse.Namespace, tmp: Path) -> list[tuple[str, bool | 
         agreement.accuracy["tunehouse int8"] = compare(
             truth, {"naive": answers["naive"], "tunehouse": answers["tunehouse int8"]}
         ).accuracy["tunehouse"]
+    print(f"\n== Part 1: classification ==\n{model.about}")
     return print_classify(args, levels, agreement, int8_note, rss)
 
 
@@ -752,7 +767,7 @@ def run_generate(args: argparse.Namespace, tmp: Path) -> list[tuple[str, bool | 
         shape = {"hidden_size": 256, "layers": 4, "heads": 4, "vocab_size": 2000}
         counts, max_tokens = (1, 10, 50), args.max_tokens
     models_dir = tmp / "lm"
-    print("\nbuilding the causal LM and its adapters ...", flush=True)
+    note("building the causal LM and its adapters ...")
     base = build_causal_lm(models_dir / "base", lines[:4000], **shape)  # type: ignore[arg-type]
     warm = build_causal_lm(models_dir / "warm", lines[:200], hidden_size=32, layers=1, heads=2)
     first = make_adapter(base, models_dir / "adapter-0", seed=0, rank=16)
@@ -778,10 +793,12 @@ def run_generate(args: argparse.Namespace, tmp: Path) -> list[tuple[str, bool | 
     checks: list[tuple[str, bool | None]] = []
     with tunehouse_server(env, tmp, name="tunehouse-generate") as server:
         server.headers = registry.headers
+        note(f"servers: {describe(server)}")
         explicit = "/v1/load_lora_adapter" in openapi_paths(server)
         # Loads torch, transformers and peft (with a model of their own) before the baseline.
         load_adapters(server, [f"ft:{WARM_ID}:{ORGANIZATION}:warm"], explicit=False)
         baseline = server.rss_bytes()
+        note(f"loading {max(counts)} adapters ...")
         memory: list[tuple[int, int]] = []
         loaded = 0
         for count in counts:
@@ -796,6 +813,7 @@ def run_generate(args: argparse.Namespace, tmp: Path) -> list[tuple[str, bool | 
         mixed = [*adapter_ids[:4], LLAMA_ID]
         requests = [(mixed[i % len(mixed)], lines[100 + i]) for i in range(8)]
         load_adapters(server, [LLAMA_ID], explicit=False)  # the base alone loads too
+        note("8 chats one after another, then at once, plain and streamed ...")
         plain = asyncio.run(generation_runs(server, requests, max_tokens, stream=False))
         streamed = asyncio.run(generation_runs(server, requests, max_tokens, stream=True))
 
@@ -851,8 +869,8 @@ def main() -> None:
     parser.add_argument("--part", choices=("classify", "generate", "all"), default="all")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds measured per level")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per level")
-    parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS),
-                        help="closed-loop clients of each level")  # fmt: skip
+    parser.add_argument("--levels", type=int, nargs="+", default=None,
+                        help="clients of each level (default 1 8 32; --quick: 1 8)")  # fmt: skip
     parser.add_argument("--train-rows", type=int, default=4000, help="SST-2 rows to fine-tune on")
     parser.add_argument("--retrain", action="store_true", help="train again, ignoring the cache")
     parser.add_argument("--cache-dir", default=str(CACHE_DIR), help="where the fine-tune is kept")
@@ -861,10 +879,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.duration, args.warmup = min(args.duration, 1.0), min(args.warmup, 0.5)
+    args.levels = args.levels or ([1, 8] if args.quick else list(LEVELS))
     # A SIGTERM unwinds like Ctrl-C, so every server is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    started = time.perf_counter()
     checks: list[tuple[str, bool | None]] = []
     with tempfile.TemporaryDirectory(prefix="tunehouse-serving-") as tmp_name:
         tmp = Path(tmp_name)
@@ -877,7 +895,7 @@ def main() -> None:
     for text, holds in checks:
         mark = "n/a " if holds is None else ("MET " if holds else "MISS")
         print(f"  [{mark}] {text}")
-    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+    print(f"\n(total {time.perf_counter() - STARTED:.0f} s)")
 
 
 if __name__ == "__main__":
