@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.core.process import die_with_parent  # noqa: E402
 from tests.stacks import base_env, embedded_stack  # noqa: E402
 from tests.support import BASE_MODEL, SHARED_DATA, free_port, jsonl, read_sst2, wait_until  # noqa: E402
 
@@ -130,9 +131,10 @@ def serving(
     stop it on the way out, however the block ends."""
     log = log_dir / f"{name}.log"
     with log.open("wb") as out:
+        # Its own process group (stopped whole), and SIGTERM if this process dies however it dies.
         process = subprocess.Popen(
             command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGTERM),
         )  # fmt: skip
     server = Server(name, process, f"http://127.0.0.1:{port}", log)
     try:
@@ -155,7 +157,9 @@ def tunehouse_env(data_dir: Path, extra: dict[str, str] | None = None) -> dict[s
     return {**base_env(data_dir), "PYTHONPATH": str(ROOT), **(extra or {})}
 
 
-def tunehouse_server(env: dict[str, str], log_dir: Path, name: str = "tunehouse") -> Any:
+def tunehouse_server(
+    env: dict[str, str], log_dir: Path, name: str = "tunehouse"
+) -> AbstractContextManager[Server]:
     port = free_port()
     command = [sys.executable, "-m", "app.cli", "serve", "--role", "inference", "--port", str(port)]
     return serving(name, command, env, log_dir, port, "/readyz")
@@ -757,18 +761,24 @@ def clone_adapter(source: Path, target: Path, seed: int) -> Path:
     return target
 
 
-def load_adapters(server: Server, models: list[str], explicit: bool) -> None:
-    """Load each adapter: by POST /v1/load_lora_adapter when ``explicit``, else by one chat."""
+def load_adapters(server: Server, models: list[str], explicit: bool) -> bool:
+    """Load each adapter: by POST /v1/load_lora_adapter when ``explicit``, else by one chat. A
+    refused explicit load falls back to chats (said once); returns whether explicit loads held."""
     with httpx.Client(base_url=server.base_url, headers=server.headers, timeout=300) as http:
         for model in models:
             if explicit:
                 response = http.post("/v1/load_lora_adapter", json={"lora_name": model})
-            else:
-                body = {"model": model, "messages": [{"role": "user", "content": "hi"}],
-                        "max_tokens": 1, "temperature": 0}  # fmt: skip
-                response = http.post("/v1/chat/completions", json=body)
+                if response.status_code == 200:
+                    continue
+                note(f"POST /v1/load_lora_adapter refused {model} ({response.status_code}: "
+                     f"{response.text[:200]}); loading adapters by chatting instead")  # fmt: skip
+                explicit = False
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 1, "temperature": 0}  # fmt: skip
+            response = http.post("/v1/chat/completions", json=body)
             if response.status_code != 200:
                 raise RuntimeError(f"loading {model}: {response.status_code} {response.text[:300]}")
+    return explicit
 
 
 def run_generate(args: argparse.Namespace, tmp: Path) -> list[tuple[str, bool | None]]:
@@ -785,14 +795,14 @@ def run_generate(args: argparse.Namespace, tmp: Path) -> list[tuple[str, bool | 
     lines = (SHARED_DATA / "tinyshakespeare" / "input.txt").read_text().splitlines()
     lines = [line for line in lines if len(line) > 20]
     if args.quick:
-        shape = {"hidden_size": 64, "layers": 2, "heads": 4, "vocab_size": 600}
-        counts, max_tokens = (1, 2, 3), 8
+        hidden, layers, vocab, counts, max_tokens = 64, 2, 600, (1, 2, 3), 8
     else:
-        shape = {"hidden_size": 256, "layers": 4, "heads": 4, "vocab_size": 2000}
-        counts, max_tokens = (1, 10, 50), args.max_tokens
+        hidden, layers, vocab, counts, max_tokens = 256, 4, 2000, (1, 10, 50), args.max_tokens
     models_dir = tmp / "lm"
     note("building the causal LM and its adapters ...")
-    base = build_causal_lm(models_dir / "base", lines[:4000], **shape)  # type: ignore[arg-type]
+    base = build_causal_lm(
+        models_dir / "base", lines[:4000], hidden_size=hidden, layers=layers, vocab_size=vocab
+    )
     warm = build_causal_lm(models_dir / "warm", lines[:200], hidden_size=32, layers=1, heads=2)
     first = make_adapter(base, models_dir / "adapter-0", seed=0, rank=16)
     adapters = [first] + [
@@ -829,7 +839,7 @@ def run_generate(args: argparse.Namespace, tmp: Path) -> list[tuple[str, bool | 
         memory: list[tuple[int, int]] = []
         loaded = 0
         for count in counts:
-            load_adapters(server, adapter_ids[loaded:count], explicit)
+            explicit = load_adapters(server, adapter_ids[loaded:count], explicit)
             loaded = count
             memory.append((count, server.rss_bytes() - baseline))
         metrics = httpx.get(server.base_url + "/metrics", timeout=30).text
@@ -845,7 +855,7 @@ def run_generate(args: argparse.Namespace, tmp: Path) -> list[tuple[str, bool | 
         streamed = asyncio.run(generation_runs(server, requests, max_tokens, stream=True))
 
     print("\n== Part 2: generation ==")
-    print(f"Llama {shape['hidden_size']} hidden, {shape['layers']} layers, random weights: "
+    print(f"Llama {hidden} hidden, {layers} layers, random weights: "
           f"{base_bytes / 2**20:.1f} MiB of weights; LoRA rank 16 on q_proj and v_proj: "
           f"{adapter_bytes / 2**10:.0f} KiB each")  # fmt: skip
     print(f"8 greedy chat requests over {', '.join(m.split(':')[-1] for m in mixed)}, "
