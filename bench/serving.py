@@ -24,7 +24,9 @@ one ``tunehouse serve --role inference`` process it measures the server's reside
 10 and 50 adapters loaded (loaded by ``POST /v1/load_lora_adapter`` where the server has it, else by
 one chat each) against base + adapters on disk; then tokens/s of 8 greedy chat requests over 4
 adapters and the base, sent at once and one after another, plain and streamed, and the time to
-first token of a streamed answer under that load and alone.
+first token of a streamed answer under that load and alone. That server keeps every adapter
+(``TUNEHOUSE_MODEL_CACHE_SIZE`` above 50) and lets queued requests wait up to 600 s (the default
+30 s answers some of 8 one-at-a-time chats with a 503, which the table counts as failed).
 
 Each figure is printed beside the issue's target (issue 10) and whether it holds. Servers are
 stopped however the run ends. ``--quick`` is a smoke run of every piece in well under a minute (an
