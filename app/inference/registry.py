@@ -35,6 +35,7 @@ from typing import Any, Generic, Literal, TypeVar, overload
 from app.core.errors import InvalidRequest, NotFound
 from app.inference import cache_metrics as metrics
 from app.inference import memory
+from app.inference.loading import import_runtime
 from app.inference.protocols import USES, Embedder, Predictor, TextGenerator, Use
 from app.services.models import LoadableModel, require_safe_weights
 
@@ -337,6 +338,7 @@ class ModelCache:
         return Lease(self, entry, inner)
 
     def _build(self, spec: Factory, model: LoadableModel) -> Any:
+        import_runtime()  # whole, before a factory imports from it (app/inference/loading.py)
         if spec.wraps is not None:  # its inner servable loads (and checks) the weights
             self._local.wrapping = getattr(self._local, "wrapping", 0) + 1
             try:

@@ -30,6 +30,7 @@ from app.core.kinds import KIND_CAUSAL_LM, KIND_CLASSIFICATION, KIND_ENCODER, KI
 from app.core.settings import Settings
 from app.core.storage import Storage
 from app.inference.concurrency import configure_torch_threads
+from app.inference.loading import import_runtime
 from app.inference.protocols import Use
 from app.inference.registry import ModelCache
 from app.models import Job, utcnow
@@ -129,11 +130,3 @@ class Warmer:
                 log.info("warmed %s for %s", model.id, use)
         except Exception as exc:  # its first request will say what is wrong
             log.warning("could not warm %s: %s", model.id, exc)
-
-
-def import_runtime() -> None:
-    """Import torch and transformers' model classes (the first load would pay for it)."""
-    import peft  # noqa: F401  (LoRA adapters)
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    from transformers import AutoModel, AutoModelForCausalLM  # noqa: F401
