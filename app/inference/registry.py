@@ -234,6 +234,21 @@ class ModelCache:
         self._release(evicted)
         return Lease(self, entry, inner)
 
+    def lease_if_loaded(self, model: LoadableModel, use: Use) -> Lease[Any] | None:
+        """A lease on ``model``'s servable for ``use`` if it is in the cache now, else None: it
+        never loads, waits or releases anything, so the event loop may call it."""
+        key: Key = (use, model.id, str(model.path))
+        with self._lock:
+            if _matches(model.id, self._forgotten):
+                raise _deleted(model.id)
+            entry = self._entries.get(key)
+            if entry is None or not entry.cached:
+                return None
+            entry.users += 1
+            self._lru.move_to_end(key)
+        metrics.HITS.labels(use).inc()
+        return Lease(self, entry)
+
     def warm(self, model: LoadableModel, use: Use) -> bool:
         """Load ``model`` for ``use`` now, as the most recently used, unless it is loaded already
         or the cache has no room that an idle model could give (everything held is in use or
