@@ -289,3 +289,36 @@ def test_a_byte_budget_counts_a_shared_base_once(
         assert (stats.bytes, stats.adapters, stats.bases) == (base + 2 * adapter, 2, 1)
         assert live.complete(adapters[0], PROMPT) == reference[f"{adapters[0]}|generate"]
         assert [cache.loaded(model) for model in adapters] == [True, False, True]
+
+
+def test_adapters_of_one_base_share_a_tokenizer_when_its_files_are_the_same(
+    tmp_path: Path, tiny_base: Path, adapter_dirs: list[Path]
+) -> None:
+    """Each adapter used to load its own copy of the tokenizer saved beside it (more memory
+    than a small adapter's weights); adapters whose tokenizer files are the same share one."""
+    import json
+    import shutil
+
+    from app.inference.registry import ModelCache
+    from app.services.models import LoadableModel
+
+    other = shutil.copytree(adapter_dirs[2], tmp_path / "other-template")
+    config_file = other / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    config_file.write_text(json.dumps(config))
+    paths = [adapter_dirs[0], adapter_dirs[1], other]
+    models = [
+        LoadableModel(f"ft:tiny-llama:acme:t{i}:0", "causal-lm", path, None, tiny_base)
+        for i, path in enumerate(paths)
+    ]
+    cache = ModelCache(8)
+    leases = [cache.lease(model, "generate") for model in models]
+    try:
+        first, second, third = (lease.servable.tokenizer for lease in leases)
+        assert first is second
+        assert third is not first
+        assert third.chat_template == config["chat_template"]
+    finally:
+        for lease in leases:
+            lease.close()

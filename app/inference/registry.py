@@ -22,6 +22,7 @@ serves) never loads them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -136,9 +137,46 @@ class SharedBase:
 
         self.engine = DecodeEngine(self.model, self.lock, adapters=True)
 
+    # The tokenizers of its adapters by the digest of their files: adapters trained from one
+    # base carry the same tokenizer, loaded once (each would otherwise hold a copy, more than
+    # the adapter's own weights for a small rank).
+    tokenizers: dict[str, Any] = field(default_factory=dict)
+    _tokenizers_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def tokenizer(self, adapter_path: Path) -> Any:
+        """The tokenizer saved with the adapter at ``adapter_path``, shared with the other
+        adapters of this base whose tokenizer files are the same."""
+        from app.inference.generation import load_tokenizer
+
+        digest = tokenizer_digest(adapter_path)
+        with self._tokenizers_lock:
+            found = self.tokenizers.get(digest)
+        if found is None:
+            loaded = load_tokenizer(adapter_path)  # outside the lock: it reads files
+            with self._tokenizers_lock:
+                found = self.tokenizers.setdefault(digest, loaded)
+        return found
+
     def close(self) -> None:
         """The base leaves memory: its engine thread stops."""
         self.engine.close()
+
+
+# The files a saved tokenizer may consist of (those present are hashed, names included).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
+    "chat_template.json",
+)  # fmt: skip
+
+
+def tokenizer_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        file = path / name
+        if file.is_file():
+            digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 class ModelCache:

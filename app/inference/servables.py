@@ -169,14 +169,18 @@ def load_generator(cache: ModelCache, model: LoadableModel) -> TextGenerator:
     from app.inference.engine import DecodeEngine
     from app.inference.generation import Generator, load_causal_lm, load_tokenizer
 
-    tokenizer = load_tokenizer(model.path)
     if model.base_path is None:
         lm = load_causal_lm(model.path)
         engine = DecodeEngine(lm, threading.Lock())
-        return Generator(lm, tokenizer, engine, on_release=engine.close)
-    # A LoRA adapter: it shares its base, and the base's decode engine, with the other adapters
-    # of that base.
+        return Generator(lm, load_tokenizer(model.path), engine, on_release=engine.close)
+    # A LoRA adapter: it shares its base, the base's decode engine and (when its files are the
+    # same) its tokenizer with the other adapters of that base.
     shared = cache.attach_adapter(model.base_path, model.path, model.id)
+    try:
+        tokenizer = shared.tokenizer(model.path)
+    except BaseException:
+        cache.detach_adapter(model.base_path, model.id)
+        raise
     return Generator(
         shared.model,
         tokenizer,
