@@ -114,7 +114,7 @@ def held_out_accuracy(service: Service, model: str) -> float:
         ("full", {"n_epochs": 15, "batch_size": 8, "learning_rate": 1e-3, **SCHEDULE}),
         (
             {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
-            {"n_epochs": 15, "batch_size": 8, "learning_rate": 5e-3, **SCHEDULE},
+            {"n_epochs": 15, "batch_size": 8, "learning_rate": 1e-2, **SCHEDULE},
         ),
     ],
     ids=["full", "lora"],

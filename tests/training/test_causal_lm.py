@@ -34,7 +34,7 @@ SYSTEM = {"role": "system", "content": "answer with the code word only"}
 # Enough to answer held-out phrasings: 23/24 for the full and >= 22/24 for the LoRA fine-tune
 # with each of seeds 0-6 on the pretrained base.
 FULL_HYPERPARAMETERS: dict[str, Any] = {"n_epochs": 15, "batch_size": 8, "learning_rate": 1e-3}
-LORA_HYPERPARAMETERS: dict[str, Any] = {"n_epochs": 15, "batch_size": 8, "learning_rate": 5e-3}
+LORA_HYPERPARAMETERS: dict[str, Any] = {"n_epochs": 15, "batch_size": 8, "learning_rate": 1e-2}
 LORA = {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.0}
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
