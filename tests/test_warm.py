@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -19,19 +18,8 @@ from app.services import results
 from tests.conftest import make_settings
 from tests.inference_support import TEXTS, Live, live_server
 from tests.support import wait_until
+from tests.test_registration import Trained
 from tests.tiny_models import build_causal_lm
-
-
-@dataclass
-class Trained:
-    """What a training run hands to registration (worker.training's TrainingResult)."""
-
-    model_kind: str = "causal-lm"
-    labels: list[str] = field(default_factory=list)
-    adapter: bool = False
-    trained_tokens: int = 10
-    steps: int = 1
-    metrics_history: list[dict[str, float | int]] = field(default_factory=lambda: [{"step": 1}])
 
 
 @pytest.fixture(scope="module")
