@@ -141,7 +141,7 @@ class InferenceGate:
         """``run(work)``, setting ``cancel`` if the client goes away meanwhile."""
         failure: Exception | None = None
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(_cancel_on_disconnect, request, cancel)
+            tasks.start_soon(_on_disconnect, request, cancel.set)
             try:
                 result = await self.run(work)
             except Exception as exc:  # raised below, not as a task group's ExceptionGroup
@@ -156,14 +156,19 @@ class InferenceGate:
         """The result of ``future`` (the caller holds a slot, but no thread). If the client
         goes away first, ``future`` is cancelled: work not yet started is dropped, work that
         has started ends (its result is dropped). Cancelling the caller cancels it too."""
-        watch = _Disconnect(request, future)
+        gone = threading.Event()
+
+        def hang_up() -> None:
+            gone.set()
+            future.cancel()
+
         failure: BaseException | None = None
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(watch.cancel_on_disconnect)
+            tasks.start_soon(_on_disconnect, request, hang_up)
             try:
                 result = await asyncio.wrap_future(future)
             except asyncio.CancelledError:
-                if not watch.gone:  # the caller itself is cancelled
+                if not gone.is_set():  # the caller itself is cancelled
                     raise
                 failure = ClientGone("The client closed the request.")
             except Exception as exc:  # raised below, not as a task group's ExceptionGroup
@@ -201,22 +206,11 @@ def inference_gate(app: FastAPI) -> InferenceGate:
     return gate
 
 
-async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:
+async def _on_disconnect(request: Request, then: Callable[[], None]) -> None:
     # The body has been read: the next message is the disconnect (or the end of the response).
     while (await request.receive())["type"] != "http.disconnect":
         await anyio.sleep(0.1)
-    cancel.set()
-
-
-class _Disconnect:
-    def __init__(self, request: Request, future: Future[Any]):
-        self.request, self.future, self.gone = request, future, False
-
-    async def cancel_on_disconnect(self) -> None:
-        while (await self.request.receive())["type"] != "http.disconnect":
-            await anyio.sleep(0.1)
-        self.gone = True
-        self.future.cancel()
+    then()
 
 
 class HeldStream(StreamingResponse):
