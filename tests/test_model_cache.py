@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -313,7 +314,7 @@ def test_adapters_of_one_base_share_a_tokenizer_when_its_files_are_the_same(
         for i, path in enumerate(paths)
     ]
     cache = ModelCache(8)
-    leases = [cache.lease(model, "generate") for model in models]
+    leases: list[Any] = [cache.lease(model, "generate") for model in models]  # a Generator each
     try:
         first, second, third = (lease.servable.tokenizer for lease in leases)
         assert first is second
