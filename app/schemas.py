@@ -82,7 +82,33 @@ class HyperparametersRequest(BaseModel):
     warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
     weight_decay: float | None = Field(default=None, ge=0, le=1)
     max_seq_length: int | None = Field(default=None, ge=8, le=8192)
-    gradient_accumulation_steps: int | None = Field(default=None, ge=1, le=128)
+    gradient_accumulation_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=128,
+        description="Micro-batches each batch is cut into (ignored when micro_batch_size is set)",
+    )
+    micro_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Rows per forward pass on each device; batch_size stays the rows per "
+        "optimizer step, reached by gradient accumulation. Default: as many as fit",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = Field(
+        default=None,
+        description="auto: bf16 autocast on GPUs that support it, fp16 with a gradient scaler "
+        "on older GPUs, fp32 on CPUs",
+    )
+    packing: bool | None = Field(
+        default=None,
+        description="Pack several chat, completion or text rows into each sequence, each "
+        "attending only to itself. Default: on for those formats",
+    )
+    gradient_checkpointing: bool | None = Field(
+        default=None, description="Recompute activations in the backward pass to save memory"
+    )
+    torch_compile: bool | None = Field(default=None, description="torch.compile the model")
     eval_every_steps: int | None = Field(default=None, ge=1, le=1_000_000)
     checkpoint_every_steps: int | None = Field(default=None, ge=1, le=1_000_000)
     max_grad_norm: float | None = Field(default=None, gt=0, le=1000)

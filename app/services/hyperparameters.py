@@ -21,11 +21,15 @@ LORA_LEARNING_RATE = 2e-4  # the default learning rate with a LoRA adapter
 # What every dataset format starts from.
 _SHARED: dict[str, Any] = {
     "gradient_accumulation_steps": 1,
+    "precision": "auto",  # resolved by the trainer on the device it gets
+    "gradient_checkpointing": False,
+    "torch_compile": False,
     "eval_every_steps": None,
     "checkpoint_every_steps": None,
     "max_grad_norm": 1.0,
 }
 _CAUSAL: dict[str, Any] = {
+    "packing": True,  # rows share sequences, each attending only to itself
     "learning_rate": 5e-5,  # full fine-tuning; LORA_LEARNING_RATE with a LoRA adapter
     "warmup_ratio": 0.03,
     "weight_decay": 0.0,
@@ -38,6 +42,7 @@ _BY_FORMAT: dict[str, dict[str, Any]] = {
         "warmup_ratio": 0.1,
         "weight_decay": 0.01,
         "max_seq_length": 128,
+        "packing": False,
     },
     **{fmt: _CAUSAL for fmt in CAUSAL_FORMATS},
     FORMAT_TABULAR: {
@@ -45,6 +50,7 @@ _BY_FORMAT: dict[str, dict[str, Any]] = {
         "batch_size": 64,  # what "auto" resolves to: rows are tiny
         "warmup_ratio": 0.0,
         "weight_decay": 1e-4,
+        "packing": False,
     },
 }
 TRAINABLE_FORMATS = frozenset(_BY_FORMAT)

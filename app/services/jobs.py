@@ -271,6 +271,11 @@ def create_job(
     _check_model_for_task(body.model, model_kind, task)
     _check_method_options(body.model, task, supervised)
     requested = supervised.hyperparameters or body.hyperparameters or HyperparametersRequest()
+    if requested.packing and task not in CAUSAL_FORMATS:
+        raise InvalidRequest(
+            f"packing applies to chat, completion and text rows, not to {task} rows.",
+            param="hyperparameters.packing",
+        )
     rows = int((training.stats or {}).get("rows", 0))
     lora = supervised.adapter is not None
     hyperparameters = resolve_hyperparameters(task, rows, requested, lora=lora)

@@ -45,7 +45,6 @@ from worker.training.spec import TrainingHyperparameters, TrainingSpec
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of a token that takes no loss (PyTorch's cross_entropy default)
-LENGTH_GROUP_BATCHES = 50  # rows are sorted by length within windows of this many batches
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Architectures whose linear layers are transposed (GPT-2's Conv1D): peft must know.
 FAN_IN_FAN_OUT = {"gpt2"}
@@ -246,28 +245,27 @@ class CausalLM(TaskKind):
 
     # -- batches -----------------------------------------------------------------------------
 
-    def make_collate(self, tokenizer: Any | None) -> Collate:
+    def make_collate(self, tokenizer: Any | None, pad_to_multiple_of: int | None = None) -> Collate:
         assert tokenizer is not None
-        return padding_collate(int(tokenizer.pad_token_id))
+        return padding_collate(int(tokenizer.pad_token_id), pad_to_multiple_of)
 
-    def epoch_batches(
-        self, features: Sequence[Features], batch_size: int, generator: torch.Generator
-    ) -> list[list[int]]:
-        # Rows of similar length share a batch, so little of it is padding. Sorting only within
-        # windows of a random order, and shuffling the batches, keeps the epoch random (the
-        # recipe of transformers' LengthGroupedSampler).
-        order = torch.randperm(len(features), generator=generator).tolist()
-        window = batch_size * LENGTH_GROUP_BATCHES
-        batches: list[list[int]] = []
-        for start in range(0, len(order), window):
-            group = sorted(
-                order[start : start + window],
-                key=lambda i: len(features[i]["input_ids"]),
-                reverse=True,
-            )
-            batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
-        shuffled = torch.randperm(len(batches), generator=generator).tolist()
-        return [batches[i] for i in shuffled]
+    # -- loss --------------------------------------------------------------------------------
+
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        # Position i predicts token i+1; summed over the predicted tokens (not averaged), so
+        # every token of an optimizer step weighs the same whatever micro-batch it is in.
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        logits = model(**inputs).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+
+    def loss_count(self, features: Sequence[Features]) -> int:
+        return sum(sum(1 for label in f["labels"][1:] if label != IGNORE_INDEX) for f in features)
 
     # -- scores ------------------------------------------------------------------------------
 
@@ -294,12 +292,16 @@ class CausalLM(TaskKind):
         return {"valid_loss": loss_sum / count, "valid_mean_token_accuracy": correct / count}
 
 
-def padding_collate(pad_id: int) -> Callable[[list[Features]], Batch]:
-    """Pad a batch to its own longest row (on the right): ids with the pad token, labels with
-    -100, attention mask 0."""
+def padding_collate(
+    pad_id: int, pad_to_multiple_of: int | None = None
+) -> Callable[[list[Features]], Batch]:
+    """Pad a batch to its own longest row (on the right), rounded up to a multiple of
+    `pad_to_multiple_of`: ids with the pad token, labels with -100, attention mask 0."""
 
     def collate(features: list[Features]) -> Batch:
         width = max(len(f["input_ids"]) for f in features)
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
         shape = (len(features), width)
         input_ids = torch.full(shape, pad_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -74,10 +75,20 @@ class Classification(TaskKind):
             for i, row in enumerate(rows)
         ]
 
-    def make_collate(self, tokenizer: Any | None) -> Collate:
+    def make_collate(self, tokenizer: Any | None, pad_to_multiple_of: int | None = None) -> Collate:
         assert tokenizer is not None
         # Pad each batch only to its own longest row: short texts stay cheap.
-        return DataCollatorWithPadding(tokenizer, padding="longest", return_tensors="pt")
+        return DataCollatorWithPadding(
+            tokenizer,
+            padding="longest",
+            pad_to_multiple_of=pad_to_multiple_of,
+            return_tensors="pt",
+        )
+
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        logits = model(**inputs).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
 
     def eval_metrics(self, model: torch.nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
         loss_sum, correct, count = 0.0, 0, 0

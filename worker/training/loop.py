@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 LOG_EVERY_STEPS = 10  # a metrics event at least this often, whatever eval_every_steps is
 HOLDOUT_FRACTION = 0.1  # share of training rows held out when there is no validation file
 HOLDOUT_MAX_ROWS = 1000  # evaluation should stay cheap on big datasets
-STATE_FORMAT = 1  # bump when training_state.pt changes shape
+STATE_FORMAT = 2  # bump when training_state.pt changes shape
 
 
 @dataclass
@@ -65,7 +65,7 @@ class RunState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch in progress
-    batch_in_epoch: int = 0  # micro-batches of this epoch already trained on
+    batch_in_epoch: int = 0  # batches (optimizer steps) of this epoch already trained on
     trained_tokens: int = 0
     metrics_history: list[dict[str, float | int]] = field(default_factory=list)
     last_eval: dict[str, float] = field(default_factory=dict)
@@ -170,14 +170,17 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
     valid_features = kind.encode_examples(
         valid_rows, tokenizer, labels, hp, warn=data_warning(reporter, "validation")
     )
+    if kind.supports_packing and hp.packing is not False:
+        train_features = kind.pack(train_features, hp, warn=data_warning(reporter, "training"))
+        valid_features = kind.pack(valid_features, hp, warn=data_warning(reporter, "validation"))
     if not train_features:
         raise ValueError("the training file has no row left to train on")
     collate = kind.make_collate(tokenizer)
 
-    # Schedule: the last accumulation group of an epoch may be short, but still makes a step.
-    accum = hp.gradient_accumulation_steps
-    batches_per_epoch = math.ceil(len(train_features) / hp.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    # Schedule: one optimizer step per batch of batch_size rows (the last one of an epoch may
+    # be short), each cut into micro-batches whose gradients add up to the batch's.
+    micro = hp.micro_batch_size or math.ceil(hp.batch_size / hp.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(len(train_features) / hp.batch_size)
     total_steps = steps_per_epoch * hp.n_epochs
     warmup_steps = int(hp.warmup_ratio * total_steps)
 
@@ -250,14 +253,17 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
                 earlier_seconds + time.monotonic() - attempt_started > hp.max_duration
             ):
                 raise DeadlineExceeded(run.step, total_steps, hp.max_duration)
-            group = batches[run.batch_in_epoch : run.batch_in_epoch + accum]
+            group = batches[run.batch_in_epoch]
             lr = scheduler.get_last_lr()[0]
 
-            # Forward and backward: the group's mean loss, accumulated over its micro-batches.
+            # Forward and backward: the batch's loss summed over its micro-batches and divided
+            # by the batch's count (rows or predicted tokens), so the split changes nothing.
+            count = max(1, kind.loss_count([train_features[i] for i in group]))
             step_loss = 0.0
-            for indices in group:
+            for start in range(0, len(group), micro):
+                indices = group[start : start + micro]
                 batch = to_device(collate([train_features[i] for i in indices]), device)
-                loss = kind.training_loss(model, batch) / len(group)
+                loss = kind.loss_sum(model, batch) / count
                 loss.backward()
                 step_loss += float(loss.detach())
                 run.trained_tokens += kind.count_tokens(batch)
@@ -272,7 +278,7 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             run.step += 1
-            run.batch_in_epoch += len(group)
+            run.batch_in_epoch += 1
             run.loss_sum += step_loss
             run.loss_steps += 1
             reporter.progress(run.step, total_steps)

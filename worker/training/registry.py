@@ -35,6 +35,8 @@ Batch = dict[str, "torch.Tensor"]  # what the model's forward takes
 Collate = Callable[[list[Features]], Batch]
 Warn = Callable[[str], None]  # reports a warning event about the data
 
+LENGTH_GROUP_BATCHES = 50  # rows are sorted by length within windows of this many batches
+
 
 def no_warning(text: str) -> None:
     """The default Warn: the warning is dropped (tests and tools that call a kind directly)."""
@@ -93,23 +95,63 @@ class TaskKind(ABC):
         should know about the data (rows cut to max_seq_length)."""
 
     @abstractmethod
-    def make_collate(self, tokenizer: Any | None) -> Collate:
-        """A function that pads a list of features into one batch of tensors."""
+    def make_collate(self, tokenizer: Any | None, pad_to_multiple_of: int | None = None) -> Collate:
+        """A function that pads a list of features into one batch of tensors: to the batch's
+        longest row, rounded up to `pad_to_multiple_of` (8 on GPUs, for the tensor cores)."""
+
+    # -- batches ---------------------------------------------------------------------------
+
+    supports_packing: bool = False  # pack() may put several rows into one sequence
+
+    def pack(
+        self, features: list[Features], hp: TrainingHyperparameters, warn: Warn = no_warning
+    ) -> list[Features]:
+        """Several encoded rows per sequence, each attending only to itself (packing).
+        Only called when `supports_packing` and the job's `packing` are on."""
+        raise NotImplementedError(f"{self.name} rows cannot be packed")
+
+    def feature_length(self, feature: Features) -> int:
+        """How long a row is, for grouping rows of similar length into a batch."""
+        ids = feature.get("input_ids")
+        return len(ids) if ids is not None else 1
 
     def epoch_batches(
         self, features: Sequence[Features], batch_size: int, generator: torch.Generator
     ) -> list[list[int]]:
-        """The row indices of each micro-batch of one epoch, drawn from `generator` (seeded
-        for this epoch by the loop, so a resumed run sees the same batches). Default: a
-        random order."""
+        """The row indices of each batch (one optimizer step) of one epoch, drawn from
+        `generator` (seeded for this epoch by the loop, so a resumed run sees the same
+        batches).
+
+        Rows of similar length share a batch, so little of it is padding. Sorting only within
+        windows of a random order, and shuffling the batches, keeps the epoch random (the
+        recipe of transformers' LengthGroupedSampler). Each batch is sorted longest first."""
         import torch
 
         order = torch.randperm(len(features), generator=generator).tolist()
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        window = batch_size * LENGTH_GROUP_BATCHES
+        batches: list[list[int]] = []
+        for start in range(0, len(order), window):
+            group = sorted(
+                order[start : start + window],
+                key=lambda i: self.feature_length(features[i]),
+                reverse=True,
+            )
+            batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in shuffled]
 
-    def training_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """The mean loss of a batch; Hugging Face models compute it when given `labels`."""
-        return model(**batch).loss
+    # -- loss ------------------------------------------------------------------------------
+
+    @abstractmethod
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """The loss of a batch summed (not averaged) over what it scores: rows for a
+        classifier, predicted tokens for a language model. The loop divides by the count of
+        the whole optimizer step (loss_count), so the gradient does not depend on how the
+        step is cut into micro-batches or shared between processes."""
+
+    def loss_count(self, features: Sequence[Features]) -> int:
+        """How many terms loss_sum adds up over these rows. Default: one per row."""
+        return len(features)
 
     def count_tokens(self, batch: Batch) -> int:
         """Non-padding tokens in a batch, for the job's trained_tokens."""

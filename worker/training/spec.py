@@ -34,6 +34,9 @@ class TrainingSpec:
     # Checkpoints kept besides each epoch's end, newest first (checkpoint_dirs.py); None keeps
     # every one, with its training state.
     keep_checkpoints: int | None = None
+    # The job's `resources`: {"device": "cpu" | "gpu" | <queue name>, "processes": int}; {} when
+    # the job gave none (the worker's own device, one process).
+    resources: dict[str, Any] = field(default_factory=dict)
 
     @property
     def supervised(self) -> dict[str, Any]:
@@ -109,17 +112,25 @@ class TrainingStopped(Exception):
 @dataclass(frozen=True)
 class TrainingHyperparameters:
     """The resolved hyperparameters the loop reads, typed. Keys the loop does not use yet
-    (precision, early_stopping_patience, adapter settings) are ignored here. A job's values
-    were resolved when it was created (app/services/hyperparameters.py); these defaults only
-    fill in for a spec built by hand (tests, benchmarks)."""
+    (early_stopping_patience, adapter settings) are ignored here. A job's values were resolved
+    when it was created (app/services/hyperparameters.py); these defaults only fill in for a
+    spec built by hand (tests, benchmarks)."""
 
     n_epochs: int = 3  # full passes over the training rows
-    batch_size: int = 16  # rows per forward pass (micro-batch)
+    batch_size: int = 16  # rows per optimizer step (the effective batch, over every process)
     learning_rate: float = 5e-5  # peak LR, reached at the end of warmup
     warmup_ratio: float = 0.0  # share of optimizer steps spent warming up
     weight_decay: float = 0.0  # AdamW decay, never on biases or LayerNorm
     max_seq_length: int = 128  # longer texts are truncated
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    # The effective batch is cut into micro-batches of micro_batch_size rows (per process);
+    # without it, into gradient_accumulation_steps micro-batches; without either, the
+    # micro-batch is as big as memory allows (the whole batch on a CPU).
+    gradient_accumulation_steps: int = 1
+    micro_batch_size: int | None = None
+    precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16" (autocast; fp16 with a scaler)
+    packing: bool | None = None  # several short rows per sequence; None: where the kind can
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    torch_compile: bool = False  # torch.compile the model before training
     eval_every_steps: int | None = None  # extra evaluations between epoch ends
     checkpoint_every_steps: int | None = None  # extra checkpoints between epoch ends
     max_grad_norm: float = 1.0  # clip the global gradient norm to this
@@ -133,4 +144,11 @@ class TrainingHyperparameters:
         for name in ("n_epochs", "batch_size", "max_seq_length", "gradient_accumulation_steps"):
             if int(getattr(hp, name)) < 1:
                 raise ValueError(f"hyperparameter {name} must be at least 1")
+        if hp.micro_batch_size is not None and hp.micro_batch_size < 1:
+            raise ValueError("hyperparameter micro_batch_size must be at least 1")
+        if hp.precision not in PRECISIONS:
+            raise ValueError(f"hyperparameter precision must be one of {', '.join(PRECISIONS)}")
         return hp
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")

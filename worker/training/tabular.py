@@ -129,7 +129,7 @@ class Tabular(TaskKind):
             for i, row in enumerate(rows)
         ]
 
-    def make_collate(self, tokenizer: Any | None) -> Collate:
+    def make_collate(self, tokenizer: Any | None, pad_to_multiple_of: int | None = None) -> Collate:
         def collate(features: list[Features]) -> Batch:
             return {
                 "features": torch.stack([f["features"] for f in features]),
@@ -138,9 +138,9 @@ class Tabular(TaskKind):
 
         return collate
 
-    def training_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         # The model returns logits; cross_entropy applies the (log-)softmax once, itself.
-        return F.cross_entropy(model(batch["features"]), batch["labels"])
+        return F.cross_entropy(model(batch["features"]), batch["labels"], reduction="sum")
 
     def count_tokens(self, batch: Batch) -> int:
         return int(batch["labels"].shape[0])
