@@ -309,10 +309,10 @@ class CausalLM(TaskKind):
     # -- loss --------------------------------------------------------------------------------
 
     def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        # Position i predicts token i+1; summed over the predicted tokens (not averaged), so
-        # every token of an optimizer step weighs the same whatever micro-batch it is in.
-        logits = forward(model, batch).logits[:, :-1]
-        targets = batch["labels"][:, 1:]
+        # Summed over the predicted tokens (not averaged), so every token of an optimizer step
+        # weighs the same whatever micro-batch it is in.
+        logits = forward(model, batch).logits
+        targets = next_token_targets(batch["labels"])
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             targets.reshape(-1),
@@ -329,8 +329,8 @@ class CausalLM(TaskKind):
         # Summed over tokens, not averaged per batch: every scored token counts the same.
         loss_sum, correct, count = 0.0, 0, 0
         for batch in batches:
-            predicted = forward(model, batch).logits[:, :-1].float()
-            targets = batch["labels"][:, 1:]
+            predicted = forward(model, batch).logits.float()
+            targets = next_token_targets(batch["labels"])
             scored = targets != IGNORE_INDEX
             loss_sum += float(
                 F.cross_entropy(
@@ -345,6 +345,13 @@ class CausalLM(TaskKind):
         if count == 0:
             return {}
         return {"valid_loss": loss_sum / count, "valid_mean_token_accuracy": correct / count}
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """What each position is scored against: position i predicts label i+1, the last position
+    nothing. Shifting the labels rather than cutting the last position off the logits spares
+    a copy of the logits, and of their gradient, as large as batch x length x vocabulary."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def forward(model: torch.nn.Module, batch: Batch) -> Any:
