@@ -34,7 +34,14 @@ SYSTEM = {"role": "system", "content": "answer with the code word only"}
 # Enough to answer held-out phrasings: 23/24 for the full and >= 22/24 for the LoRA fine-tune
 # with each of seeds 0-6 on the pretrained base.
 FULL_HYPERPARAMETERS: dict[str, Any] = {"n_epochs": 15, "batch_size": 8, "learning_rate": 1e-3}
-LORA_HYPERPARAMETERS: dict[str, Any] = {"n_epochs": 15, "batch_size": 8, "learning_rate": 1e-2}
+# Unpacked: the LoRA recipe (and the resume test's step count) is tuned for 8 rows per step,
+# where 8 packed rows would hold about 30 of these short conversations.
+LORA_HYPERPARAMETERS: dict[str, Any] = {
+    "n_epochs": 15,
+    "batch_size": 8,
+    "learning_rate": 1e-2,
+    "packing": False,
+}
 LORA = {"type": "lora", "r": 16, "alpha": 32, "dropout": 0.0}
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -270,11 +277,12 @@ def test_text_is_packed_into_blocks_and_training_lowers_validation_loss(
     texts = [f"the code for {kw} is {code}." for kw, code in FACTS.items()]
     rows = [{"text": f"{t} {t.replace('the code', 'its code')}"} for t in texts]
     tokenizer, blocks = encode("text", tiny_llama, rows, max_seq_length=16)
-    stream: list[int] = sum(
-        (tokenizer(r["text"])["input_ids"] + [tokenizer.eos_token_id] for r in rows), []
-    )
-    assert [len(b["input_ids"]) for b in blocks[:-1]] == [16] * (len(blocks) - 1)
-    assert sum((b["input_ids"] for b in blocks), []) == stream  # nothing lost, nothing padded
+    documents = [tokenizer(r["text"])["input_ids"] + [tokenizer.eos_token_id] for r in rows]
+    # Each document (and its EOS) is cut into blocks of 16 tokens, its last one shorter:
+    # nothing lost, no block spans two documents (packing puts blocks together, apart).
+    assert [b["input_ids"] for b in blocks] == [
+        d[i : i + 16] for d in documents for i in range(0, len(d), 16)
+    ]
     assert all(b["labels"] == b["input_ids"] for b in blocks)  # every token trained
 
     train_file = write_jsonl(tmp_path / "train.jsonl", rows * 4)

@@ -4,11 +4,21 @@ They share everything but how a row becomes tokens and labels:
 - chat: the conversation rendered with the tokenizer's chat template (or Tunehouse's default,
   saved with the model); loss only on assistant turns with weight 1;
 - completion: the prompt followed by the completion and EOS; loss on the completion and EOS;
-- text: every row followed by EOS, all of it concatenated and cut into max_seq_length blocks
-  (packing); loss on every token.
+- text: every row followed by EOS, cut into pieces of max_seq_length tokens when longer; loss
+  on every token.
 
-Labels are -100 where no loss is taken. The model shifts labels itself (position i predicts
-token i+1), so the first answer token is learnt from the last prompt token.
+Labels are -100 where no loss is taken. Position i predicts token i+1, so the first answer
+token is learnt from the last prompt token.
+
+Packing (hyperparameter `packing`, on unless false): several encoded rows share one sequence of
+at most max_seq_length tokens, placed best-fit longest first, so a sequence is mostly tokens
+and not padding. A packed row keeps the length of each example; its position ids restart at 0
+for each one and the batch carries no attention mask, from which transformers builds a
+block-diagonal causal mask (sdpa, eager) or cuts the varlen sequences (flash attention): no
+example attends to another. Each example's first token takes no loss (it would be predicted
+from the previous example's last token), so the loss and its token count are exactly those of
+the unpacked rows. Whether the model really keeps packed examples apart is checked once per
+run on the loaded model; where it does not, every row is trained on alone, padded.
 
 LoRA (method.supervised.adapter = {"type": "lora", ...}) wraps the base with peft: only the
 adapter trains, checkpoints hold only the adapter, and the job stores only the adapter (or,
@@ -17,6 +27,7 @@ with "merge": true, the merged standalone model).
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -50,6 +61,12 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FAN_IN_FAN_OUT = {"gpt2"}
 
 Span = tuple[int, int]  # [start, end) character offsets of text that takes loss
+# What the model's forward is given from a batch; a packed batch has no attention mask, and
+# carries its count of real tokens (num_tokens) for trained_tokens.
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# Two short token sequences the packing check runs, packed together and alone (ids taken modulo
+# the vocabulary, so any model has them).
+PROBE_ROWS = ([3, 1, 4, 1, 5, 9, 2], [6, 5, 3, 5])
 
 
 @dataclass(frozen=True)
@@ -126,9 +143,16 @@ class CausalLM(TaskKind):
 
     model_kind = KIND_CAUSAL_LM
 
+    supports_packing = True
+
     def __init__(self) -> None:
         self.context_length: int | None = None  # from the base config, in prepare
         self.lora: LoraSettings | None = None
+        self.packing_off: str | None = None  # why this run's model cannot be packed for
+        self._packing_off_reported = False
+        # The model prepare loaded to check packing, and the weights_dir it came from: the
+        # loop's load_model gets it instead of loading it again.
+        self._loaded: tuple[Path | None, torch.nn.Module] | None = None
 
     # -- model and tokenizer -----------------------------------------------------------------
 
@@ -136,6 +160,16 @@ class CausalLM(TaskKind):
         config = AutoConfig.from_pretrained(spec.require_base_model_dir(), local_files_only=True)
         self.context_length = context_length(config)
         self.lora = lora_settings(spec)
+        self.packing_off, self._loaded = None, None
+        if TrainingHyperparameters.from_dict(spec.hyperparameters).packing is not False:
+            # Packing is exact only if the architecture keeps packed examples apart: checked on
+            # the very model the run trains. Loaded from a seed of its own, as the loop loads
+            # it right after seeding, so the weights (a LoRA adapter's init) are the same.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.seed)
+                model = self.load_model(spec, labels, weights_dir=spec.resume_from)
+            self.packing_off = packing_problem(model)
+            self._loaded = (spec.resume_from, model)
 
     def load_tokenizer(self, spec: TrainingSpec) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -153,6 +187,9 @@ class CausalLM(TaskKind):
     def load_model(
         self, spec: TrainingSpec, labels: list[str], weights_dir: Path | None = None
     ) -> torch.nn.Module:
+        if self._loaded is not None and self._loaded[0] == weights_dir:
+            model, self._loaded = self._loaded[1], None
+            return model
         lora = lora_settings(spec)
         if lora is None:
             return load_base_model(weights_dir or spec.require_base_model_dir())
@@ -245,18 +282,37 @@ class CausalLM(TaskKind):
 
     # -- batches -----------------------------------------------------------------------------
 
+    def pack(
+        self, features: list[Features], hp: TrainingHyperparameters, warn: Warn = no_warning
+    ) -> list[Features]:
+        if self.packing_off is not None:
+            if not self._packing_off_reported:
+                warn(f"packing is off: {self.packing_off}")
+                self._packing_off_reported = True
+            return features
+        return pack_features(features, self.max_length(hp))
+
     def make_collate(self, tokenizer: Any | None, pad_to_multiple_of: int | None = None) -> Collate:
         assert tokenizer is not None
-        return padding_collate(int(tokenizer.pad_token_id), pad_to_multiple_of)
+        pad_id = int(tokenizer.pad_token_id)
+        padded = padding_collate(pad_id, pad_to_multiple_of)
+        packed = packed_collate(pad_id, pad_to_multiple_of)
+        return lambda features: (
+            packed(features) if any("lengths" in f for f in features) else padded(features)
+        )
+
+    def count_tokens(self, batch: Batch) -> int:
+        if "num_tokens" in batch:  # packed: no attention mask to count
+            return int(batch["num_tokens"])
+        return super().count_tokens(batch)
 
     # -- loss --------------------------------------------------------------------------------
 
     def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        # Position i predicts token i+1; summed over the predicted tokens (not averaged), so
-        # every token of an optimizer step weighs the same whatever micro-batch it is in.
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
-        logits = model(**inputs).logits[:, :-1]
-        targets = batch["labels"][:, 1:]
+        # Summed over the predicted tokens (not averaged), so every token of an optimizer step
+        # weighs the same whatever micro-batch it is in.
+        logits = forward(model, batch).logits
+        targets = next_token_targets(batch["labels"])
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             targets.reshape(-1),
@@ -273,9 +329,8 @@ class CausalLM(TaskKind):
         # Summed over tokens, not averaged per batch: every scored token counts the same.
         loss_sum, correct, count = 0.0, 0, 0
         for batch in batches:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            predicted = logits.logits[:, :-1].float()
-            targets = batch["labels"][:, 1:]
+            predicted = forward(model, batch).logits.float()
+            targets = next_token_targets(batch["labels"])
             scored = targets != IGNORE_INDEX
             loss_sum += float(
                 F.cross_entropy(
@@ -292,6 +347,27 @@ class CausalLM(TaskKind):
         return {"valid_loss": loss_sum / count, "valid_mean_token_accuracy": correct / count}
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """What each position is scored against: position i predicts label i+1, the last position
+    nothing. Shifting the labels rather than cutting the last position off the logits spares
+    a copy of the logits, and of their gradient, as large as batch x length x vocabulary."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def forward(model: torch.nn.Module, batch: Batch) -> Any:
+    """The model's output on a batch. No cache: training needs none, and transformers looks for
+    packed examples in the position ids only when there is none (nor an attention mask)."""
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    return model(**inputs, use_cache=False)
+
+
+def padded_width(features: list[Features], pad_to_multiple_of: int | None) -> int:
+    width = max(len(f["input_ids"]) for f in features)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    return width
+
+
 def padding_collate(
     pad_id: int, pad_to_multiple_of: int | None = None
 ) -> Callable[[list[Features]], Batch]:
@@ -299,10 +375,7 @@ def padding_collate(
     `pad_to_multiple_of`: ids with the pad token, labels with -100, attention mask 0."""
 
     def collate(features: list[Features]) -> Batch:
-        width = max(len(f["input_ids"]) for f in features)
-        if pad_to_multiple_of:
-            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-        shape = (len(features), width)
+        shape = (len(features), padded_width(features, pad_to_multiple_of))
         input_ids = torch.full(shape, pad_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros(shape, dtype=torch.long)
@@ -314,6 +387,106 @@ def padding_collate(
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     return collate
+
+
+def packed_collate(
+    pad_id: int, pad_to_multiple_of: int | None = None
+) -> Callable[[list[Features]], Batch]:
+    """Pad packed rows (on the right) into one batch with position ids restarting at 0 for
+    each example and no attention mask: transformers then keeps the examples apart. Padding
+    has position 0, so each pad token is an example of its own, seen by no real token (and
+    never past the model's positions, however the width is rounded); its labels are -100."""
+
+    def collate(features: list[Features]) -> Batch:
+        shape = (len(features), padded_width(features, pad_to_multiple_of))
+        input_ids = torch.full(shape, pad_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[i, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
+            labels[i, :n] = torch.tensor(f["labels"], dtype=torch.long)
+            lengths = f.get("lengths", [n])
+            position_ids[i, :n] = torch.cat([torch.arange(length) for length in lengths])
+        real = sum(len(f["input_ids"]) for f in features)
+        return {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "labels": labels,
+            "num_tokens": torch.tensor(real),
+        }
+
+    return collate
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of items grouped into bins of `capacity`: longest item first, each into the
+    fullest bin it fits in (ties: the oldest bin), else a new bin. Deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, bin), sorted: the best fit is a bisect
+    for i in order:
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at < len(free):
+            space, b = free.pop(at)
+            bins[b].append(i)
+        else:
+            space, b = capacity, len(bins)
+            bins.append([i])
+        bisect.insort(free, (space - lengths[i], b))
+    return bins
+
+
+def pack_features(features: Sequence[Features], max_length: int) -> list[Features]:
+    """Encoded rows packed into sequences of at most `max_length` tokens. A packed row keeps
+    each example's length; each example's first token takes no loss, as in an unpacked row
+    (nothing before it in the example predicts it)."""
+    packed: list[Features] = []
+    for group in best_fit_decreasing([len(f["input_ids"]) for f in features], max_length):
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for i in group:
+            input_ids += features[i]["input_ids"]
+            labels += [IGNORE_INDEX, *features[i]["labels"][1:]]
+        lengths = [len(features[i]["input_ids"]) for i in group]
+        packed.append({"input_ids": input_ids, "labels": labels, "lengths": lengths})
+    return packed
+
+
+def packing_problem(model: torch.nn.Module) -> str | None:
+    """Why packing would not be exact for `model`, or None when it is: two short rows packed
+    into one sequence (and one padded beside it) must give each the logits it has alone."""
+    vocab_size = int(getattr(model.config, "vocab_size", 0) or 0) or 1
+    first, second = ([token % vocab_size for token in row] for row in PROBE_ROWS)
+    packed = pack_features(
+        [{"input_ids": row, "labels": row} for row in (first, second)], len(first + second)
+    )
+    alone = [{"input_ids": second, "labels": second, "lengths": [len(second)]}]
+    batch = packed_collate(0)(packed + alone)
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            together = forward(model, batch).logits.float()
+            first_alone = model(input_ids=torch.tensor([first]), use_cache=False).logits
+            second_alone = model(input_ids=torch.tensor([second]), use_cache=False).logits
+    except (TypeError, ValueError, RuntimeError) as error:
+        return f"the {model_type} model cannot take packed rows ({error})"
+    finally:
+        model.train(training)
+    n, m = len(first), len(second)
+    pairs = [
+        (together[0, :n], first_alone[0]),  # best fit puts the longer row first
+        (together[0, n : n + m], second_alone[0]),
+        (together[1, :m], second_alone[0]),  # a row padded beside a packed one
+    ]
+    if not all(torch.allclose(a, b.float(), rtol=1e-3, atol=1e-4) for a, b in pairs):
+        return (
+            f"the {model_type} model lets examples packed in one sequence attend to each "
+            "other; every row is trained on alone, padded"
+        )
+    return None
 
 
 # --- the three kinds --------------------------------------------------------------------------
@@ -398,13 +571,14 @@ class Text(CausalLM):
         hp: TrainingHyperparameters,
         warn: Warn = no_warning,
     ) -> list[Features]:
-        # Packing: no row is truncated and no position is padding. Documents follow each other
-        # in one stream, EOS between them, cut into blocks of max_seq_length tokens.
+        # No document is truncated: a long one is cut into pieces of max_seq_length tokens,
+        # each learnt on its own (packed with others, or padded when packing is off).
         assert tokenizer is not None
         limit = self.max_length(hp)
-        stream: list[int] = []
+        features: list[Features] = []
         for row in rows:
-            stream += self.encode_row(row, tokenizer)[0]
-        blocks = [stream[i : i + limit] for i in range(0, len(stream), limit)]
-        # A last block of one token has nothing to predict.
-        return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) > 1]
+            ids = self.encode_row(row, tokenizer)[0]
+            pieces = [ids[i : i + limit] for i in range(0, len(ids), limit)]
+            # A piece of one token has nothing to predict.
+            features += [{"input_ids": p, "labels": list(p)} for p in pieces if len(p) > 1]
+        return features
