@@ -149,7 +149,6 @@ class CausalLM(TaskKind):
         self.context_length: int | None = None  # from the base config, in prepare
         self.lora: LoraSettings | None = None
         self.packing_off: str | None = None  # why this run's model cannot be packed for
-        self._packing_off_reported = False
         # The model prepare loaded to check packing, and the weights_dir it came from: the
         # loop's load_model gets it instead of loading it again.
         self._loaded: tuple[Path | None, torch.nn.Module] | None = None
@@ -285,10 +284,7 @@ class CausalLM(TaskKind):
     def pack(
         self, features: list[Features], hp: TrainingHyperparameters, warn: Warn = no_warning
     ) -> list[Features]:
-        if self.packing_off is not None:
-            if not self._packing_off_reported:
-                warn(f"packing is off: {self.packing_off}")
-                self._packing_off_reported = True
+        if self.packing_off is not None:  # the loop said so, once
             return features
         return pack_features(features, self.max_length(hp))
 

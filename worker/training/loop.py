@@ -122,6 +122,11 @@ def data_warning(reporter: Reporter, which: str) -> Warn:
     return lambda text: reporter.message(f"{text} ({which} data)", level="warn")
 
 
+def packing(collate: Collate, kind: TaskKind, hp: TrainingHyperparameters) -> Collate:
+    """`collate`, given the rows packed into sequences of at most max_seq_length tokens."""
+    return lambda features: collate(kind.pack(features, hp))
+
+
 def eval_batches(
     features: list[Features], collate: Collate, batch_size: int, device: torch.device
 ) -> Iterator[Batch]:
@@ -231,15 +236,19 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
     valid_features = kind.encode_examples(
         valid_rows, tokenizer, labels, hp, warn=data_warning(reporter, "validation")
     )
-    packed = kind.supports_packing and hp.packing is not False
-    if packed:
-        train_features = kind.pack(train_features, hp, warn=data_warning(reporter, "training"))
-        valid_features = kind.pack(valid_features, hp, warn=data_warning(reporter, "validation"))
     if not train_features:
         raise ValueError("the training file has no row left to train on")
     # Scores are sums over rows, so the order is free: by length, evaluation pads little.
     valid_features = sorted(valid_features, key=kind.feature_length, reverse=True)
     collate = kind.make_collate(tokenizer, 8 if device.type == "cuda" else None)
+    # Packing: the rows of each micro-batch are packed into as few sequences as they fit in,
+    # so a batch holds the same rows, and the step the same loss, as unpacked.
+    packed = kind.supports_packing and hp.packing is not False
+    if packed and kind.packing_off is not None:
+        reporter.message(f"packing is off: {kind.packing_off}", level="warn")
+        packed = False
+    if packed:
+        collate = packing(collate, kind, hp)
     counts = [kind.loss_count([f]) for f in train_features]
 
     # Schedule: one optimizer step per batch of batch_size rows (the last one of an epoch may
@@ -295,7 +304,8 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
     def checkpoint(end_of_epoch: bool) -> None:
         # Every rank takes part (their RNG states and losses go in); rank 0 writes.
         ranks = group.gather({"rng": capture_rng_state(generator), "loss_sum": run.loss_sum})
-        if not group.is_main:
+        if not group.is_main:  # every rank knows which step the newest checkpoint holds
+            saved.update(step=run.step, at=time.monotonic())
             return
         run.train_seconds = earlier_seconds + time.monotonic() - attempt_started
         position = (run.epoch + 1, 0) if end_of_epoch else (run.epoch, run.batch_in_epoch)
@@ -334,7 +344,7 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
 
     where = describe_device(device, group.world_size)
     reporter.message(
-        f"training {kind.name} on {len(train_features)} {'packed ' if packed else ''}rows, "
+        f"training {kind.name} on {len(train_features)} rows{' (packed)' if packed else ''}, "
         f"evaluating on {len(valid_features)} rows, {total_steps} steps on {where} in "
         f"{precision.name}, {micro} rows per forward pass"
     )
@@ -365,7 +375,7 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
             if over_time:
                 raise DeadlineExceeded(run.step, total_steps, hp.max_duration or 0.0)
             indices = batches[run.batch_in_epoch]
-            lr = scheduler.get_last_lr()[0]
+            lr = float(scheduler.get_last_lr()[0])
 
             # Forward and backward over the micro-batches, then clip, step and set the next
             # LR (the scheduler: linear warmup and decay).

@@ -102,12 +102,14 @@ class TaskKind(ABC):
     # -- batches ---------------------------------------------------------------------------
 
     supports_packing: bool = False  # pack() may put several rows into one sequence
+    packing_off: str | None = None  # why this run's model cannot be packed after all (prepare)
 
     def pack(
         self, features: list[Features], hp: TrainingHyperparameters, warn: Warn = no_warning
     ) -> list[Features]:
-        """Several encoded rows per sequence, each attending only to itself (packing).
-        Only called when `supports_packing` and the job's `packing` are on."""
+        """Several encoded rows per sequence, each attending only to itself (packing): the loop
+        packs the rows of each micro-batch. Only called when `supports_packing` and the job's
+        `packing` are on, and prepare found nothing against it (`packing_off`)."""
         raise NotImplementedError(f"{self.name} rows cannot be packed")
 
     def feature_length(self, feature: Features) -> int:
