@@ -210,11 +210,13 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    device: str | None = Field(
+    # The pattern is stated for OpenAPI and checked by _queue_name, whose 400 says it in words.
+    device: (
+        Annotated[str, Field(json_schema_extra={"pattern": QUEUE_NAME, "maxLength": 63})] | None
+    ) = Field(
         default=None,
         description='"cpu", "gpu" or another worker queue\'s name. Default: the server\'s '
         "default queue (TUNEHOUSE_DEFAULT_QUEUE)",
-        json_schema_extra={"pattern": QUEUE_NAME, "maxLength": 63},
     )
     processes: int = Field(
         default=1,
@@ -227,7 +229,6 @@ class Resources(BaseModel):
     @field_validator("device")
     @classmethod
     def _queue_name(cls, v: str | None) -> str | None:
-        # Checked here rather than with Field(pattern=...) so the 400 says it in words.
         if v is not None and not re.fullmatch(QUEUE_NAME, v):
             raise ValueError(
                 "device must be 'cpu', 'gpu' or a worker queue's name: 1-63 lowercase letters, "
