@@ -97,9 +97,8 @@ def worker(
     beat: Annotated[bool, typer.Option(help="Also send the reconciler's periodic wake-up")] = True,
     queue: Annotated[
         str | None,
-        typer.Option(help="The device queue to take jobs from (cpu, gpu, ...; default: the "
-                     "default queue)"),
-    ] = None,  # fmt: skip
+        typer.Option(help="The device queue to take jobs from: cpu, gpu... (default: the default)"),
+    ] = None,
     devices: Annotated[
         str | None,
         typer.Option(help='Accelerators its training may use, e.g. "0,1" (CUDA_VISIBLE_DEVICES)'),

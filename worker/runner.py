@@ -4,14 +4,9 @@ It owns the accelerator and everything torch allocates; when it exits, all of it
 reports to the database directly (progress, events, checkpoints, the lease) and finishes the
 job itself, every write conditional on the job still being leased to it.
 
-A job with ``resources.processes`` > 1 trains as a torch.distributed process group
-(docs/distributed.md): the supervisor starts ``python -m worker.runner --processes N``, which
-runs torchrun's elastic agent (``run_process_group``); the agent starts N ranks, each
-``python -m worker.runner`` again with ``RANK``/``WORLD_SIZE`` set. Rank 0 reports and
-finishes the job as a lone process does; the other ranks train in step with it and write
-nothing. Any rank dying makes the agent stop the group and exit non-zero: the supervisor's
-crash path puts the job back in the queue, and the whole group restarts from the newest
-complete checkpoint.
+A job of several processes runs one of these per rank, under torchrun's elastic agent
+(``worker/process_group.py``): rank 0 is the job's trainer as a lone process is; the other
+ranks train in step with it and write nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +43,14 @@ from app.models import File, Job, utcnow
 from app.services import jobs, leases, results
 from app.services.models import MLP_MODEL
 from app.services.rowcount import rowcount
+from worker.process_group import (
+    RankReporter,
+    group_broke,
+    join_group,
+    leave_group,
+    rank_environment,
+    run_agent,
+)
 
 log = logging.getLogger("tunehouse.training")
 
@@ -250,43 +253,6 @@ def _record_device(session: Session, job_id: str, owner: str, device: str) -> No
         jobs.add_event(session, job_id, f"Training on {device}")
 
 
-class RankReporter:
-    """The reporter of ranks 1 to N-1 of a process group. They run the same loop as rank 0,
-    in step with it, but write nothing: rank 0 reports progress, events and checkpoints, holds
-    the lease and finishes the job. A rank stops when its own SIGTERM (sent by the elastic
-    agent to every rank) asks it to; the loop agrees on stopping across ranks."""
-
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    def should_stop(self) -> bool:
-        return self._stop.is_set()
-
-    def checkpoint_on_stop(self) -> bool:
-        return False  # rank 0 decides, and writes the checkpoint
-
-    def progress(self, step: int, total_steps: int) -> None:
-        pass
-
-    def metrics(self, data: dict[str, float | int]) -> None:
-        pass
-
-    def message(self, text: str, level: str = "info") -> None:
-        pass
-
-    def checkpoint(self, step: int, path: Path, metrics: dict[str, float]) -> None:
-        pass
-
-    def checkpoints_pruned(self, removed: list[int], resized: dict[int, int]) -> bool:
-        return True  # nothing of rank 0's to record
-
-    def finished(self) -> None:
-        self._stop.set()
-
-
 def _finish(reporter: DatabaseReporter, job_id: str, output_dir: Path, result: Any) -> None:
     """Register the model and the result file and mark the job succeeded, in one transaction
     that only commits while the job is still ours (retried while the database is away; a try
@@ -395,13 +361,7 @@ def _fail(reporter: DatabaseReporter, code: str, message: str) -> None:
     retry_for(reporter.settings.lease_seconds, fail, what="recording the failure")
 
 
-# -- devices and process groups ------------------------------------------------------------------
-
-
-def _rank() -> tuple[int, int, int]:
-    """(rank, local rank, world size) as torchrun's agent sets them; (0, 0, 1) alone."""
-    env = os.environ
-    return int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+# -- devices ---------------------------------------------------------------------------------------
 
 
 def _training_device(spec: Any, local_rank: int) -> Any:
@@ -425,41 +385,6 @@ def _describe_device(device: Any, world_size: int) -> str:
     return device.type if world_size == 1 else f"{world_size} × {device.type} (gloo)"
 
 
-def _join_group(device: Any, world_size: int) -> None:
-    """Join the job's process group (its rendezvous is torchrun's, in the environment)."""
-    import torch
-    import torch.distributed as dist
-
-    if world_size == 1:
-        return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=device)
-    else:
-        dist.init_process_group(backend="gloo")
-
-
-def _leave_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(Exception):  # a peer may be gone already
-            dist.destroy_process_group()
-
-
-def _group_broke(exc: BaseException) -> bool:
-    """Whether an error of one rank says that another rank of its group is gone (killed, or
-    failed on its own): a collective that lost its peer. That is a crash of the group, which
-    restarts from its checkpoint, not a failure of the job."""
-    import torch.distributed as dist
-
-    if isinstance(exc, dist.DistError):
-        return True
-    text = str(exc)
-    signs = ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer")
-    return isinstance(exc, RuntimeError) and any(sign in text for sign in signs)
-
-
 def run_training_process(job_id: str, owner: str) -> int:
     """Entry point of a training process: the job's only one, or one rank of its group (its
     own session and process group either way). Returns the exit status: 0 once the job is
@@ -468,7 +393,7 @@ def run_training_process(job_id: str, owner: str) -> int:
     die_with_parent()
     if os.getppid() == 1:  # the worker died before the line above took effect
         return 0
-    rank, local_rank, world_size = _rank()
+    rank, local_rank, world_size = rank_environment()
     if rank != 0:
         return _run_rank(job_id, owner, rank, local_rank, world_size)
 
@@ -497,7 +422,7 @@ def run_training_process(job_id: str, owner: str) -> int:
         device = _training_device(spec, local_rank)
         # Every rank has read the spec (and so the checkpoint to resume from) before the
         # group forms, so none can see a checkpoint that rank 0 wrote since.
-        _join_group(device, world_size)
+        join_group(device, world_size)
         reporter.training_on(_describe_device(device, world_size))
         result = train(spec, reporter)
         retry_for(settings.lease_seconds, reporter.flush, what="writing events")
@@ -516,7 +441,7 @@ def run_training_process(job_id: str, owner: str) -> int:
         log.exception("out of memory")
         _fail(reporter, "out_of_memory", "Training ran out of memory; try a smaller batch_size.")
     except Exception as exc:
-        if world_size > 1 and _group_broke(exc):
+        if world_size > 1 and group_broke(exc):
             log.error("another process of the group of %s is gone: %s", job_id, exc)
             return 1  # a crash: the supervisor puts the job back in the queue
         log.exception("training of %s failed", job_id)
@@ -531,7 +456,7 @@ def run_training_process(job_id: str, owner: str) -> int:
         )
     finally:
         reporter.finished()
-        _leave_group()
+        leave_group()
     return 0
 
 
@@ -556,56 +481,19 @@ def _run_rank(job_id: str, owner: str, rank: int, local_rank: int, world_size: i
         spec = retry_for(
             settings.lease_seconds, lambda: _spec(settings, job_id, owner), what="reading"
         )
-        _join_group(_training_device(spec, local_rank), world_size)
+        join_group(_training_device(spec, local_rank), world_size)
         train(spec, reporter)
-    except (TrainingStopped, DeadlineExceeded):  # rank 0 records why
+    except TrainingStopped as stop:  # rank 0 records where
+        log.info("training of %s stopped on request: %s", job_id, stop)
+        return 0
+    except DeadlineExceeded:  # rank 0 fails the job
         return 0
     except Exception:
         log.exception("rank %d of %s failed", rank, job_id)
         return 1
     finally:
         reporter.finished()
-        _leave_group()
-    return 0
-
-
-def run_process_group(job_id: str, owner: str, processes: int, shutdown_timeout: float) -> int:
-    """The elastic agent of a job's process group: torchrun (``torch.distributed.run``) in
-    this process, which starts ``processes`` ranks of ``python -m worker.runner`` on this
-    machine (a standalone c10d rendezvous on a free port), watches them, and stops them all
-    when one dies (no restarts of its own: the supervisor restarts the job from its
-    checkpoint). It forwards SIGTERM to every rank and SIGKILLs those still there after
-    ``shutdown_timeout`` seconds.
-
-    Run here rather than as ``python -m torch.distributed.run`` so that it dies with the worker
-    (a parent-death signal): each rank starts a session of its own, out of reach of a signal
-    to this process's group, and dies with this process in turn."""
-    die_with_parent()
-    if os.getppid() == 1:  # the worker died before the line above took effect
-        return 0
-    logging.basicConfig(
-        level=get_settings().log_level,
-        format=f"%(asctime)s %(levelname)s [group {job_id}] %(message)s",
-    )
-    # torch's threads: this machine's CPUs shared between the ranks (torchrun sets 1).
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (cpus or 1) // processes)))
-
-    from torch.distributed.run import main as torchrun
-
-    try:
-        torchrun(
-            [
-                "--standalone",
-                "--nproc-per-node", str(processes),
-                "--max-restarts", "0",
-                "--shutdown-timeout", str(max(1, round(shutdown_timeout))),
-                "-m", "worker.runner", job_id, owner,
-            ]
-        )  # fmt: skip
-    except Exception as exc:  # a rank failed, or the agent was asked to stop
-        log.warning("the process group of %s ended: %s", job_id, type(exc).__name__)
-        return 1
+        leave_group()
     return 0
 
 
@@ -621,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.processes > 1:
-        return run_process_group(args.job_id, args.owner, args.processes, args.shutdown_timeout)
+        return run_agent(args.job_id, args.owner, args.processes, args.shutdown_timeout)
     return run_training_process(args.job_id, args.owner)
 
 

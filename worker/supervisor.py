@@ -64,9 +64,7 @@ class Placement:
 
 
 def placement(settings: Settings, session: Session, job_id: str) -> Placement | None:
-    row = session.execute(
-        select(Job.queue, Job.resources).where(Job.id == job_id)
-    ).one_or_none()
+    row = session.execute(select(Job.queue, Job.resources).where(Job.id == job_id)).one_or_none()
     if row is None:
         return None
     processes = int((row.resources or {}).get("processes", 1))
