@@ -97,7 +97,7 @@ def worker(
     beat: Annotated[bool, typer.Option(help="Also send the reconciler's periodic wake-up")] = True,
     queue: Annotated[
         str | None,
-        typer.Option(help="The device queue to take jobs from: cpu, gpu... (default: the default)"),
+        typer.Option(help="Device queue to take jobs from: cpu, gpu... (default: default queue)"),
     ] = None,
     devices: Annotated[
         str | None,
