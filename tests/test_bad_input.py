@@ -252,6 +252,11 @@ def create(api, file_id: str, key: str | None = None, **body):
         ({"hyperparameters": {"learning_rate_multiplier": 0}}, "learning_rate_multiplier"),
         ({"hyperparameters": {"learning_rate_multiplier": -1.5}}, "learning_rate_multiplier"),
         ({"hyperparameters": {"warmup_steps": 10}}, "warmup_steps"),
+        ({"hyperparameters": {"precision": "fp8"}}, "precision"),
+        ({"hyperparameters": {"micro_batch_size": 0}}, "micro_batch_size"),
+        ({"hyperparameters": {"micro_batch_size": 257}}, "micro_batch_size"),
+        ({"hyperparameters": {"packing": True}}, "hyperparameters.packing"),  # classification
+        ({"hyperparameters": {"torch_compile": "yes please"}}, "torch_compile"),
         (
             {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
             "n_epochs",

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import get_linear_schedule_with_warmup
 
 from app.services.datasets import DEFAULT_MAX_LINE_BYTES, DatasetLimits, iter_examples
 from worker.training.checkpoint import (
@@ -33,6 +32,15 @@ from worker.training.checkpoint import (
     write_checkpoint,
 )
 from worker.training.checkpoint_dirs import prune_checkpoints
+from worker.training.devices import (
+    Precision,
+    describe_device,
+    peak_flops,
+    peak_memory_bytes,
+    resolve_precision,
+    training_device,
+)
+from worker.training.distributed import Group
 from worker.training.registry import (
     Batch,
     Collate,
@@ -50,6 +58,7 @@ from worker.training.spec import (
     TrainingSpec,
     TrainingStopped,
 )
+from worker.training.step import Stepper, autocast, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +66,8 @@ LOG_EVERY_STEPS = 10  # a metrics event at least this often, whatever eval_every
 HOLDOUT_FRACTION = 0.1  # share of training rows held out when there is no validation file
 HOLDOUT_MAX_ROWS = 1000  # evaluation should stay cheap on big datasets
 STATE_FORMAT = 2  # bump when training_state.pt changes shape
+CPU = torch.device("cpu")
+FP32 = Precision("fp32", None, False)
 
 
 @dataclass
@@ -106,10 +117,6 @@ def load_rows(spec: TrainingSpec, kind: TaskKind) -> tuple[list[Example], list[E
     return train_rows, valid_rows, labels
 
 
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    return {key: value.to(device) for key, value in batch.items()}
-
-
 def data_warning(reporter: Reporter, which: str) -> Warn:
     """A Warn that reports a warning event naming the data it is about."""
     return lambda text: reporter.message(f"{text} ({which} data)", level="warn")
@@ -131,9 +138,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(model: torch.nn.Module, hp: TrainingHyperparameters) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, hp: TrainingHyperparameters, device: torch.device
+) -> torch.optim.Optimizer:
     # Weight decay only on matrices: biases and LayerNorm weights (the 1-d tensors) are not
-    # decayed, as in BERT and nanoGPT.
+    # decayed, as in BERT and nanoGPT. On a GPU, the fused kernel updates every tensor at once.
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -141,15 +150,60 @@ def make_optimizer(model: torch.nn.Module, hp: TrainingHyperparameters) -> torch
         {"params": decay, "weight_decay": hp.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=hp.learning_rate)
+    return torch.optim.AdamW(groups, lr=hp.learning_rate, fused=device.type == "cuda")
 
 
-def evaluate(kind: TaskKind, model: torch.nn.Module, batches: Iterator[Batch]) -> dict[str, float]:
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 to the peak LR, then linear decay to 0 at the last step: the
+    formula of transformers' get_linear_schedule_with_warmup. Importing that one costs about
+    two seconds of every job's start (transformers.optimization imports its trainer's utilities
+    and peft), so the two lines are here."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def evaluate(
+    kind: TaskKind,
+    model: torch.nn.Module,
+    batches: Iterator[Batch],
+    device: torch.device = CPU,
+    precision: Precision = FP32,
+) -> dict[str, float]:
     model.eval()  # no dropout: scores are deterministic and draw nothing from the RNG
-    with torch.no_grad():  # the batches are built lazily, inside no_grad too
+    with torch.no_grad(), autocast(device, precision):  # batches are built lazily, inside too
         metrics = kind.eval_metrics(model, batches)
     model.train()
     return metrics
+
+
+def prepare_model(model: torch.nn.Module, hp: TrainingHyperparameters) -> None:
+    """Gradient checkpointing, when asked for: activations are recomputed in the backward pass
+    instead of kept, for about a third more compute and much less memory."""
+    if not hp.gradient_checkpointing:
+        return
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise ValueError("gradient_checkpointing is not supported by this kind of model")
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # With frozen embeddings (LoRA) the checkpointed blocks' inputs need gradients.
+    require_grads = getattr(model, "enable_input_require_grads", None)
+    if require_grads is not None:
+        require_grads()
+
+
+def model_flops_per_token(model: torch.nn.Module) -> float:
+    """Training FLOPs per token: 6 per weight (2 forward, 4 backward), the PaLM paper's
+    estimate; frozen weights (LoRA) need no weight gradient, so 4."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return 6.0 * trainable + 4.0 * frozen
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -158,9 +212,16 @@ def evaluate(kind: TaskKind, model: torch.nn.Module, batches: Iterator[Batch]) -
 def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
     hp = TrainingHyperparameters.from_dict(spec.hyperparameters)
     kind = get_task_kind(spec.task)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = training_device(spec.resources)
+    group = Group.current(device)
+    precision = resolve_precision(hp.precision, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on the tensor cores
+        torch.backends.cudnn.allow_tf32 = True
 
-    # Data: rows are encoded once; each batch is padded only to its own longest row.
+    # Data: rows are encoded once; each batch is padded only to its own longest row (rounded
+    # up to a multiple of 8 on a GPU, for the tensor cores).
     train_rows, valid_rows, labels = load_rows(spec, kind)
     kind.prepare(spec, train_rows, labels)
     tokenizer = kind.load_tokenizer(spec)
@@ -170,16 +231,22 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
     valid_features = kind.encode_examples(
         valid_rows, tokenizer, labels, hp, warn=data_warning(reporter, "validation")
     )
-    if kind.supports_packing and hp.packing is not False:
+    packed = kind.supports_packing and hp.packing is not False
+    if packed:
         train_features = kind.pack(train_features, hp, warn=data_warning(reporter, "training"))
         valid_features = kind.pack(valid_features, hp, warn=data_warning(reporter, "validation"))
     if not train_features:
         raise ValueError("the training file has no row left to train on")
-    collate = kind.make_collate(tokenizer)
+    # Scores are sums over rows, so the order is free: by length, evaluation pads little.
+    valid_features = sorted(valid_features, key=kind.feature_length, reverse=True)
+    collate = kind.make_collate(tokenizer, 8 if device.type == "cuda" else None)
+    counts = [kind.loss_count([f]) for f in train_features]
 
     # Schedule: one optimizer step per batch of batch_size rows (the last one of an epoch may
-    # be short), each cut into micro-batches whose gradients add up to the batch's.
-    micro = hp.micro_batch_size or math.ceil(hp.batch_size / hp.gradient_accumulation_steps)
+    # be short), shared between the processes and cut into micro-batches.
+    rows_per_rank = math.ceil(hp.batch_size / group.world_size)
+    micro = hp.micro_batch_size or math.ceil(rows_per_rank / hp.gradient_accumulation_steps)
+    micro = min(micro, rows_per_rank)
     steps_per_epoch = math.ceil(len(train_features) / hp.batch_size)
     total_steps = steps_per_epoch * hp.n_epochs
     warmup_steps = int(hp.warmup_ratio * total_steps)
@@ -189,21 +256,51 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
     resume = load_training_state(spec.resume_from) if spec.resume_from is not None else None
     model = kind.load_model(spec, labels, weights_dir=spec.resume_from).to(device)
     model.train()
-    optimizer = make_optimizer(model, hp)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    prepare_model(model, hp)
+    optimizer = make_optimizer(model, hp, device)
+    scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
     generator = torch.Generator()  # the data order's own stream, apart from dropout's
     run = RunState()
     if resume is not None:
-        run = _resume(resume, spec, labels, total_steps, optimizer, scheduler, generator)
+        run = _resume(resume, spec, labels, total_steps, optimizer, scheduler, scaler, generator)
         reporter.message(f"Restarted from checkpoint at step {run.step}")
+    train_model = group.wrap(model)
+    if hp.torch_compile:
+        # Shapes change with every batch's length: compile for dynamic shapes once.
+        train_model = torch.compile(train_model, dynamic=True)  # type: ignore[assignment]
+    stepper = Stepper(
+        kind=kind,
+        train_model=train_model,
+        optimizer=optimizer,
+        scaler=scaler,
+        precision=precision,
+        group=group,
+        device=device,
+        collate=collate,
+        features=train_features,
+        counts=counts,
+        micro=micro,
+        may_shrink=device.type == "cuda" and not group.distributed and not hp.micro_batch_size,
+        on_shrink=lambda rows: reporter.message(
+            f"micro-batch lowered to {rows} rows to fit in the GPU's memory", level="warn"
+        ),
+    )
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    flops_per_token = model_flops_per_token(model)
+    peak = peak_flops(device, precision)
     saved = {"step": run.step, "at": time.monotonic()}  # the newest checkpoint (or the start)
     attempt_started, earlier_seconds = time.monotonic(), run.train_seconds
 
     def checkpoint(end_of_epoch: bool) -> None:
+        # Every rank takes part (their RNG states and losses go in); rank 0 writes.
+        ranks = group.gather({"rng": capture_rng_state(generator), "loss_sum": run.loss_sum})
+        if not group.is_main:
+            return
         run.train_seconds = earlier_seconds + time.monotonic() - attempt_started
         position = (run.epoch + 1, 0) if end_of_epoch else (run.epoch, run.batch_in_epoch)
         state = _training_state(
-            spec, labels, total_steps, run, position, optimizer, scheduler, generator
+            spec, labels, total_steps, run, position, optimizer, scheduler, scaler, ranks
         )
         path = write_checkpoint(
             spec.checkpoints_dir,
@@ -230,105 +327,110 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
         # Between steps: the state is whole. A pause or a shutdown saves it, unless the newest
         # checkpoint already holds this very step (or nothing has been trained yet).
         checkpointed = run.step == saved["step"]
-        if not checkpointed and reporter.checkpoint_on_stop():
+        if not checkpointed and group.main_says(group.is_main and reporter.checkpoint_on_stop()):
             checkpoint(end_of_epoch=False)
             checkpointed = True
         return TrainingStopped(run.step, total_steps, checkpointed)
 
+    where = describe_device(device, group.world_size)
     reporter.message(
-        f"training {kind.name} on {len(train_features)} rows, evaluating on "
-        f"{len(valid_features)} rows, {total_steps} steps on {device.type}"
+        f"training {kind.name} on {len(train_features)} {'packed ' if packed else ''}rows, "
+        f"evaluating on {len(valid_features)} rows, {total_steps} steps on {where} in "
+        f"{precision.name}, {micro} rows per forward pass"
     )
     reporter.progress(run.step, total_steps)
-    clock, samples = time.perf_counter(), 0
+    clock, samples, tokens = time.perf_counter(), 0, 0
 
     for epoch in range(run.epoch, hp.n_epochs):
         run.epoch = epoch
         generator.manual_seed(spec.seed + epoch)  # the same batches again after a resume
         batches = kind.epoch_batches(train_features, hp.batch_size, generator)
         while run.batch_in_epoch < len(batches):
-            if reporter.should_stop():
+            # What rank 0 decides (time), and a stop asked of any rank, hold for every rank.
+            over_time = bool(
+                hp.max_duration
+                and earlier_seconds + time.monotonic() - attempt_started > hp.max_duration
+            )
+            checkpoint_due = bool(
+                spec.checkpoint_every_seconds
+                and time.monotonic() - saved["at"] >= spec.checkpoint_every_seconds
+            )
+            stopping, over_time, checkpoint_due = group.any(
+                reporter.should_stop(),
+                group.is_main and over_time,
+                group.is_main and checkpoint_due,
+            )
+            if stopping:
                 raise stop()
-            if hp.max_duration and (
-                earlier_seconds + time.monotonic() - attempt_started > hp.max_duration
-            ):
-                raise DeadlineExceeded(run.step, total_steps, hp.max_duration)
-            group = batches[run.batch_in_epoch]
+            if over_time:
+                raise DeadlineExceeded(run.step, total_steps, hp.max_duration or 0.0)
+            indices = batches[run.batch_in_epoch]
             lr = scheduler.get_last_lr()[0]
 
-            # Forward and backward: the batch's loss summed over its micro-batches and divided
-            # by the batch's count (rows or predicted tokens), so the split changes nothing.
-            count = max(1, kind.loss_count([train_features[i] for i in group]))
-            step_loss = 0.0
-            for start in range(0, len(group), micro):
-                indices = group[start : start + micro]
-                batch = to_device(collate([train_features[i] for i in indices]), device)
-                loss = kind.loss_sum(model, batch) / count
-                loss.backward()
-                step_loss += float(loss.detach())
-                run.trained_tokens += kind.count_tokens(batch)
-                samples += len(indices)
-
-            # Clip the global gradient norm, so one odd batch cannot wreck the weights.
-            if hp.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
-
-            # Step, then set the LR of the next step (the scheduler: linear warmup and decay).
-            optimizer.step()
+            # Forward and backward over the micro-batches, then clip, step and set the next
+            # LR (the scheduler: linear warmup and decay).
+            run.loss_sum += stepper.backward(indices)
+            stepper.step(hp.max_grad_norm, parameters)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             run.step += 1
             run.batch_in_epoch += 1
-            run.loss_sum += step_loss
             run.loss_steps += 1
+            batch_tokens = sum(kind.feature_length(train_features[i]) for i in indices)
+            run.trained_tokens += batch_tokens
+            samples, tokens = samples + len(indices), tokens + batch_tokens
             reporter.progress(run.step, total_steps)
 
-            # Evaluate at each epoch's end and every eval_every_steps.
+            # Evaluate at each epoch's end and every eval_every_steps (rank 0 only).
             end_of_epoch = run.batch_in_epoch >= len(batches)
             evaluated = end_of_epoch or bool(
                 hp.eval_every_steps and run.step % hp.eval_every_steps == 0
             )
+            logged = evaluated or run.step % LOG_EVERY_STEPS == 0 or run.step == total_steps
+            if logged and device.type == "cuda":
+                torch.cuda.synchronize(device)  # the clock counts work done, not queued
             elapsed = time.perf_counter() - clock  # training time only, before evaluating
-            if evaluated:
-                valid_batches = eval_batches(valid_features, collate, hp.batch_size, device)
-                run.last_eval = evaluate(kind, model, valid_batches)
+            if evaluated and group.is_main:
+                run.last_eval = evaluate(
+                    kind,
+                    model,
+                    eval_batches(valid_features, collate, hp.batch_size, device),
+                    device,
+                    precision,
+                )
 
             # Log: at least every LOG_EVERY_STEPS steps, and after every evaluation.
-            logged = evaluated or run.step % LOG_EVERY_STEPS == 0 or run.step == total_steps
             if logged:
-                event: dict[str, float | int] = {
-                    "step": run.step,
-                    "epoch": run.step / steps_per_epoch,
-                    "train_loss": run.loss_sum / run.loss_steps,
-                    "learning_rate": lr,
-                    "samples_per_second": samples / elapsed if elapsed > 0 else 0.0,
-                }
-                if evaluated:
-                    event.update(run.last_eval)
-                run.metrics_history.append(event)
+                loss = group.sum(run.loss_sum) / run.loss_steps
+                if group.is_main:
+                    event = _metrics_event(run, steps_per_epoch, loss, lr, elapsed, samples, tokens)
+                    event["peak_memory_bytes"] = peak_memory_bytes(device)
+                    if peak and elapsed > 0:  # model FLOPs utilisation, on a GPU we know
+                        achieved = flops_per_token * tokens * group.world_size / elapsed
+                        event["mfu"] = achieved / (peak * group.world_size)
+                    if evaluated:
+                        event.update(run.last_eval)
+                    run.metrics_history.append(event)
+                    reporter.metrics(event)
+                    logger.info("job %s: %s", spec.job_id, event)
                 run.loss_sum, run.loss_steps = 0.0, 0
-                reporter.metrics(event)
-                logger.info("job %s: %s", spec.job_id, event)
 
             # Checkpoint at each epoch's end, every checkpoint_every_steps, and when
             # checkpoint_every_seconds have passed since the last one.
             if (
                 end_of_epoch
                 or bool(hp.checkpoint_every_steps and run.step % hp.checkpoint_every_steps == 0)
-                or bool(
-                    spec.checkpoint_every_seconds
-                    and time.monotonic() - saved["at"] >= spec.checkpoint_every_seconds
-                )
+                or checkpoint_due
             ):
                 checkpoint(end_of_epoch)
             if logged:  # throughput counts training time only, not evaluation or checkpoints
-                clock, samples = time.perf_counter(), 0
+                clock, samples, tokens = time.perf_counter(), 0, 0
         run.batch_in_epoch = 0
 
-    # The final model, in Hugging Face format, ready to serve.
-    spec.output_dir.mkdir(parents=True, exist_ok=True)
-    kind.save_final_model(model, tokenizer, spec.output_dir)
-    reporter.message(f"training finished after {run.step} steps")
+    # The final model, in Hugging Face format, ready to serve (rank 0 writes it).
+    if group.is_main:
+        spec.output_dir.mkdir(parents=True, exist_ok=True)
+        kind.save_final_model(model, tokenizer, spec.output_dir)
+        reporter.message(f"training finished after {run.step} steps")
     return TrainingResult(
         labels=labels,
         metrics_history=run.metrics_history,
@@ -338,6 +440,26 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
         model_kind=kind.model_kind,
         adapter=kind.stores_adapter(spec),
     )
+
+
+def _metrics_event(
+    run: RunState,
+    steps_per_epoch: int,
+    loss: float,
+    lr: float,
+    elapsed: float,
+    samples: int,
+    tokens: int,
+) -> dict[str, float | int]:
+    """The figures of a metrics event; throughput over the training time since the last one."""
+    return {
+        "step": run.step,
+        "epoch": run.step / steps_per_epoch,
+        "train_loss": loss,
+        "learning_rate": lr,
+        "samples_per_second": samples / elapsed if elapsed > 0 else 0.0,
+        "tokens_per_second": tokens / elapsed if elapsed > 0 else 0.0,
+    }
 
 
 # --- checkpoint state -------------------------------------------------------------------------
@@ -351,10 +473,13 @@ def _training_state(
     position: tuple[int, int],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    generator: torch.Generator,
+    scaler: torch.amp.GradScaler,
+    ranks: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """Plain tensors and containers only, so the file loads with weights_only=True; the
-    job, task and hyperparameters are kept so a checkpoint describes itself."""
+    job, task and hyperparameters are kept so a checkpoint describes itself. `ranks` holds
+    what differs between the processes of a group (RNG streams, the loss not yet reported),
+    in rank order."""
     return {
         "format": STATE_FORMAT,
         "job_id": spec.job_id,
@@ -369,13 +494,23 @@ def _training_state(
         "trained_tokens": run.trained_tokens,
         "metrics_history": list(run.metrics_history),
         "last_eval": dict(run.last_eval),
-        "loss_sum": run.loss_sum,
         "loss_steps": run.loss_steps,
         "train_seconds": run.train_seconds,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": capture_rng_state(generator),
+        "scaler": scaler.state_dict(),  # fp16's loss scale and growth tracker
+        "ranks": ranks,
     }
+
+
+def _rank_state(state: dict[str, Any], group: Group) -> dict[str, Any]:
+    ranks = state["ranks"]
+    if len(ranks) != group.world_size:
+        raise ValueError(
+            f"the checkpoint was written by {len(ranks)} processes, this run has "
+            f"{group.world_size}: resume with the same resources.processes"
+        )
+    return dict(ranks[group.rank])
 
 
 def _resume(
@@ -385,9 +520,10 @@ def _resume(
     total_steps: int,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
     generator: torch.Generator,
 ) -> RunState:
-    """Put the optimizer, scheduler and RNGs back as the checkpoint left them."""
+    """Put the optimizer, scheduler, scaler and RNGs back as the checkpoint left them."""
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"unsupported checkpoint format {state.get('format')!r}")
     if state["labels"] != labels or state["total_steps"] != total_steps:
@@ -395,10 +531,14 @@ def _resume(
             "the checkpoint does not match this job: its labels or number of steps differ "
             "(was the data or were the hyperparameters changed?)"
         )
+    group = Group.current(torch.device("cpu"))
+    own = _rank_state(state, group)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     # Last, after the model is built: loading it draws from the torch RNG.
-    restore_rng_state(state["rng"], generator)
+    restore_rng_state(own["rng"], generator)
     logger.info("job %s: resuming from step %d", spec.job_id, state["step"])
     return RunState(
         step=state["step"],
@@ -407,7 +547,7 @@ def _resume(
         trained_tokens=state["trained_tokens"],
         metrics_history=list(state["metrics_history"]),
         last_eval=dict(state["last_eval"]),
-        loss_sum=state["loss_sum"],
+        loss_sum=float(own["loss_sum"]),
         loss_steps=state["loss_steps"],
         train_seconds=float(state.get("train_seconds", 0.0)),
     )
