@@ -140,10 +140,22 @@ def test_a_killed_rank_restarts_the_group_from_its_checkpoint(
     assert same_weights(cluster.final_weights(job_id), reference["weights"])
 
 
-def test_cancel_reaches_every_rank(cluster: Deployment) -> None:
-    cluster.start_worker("a")
+@pytest.mark.parametrize("moment", ["mid-step", "during a checkpoint write"])
+def test_cancel_reaches_every_rank(cluster: Deployment, moment: str) -> None:
+    slow_writes = moment == "during a checkpoint write"
+    # With slow writes, each checkpoint takes 2 s between its files and its rename.
+    cluster.start_worker("a", TUNEHOUSE_DEBUG_CHECKPOINT_DELAY_SECONDS="2" if slow_writes else "0")
     job_id = cluster.create_job(**TWO_PROCESSES)
-    cluster.wait_steps(job_id, 3, timeout=180)
+    if slow_writes:
+        folder = cluster.checkpoints_folder(job_id)
+        wait_until(
+            lambda: (folder / f".tmp-step-{2 * CHECKPOINT_EVERY}").is_dir(),
+            180,
+            0.05,
+            what="the second checkpoint's write",
+        )
+    else:
+        cluster.wait_steps(job_id, 3, timeout=180)
     group = wait_until(lambda: whole_group(job_id), 10, what="the agent and both ranks")
     response = cluster.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
     assert response.status_code == 200, response.text
@@ -153,8 +165,9 @@ def test_cancel_reaches_every_rank(cluster: Deployment) -> None:
     job = cluster.wait_status(job_id, "cancelled")
     assert job.fine_tuned_model is None
     log = cluster.worker_log("a")
-    # Each rank got the SIGTERM (forwarded by the agent) and stopped at the same step.
-    stops = [line for line in log.splitlines() if "stopped on request" in line]
+    # Each rank got the SIGTERM (forwarded by the agent) and stopped cleanly at the same step.
+    assert f"rank 1 of {job_id} failed" not in log, log[-3000:]
+    stops = [line for line in log.splitlines() if f"training of {job_id} stopped" in line]
     assert any("rank 0]" in line for line in stops), log[-3000:]
     assert any("rank 1]" in line for line in stops), log[-3000:]
     assert len({line.rsplit("at step ", 1)[-1].split()[0] for line in stops}) == 1, stops

@@ -61,14 +61,9 @@ class RankReporter:
         self._stop.set()
 
 
-def rank_environment() -> tuple[int, int, int]:
-    """(rank, local rank, world size) as torchrun's agent sets them; (0, 0, 1) alone."""
-    env = os.environ
-    return (
-        int(env.get("RANK", "0")),
-        int(env.get("LOCAL_RANK", "0")),
-        int(env.get("WORLD_SIZE", "1")),
-    )
+def rank_environment() -> tuple[int, int]:
+    """(rank, world size) as torchrun's agent sets them; (0, 1) for a lone process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def join_group(device: Any, world_size: int) -> None:

@@ -361,30 +361,6 @@ def _fail(reporter: DatabaseReporter, code: str, message: str) -> None:
     retry_for(reporter.settings.lease_seconds, fail, what="recording the failure")
 
 
-# -- devices ---------------------------------------------------------------------------------------
-
-
-def _training_device(spec: Any, local_rank: int) -> Any:
-    """This rank's device: its own GPU (by local rank, among CUDA_VISIBLE_DEVICES) unless the
-    job asked for the CPU or there is none."""
-    import torch
-
-    if spec.resources.get("device") != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def _describe_device(device: Any, world_size: int) -> str:
-    """What the job trains on, as users read it: "cpu", "cuda:0 (NVIDIA H200)",
-    "2 × cpu (gloo)", "8 × NVIDIA H200 (nccl)"."""
-    import torch
-
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return f"{device} ({name})" if world_size == 1 else f"{world_size} × {name} (nccl)"
-    return device.type if world_size == 1 else f"{world_size} × {device.type} (gloo)"
-
-
 def run_training_process(job_id: str, owner: str) -> int:
     """Entry point of a training process: the job's only one, or one rank of its group (its
     own session and process group either way). Returns the exit status: 0 once the job is
@@ -393,9 +369,9 @@ def run_training_process(job_id: str, owner: str) -> int:
     die_with_parent()
     if os.getppid() == 1:  # the worker died before the line above took effect
         return 0
-    rank, local_rank, world_size = rank_environment()
+    rank, world_size = rank_environment()
     if rank != 0:
-        return _run_rank(job_id, owner, rank, local_rank, world_size)
+        return _run_rank(job_id, owner, rank, world_size)
 
     settings = get_settings()
     where = f"{job_id} rank 0" if world_size > 1 else job_id
@@ -410,6 +386,7 @@ def run_training_process(job_id: str, owner: str) -> int:
 
     from transformers.utils import logging as hf_logging
 
+    from worker.training.devices import describe_device, training_device
     from worker.training.loop import train
     from worker.training.spec import DeadlineExceeded, TrainingStopped
 
@@ -419,11 +396,11 @@ def run_training_process(job_id: str, owner: str) -> int:
         spec = retry_for(
             settings.lease_seconds, lambda: _spec(settings, job_id, owner), what="reading"
         )
-        device = _training_device(spec, local_rank)
+        device = training_device(spec.resources)
         # Every rank has read the spec (and so the checkpoint to resume from) before the
         # group forms, so none can see a checkpoint that rank 0 wrote since.
         join_group(device, world_size)
-        reporter.training_on(_describe_device(device, world_size))
+        reporter.training_on(describe_device(device, world_size))
         result = train(spec, reporter)
         retry_for(settings.lease_seconds, reporter.flush, what="writing events")
         _finish(reporter, job_id, spec.output_dir, result)
@@ -460,7 +437,7 @@ def run_training_process(job_id: str, owner: str) -> int:
     return 0
 
 
-def _run_rank(job_id: str, owner: str, rank: int, local_rank: int, world_size: int) -> int:
+def _run_rank(job_id: str, owner: str, rank: int, world_size: int) -> int:
     """Ranks 1 to N-1: train in step with rank 0, write nothing. Stopping or rank 0 settling
     the job ends them with 0; any error with 1, which makes the agent stop the whole group."""
     settings = get_settings()
@@ -473,6 +450,7 @@ def _run_rank(job_id: str, owner: str, rank: int, local_rank: int, world_size: i
 
     from transformers.utils import logging as hf_logging
 
+    from worker.training.devices import training_device
     from worker.training.loop import train
     from worker.training.spec import DeadlineExceeded, TrainingStopped
 
@@ -481,7 +459,7 @@ def _run_rank(job_id: str, owner: str, rank: int, local_rank: int, world_size: i
         spec = retry_for(
             settings.lease_seconds, lambda: _spec(settings, job_id, owner), what="reading"
         )
-        join_group(_training_device(spec, local_rank), world_size)
+        join_group(training_device(spec.resources), world_size)
         train(spec, reporter)
     except TrainingStopped as stop:  # rank 0 records where
         log.info("training of %s stopped on request: %s", job_id, stop)
