@@ -173,6 +173,36 @@ def test_cancel_reaches_every_rank(cluster: Deployment, moment: str) -> None:
     assert len({line.rsplit("at step ", 1)[-1].split()[0] for line in stops}) == 1, stops
 
 
+def test_pause_reaches_every_rank_and_resume_goes_on_exactly(
+    cluster: Deployment, reference: dict[str, Any]
+) -> None:
+    cluster.start_worker("a")
+    job_id = cluster.create_job(**TWO_PROCESSES)
+    cluster.wait_steps(job_id, CHECKPOINT_EVERY + 2, timeout=180)
+    group = wait_until(lambda: whole_group(job_id), 10, what="the agent and both ranks")
+    assert cluster.post(f"/v1/fine_tuning/jobs/{job_id}/pause").status_code == 200
+    wait_until(lambda: all(gone(pid) for pid in group.values()), 25, what="the group to stop")
+    paused = cluster.job(job_id)
+    assert (paused.status, paused.lease_owner) == ("paused", None)
+    # Rank 0 saved the step where the group stopped, and said so; both ranks stopped there.
+    said = [m for m in cluster.events(job_id) if m.startswith("Fine-tuning job paused; ")]
+    assert len(said) == 1 and "checkpoint saved at step " in said[0], said
+    step = int(said[0].rsplit(" ", 1)[-1])
+    assert step in cluster.checkpoint_steps(job_id)
+    log = cluster.worker_log("a")
+    assert f"rank 1 of {job_id} failed" not in log, log[-3000:]
+    stops = [line for line in log.splitlines() if f"training of {job_id} stopped" in line]
+    assert {line.split("] ")[0].rsplit(" ", 1)[-1] for line in stops} == {"0", "1"}, stops
+    assert {line.rsplit("at step ", 1)[-1].split()[0] for line in stops} == {str(step)}
+
+    assert cluster.post(f"/v1/fine_tuning/jobs/{job_id}/resume").status_code == 200
+    job = cluster.wait_status(job_id, "succeeded", timeout=240)
+    events = cluster.events(job_id)
+    assert f"Restarted from checkpoint at step {step}" in events
+    assert (job.attempt, job.crash_count) == (2, 0)
+    assert same_weights(cluster.final_weights(job_id), reference["weights"])
+
+
 def test_killing_the_worker_kills_the_whole_group(
     cluster: Deployment, reference: dict[str, Any]
 ) -> None:
