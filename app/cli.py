@@ -11,6 +11,7 @@ import sys
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from app.core.process import die_with_parent
@@ -56,7 +57,7 @@ def _worker_command(settings: Settings, concurrency: int, beat: bool) -> list[st
     command = [
         sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
         "--pool", "threads", "--concurrency", str(concurrency),
-        "--loglevel", settings.log_level, "-Q", "tunehouse",
+        "--loglevel", settings.log_level, "-Q", settings.serving_queue,
     ]  # fmt: skip
     if beat:
         # Beat sends the reconciler's periodic wake-up; its schedule file lives with the data,
@@ -94,9 +95,37 @@ cli.command(
 def worker(
     concurrency: Annotated[int, typer.Option(help="Jobs trained at once")] = 1,
     beat: Annotated[bool, typer.Option(help="Also send the reconciler's periodic wake-up")] = True,
+    queue: Annotated[
+        str | None,
+        typer.Option(help="Device queue to take jobs from: cpu, gpu... (default: default queue)"),
+    ] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option(help='Accelerators its training may use, e.g. "0,1" (CUDA_VISIBLE_DEVICES)'),
+    ] = None,
+    max_processes: Annotated[
+        int | None, typer.Option(help="Most processes one job may run (default: one per device)")
+    ] = None,
 ) -> None:
-    """Run a Celery worker that trains jobs."""
-    settings = _settings()
+    """Run a Celery worker that trains jobs from one device queue."""
+    # The options are settings: the worker's process reads them from its environment.
+    for name, value in (
+        ("TUNEHOUSE_WORKER_QUEUE", queue),
+        ("TUNEHOUSE_WORKER_DEVICES", devices),
+        ("TUNEHOUSE_WORKER_MAX_PROCESSES", max_processes),
+    ):
+        if value is not None:
+            os.environ[name] = str(value)
+    try:
+        settings = _settings()
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    console.print(
+        f"Worker for queue [bold]{settings.serving_queue}[/]"
+        + (f", devices {','.join(settings.worker_devices)}" if settings.worker_devices else "")
+        + f", at most {settings.worker_process_limit} processes per job"
+    )
+    sys.stdout.flush()
     os.execv(sys.executable, _worker_command(settings, concurrency, beat))
 
 

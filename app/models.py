@@ -157,6 +157,13 @@ class Job(Base):
     # tidied yet, or still active), "tidied" (succeeded: the weights of its kept checkpoints)
     # or "removed" (nothing).
     storage_state: Mapped[str | None] = mapped_column(String(16))
+    # The job's `resources` as the request gave them ({"device", "processes"}; None: none).
+    resources: Mapped[dict[str, Any] | None]
+    # The worker queue its wake-ups go to, chosen at creation (None: jobs from before queues,
+    # which go to the default queue).
+    queue: Mapped[str | None] = mapped_column(String(64))
+    # What its training last ran on, as the trainer described it ("2 × cpu (gloo)").
+    device: Mapped[str | None] = mapped_column(String(128))
 
 
 class JobEvent(Base):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -15,6 +16,7 @@ from app.core.defaults import (
     MLP_HIDDEN_SIZES,
     Activation,
 )
+from app.core.settings import QUEUE_NAME
 
 T = TypeVar("T")
 
@@ -198,6 +200,43 @@ class Method(BaseModel):
     supervised: SupervisedMethod | None = None
 
 
+MAX_PROCESSES = 64
+
+
+class Resources(BaseModel):
+    """Tunehouse's ``resources``: where a job trains. ``device`` names the worker queue (a
+    device kind) and ``processes`` how many processes train it together (torch.distributed,
+    one per device); see docs/distributed.md."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The pattern is stated for OpenAPI and checked by _queue_name, whose 400 says it in words.
+    device: (
+        Annotated[str, Field(json_schema_extra={"pattern": QUEUE_NAME, "maxLength": 63})] | None
+    ) = Field(
+        default=None,
+        description='"cpu", "gpu" or another worker queue\'s name. Default: the server\'s '
+        "default queue (TUNEHOUSE_DEFAULT_QUEUE)",
+    )
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_PROCESSES,
+        description="Processes that train the job together, one per device "
+        "(DistributedDataParallel); at most the devices of one worker",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _queue_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(QUEUE_NAME, v):
+            raise ValueError(
+                "device must be 'cpu', 'gpu' or a worker queue's name: 1-63 lowercase letters, "
+                "digits, '-' or '_', starting with a letter or digit"
+            )
+        return v
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -210,6 +249,8 @@ class JobCreate(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
     integrations: list[Any] | None = Field(default=None, max_length=0)
+    # Extension.
+    resources: Resources | None = None
 
     @field_validator("metadata")
     @classmethod
@@ -252,6 +293,11 @@ class JobObject(BaseModel):
     total_steps: int | None = None
     started_at: int | None = None
     attempt: int = 0
+    # The queue the job goes to and its processes (null for jobs from before resources).
+    resources: Resources | None = None
+    # What the job trained on, e.g. "cuda:0 (NVIDIA H200)" or "2 × cpu (gloo)"; null until
+    # training starts.
+    device: str | None = None
 
 
 class JobEventObject(BaseModel):

@@ -1,8 +1,8 @@
 """The reconciler: the database says what is due, and this re-sends what the broker lost.
 
 - ``validating_files`` jobs left behind by an API process that stopped are validated;
-- ``queued`` jobs idle for a while get their wake-up sent again (a duplicate is harmless:
-  only one delivery can claim the job);
+- ``queued`` jobs idle for a while get their wake-up sent again, to the job's own queue (a
+  duplicate is harmless: only one delivery can claim the job);
 - ``running`` jobs whose lease expired (their worker died) go back to ``queued``, or fail once
   they have crashed ``max_attempts`` times. A lease held by a process of this machine that no
   longer exists is not waited out: a restarted worker takes its job back at once.
@@ -119,10 +119,11 @@ def reconcile_once(settings: Settings, *, at_start: bool = False) -> dict[str, A
             lost = leases.stale_job_ids(session, jobs.QUEUED, idle)
             wake = list(dict.fromkeys(newly_queued + requeued + lost))
             leases.touch(session, wake)
-    for job_id in wake:
-        enqueue_job(settings, job_id)
+            queues = jobs.job_queues(settings, session, wake)
+    for job_id, queue in queues.items():  # each to its own queue: a gpu job to the gpu workers
+        enqueue_job(settings, job_id, queue)
     janitor.sweep(settings)  # what ended jobs, deleted models and expired files leave on disk
-    summary = {"enqueued": len(wake), "expired": len(requeued), "failed": failed}
+    summary = {"enqueued": len(queues), "expired": len(requeued), "failed": failed}
     if wake or failed:
         log.info("reconcile: %s", summary)
     return summary

@@ -3,14 +3,20 @@
 It owns the accelerator and everything torch allocates; when it exits, all of it is freed. It
 reports to the database directly (progress, events, checkpoints, the lease) and finishes the
 job itself, every write conditional on the job still being leased to it.
+
+A job of several processes runs one of these per rank, under torchrun's elastic agent
+(``worker/process_group.py``): rank 0 is the job's trainer as a lone process is; the other
+ranks train in step with it and write nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.core.db import session_scope
@@ -35,6 +42,15 @@ from app.core.storage import (
 from app.models import File, Job, utcnow
 from app.services import jobs, leases, results
 from app.services.models import MLP_MODEL
+from app.services.rowcount import rowcount
+from worker.process_group import (
+    RankReporter,
+    group_broke,
+    join_group,
+    leave_group,
+    rank_environment,
+    run_agent,
+)
 
 log = logging.getLogger("tunehouse.training")
 
@@ -221,6 +237,21 @@ class DatabaseReporter:
             )
         )
 
+    def training_on(self, device: str) -> None:
+        """Record what the job trains on, on the job and in an event."""
+        self._write(lambda session: _record_device(session, self.job_id, self.owner, device))
+
+
+def _record_device(session: Session, job_id: str, owner: str, device: str) -> None:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner)
+        .values(device=device)
+        .execution_options(synchronize_session=False)
+    )
+    if rowcount(result):
+        jobs.add_event(session, job_id, f"Training on {device}")
+
 
 def _finish(reporter: DatabaseReporter, job_id: str, output_dir: Path, result: Any) -> None:
     """Register the model and the result file and mark the job succeeded, in one transaction
@@ -306,6 +337,7 @@ def _spec(settings: Settings, job_id: str, owner: str) -> Any:
             max_dataset_line_bytes=settings.max_dataset_line_bytes,
             debug_checkpoint_delay_seconds=settings.debug_checkpoint_delay_seconds,
             keep_checkpoints=settings.keep_checkpoints,
+            resources=dict(job.resources or {}),
         )
 
 
@@ -329,14 +361,22 @@ def _fail(reporter: DatabaseReporter, code: str, message: str) -> None:
     retry_for(reporter.settings.lease_seconds, fail, what="recording the failure")
 
 
-def run_training_process(job_id: str, owner: str) -> None:
-    """Entry point of the spawned training process (its own session and process group)."""
+def run_training_process(job_id: str, owner: str) -> int:
+    """Entry point of a training process: the job's only one, or one rank of its group (its
+    own session and process group either way). Returns the exit status: 0 once the job is
+    settled or stopped; non-zero when a rank of a group fails, so that the agent stops the
+    group and the supervisor treats it as a crash."""
     die_with_parent()
     if os.getppid() == 1:  # the worker died before the line above took effect
-        return
+        return 0
+    rank, world_size = rank_environment()
+    if rank != 0:
+        return _run_rank(job_id, owner, rank, world_size)
+
     settings = get_settings()
+    where = f"{job_id} rank 0" if world_size > 1 else job_id
     logging.basicConfig(
-        level=settings.log_level, format=f"%(asctime)s %(levelname)s [train {job_id}] %(message)s"
+        level=settings.log_level, format=f"%(asctime)s %(levelname)s [train {where}] %(message)s"
     )
     reporter = DatabaseReporter(settings, job_id, owner)
     # SIGTERM asks for a stop at the next step: with a checkpoint first when the job was paused
@@ -346,6 +386,7 @@ def run_training_process(job_id: str, owner: str) -> None:
 
     from transformers.utils import logging as hf_logging
 
+    from worker.training.devices import describe_device, training_device
     from worker.training.loop import train
     from worker.training.spec import DeadlineExceeded, TrainingStopped
 
@@ -355,6 +396,11 @@ def run_training_process(job_id: str, owner: str) -> None:
         spec = retry_for(
             settings.lease_seconds, lambda: _spec(settings, job_id, owner), what="reading"
         )
+        device = training_device(spec.resources)
+        # Every rank has read the spec (and so the checkpoint to resume from) before the
+        # group forms, so none can see a checkpoint that rank 0 wrote since.
+        join_group(device, world_size)
+        reporter.training_on(describe_device(device, world_size))
         result = train(spec, reporter)
         retry_for(settings.lease_seconds, reporter.flush, what="writing events")
         _finish(reporter, job_id, spec.output_dir, result)
@@ -372,10 +418,13 @@ def run_training_process(job_id: str, owner: str) -> None:
         log.exception("out of memory")
         _fail(reporter, "out_of_memory", "Training ran out of memory; try a smaller batch_size.")
     except Exception as exc:
+        if world_size > 1 and group_broke(exc):
+            log.error("another process of the group of %s is gone: %s", job_id, exc)
+            return 1  # a crash: the supervisor puts the job back in the queue
         log.exception("training of %s failed", job_id)
         if is_disk_full(exc):
             _fail(reporter, "disk_full", DISK_FULL_MESSAGE)
-            return
+            return 0
         code = "out_of_memory" if "out of memory" in str(exc).lower() else "training_error"
         _fail(
             reporter,
@@ -384,9 +433,63 @@ def run_training_process(job_id: str, owner: str) -> None:
         )
     finally:
         reporter.finished()
+        leave_group()
+    return 0
+
+
+def _run_rank(job_id: str, owner: str, rank: int, world_size: int) -> int:
+    """Ranks 1 to N-1: train in step with rank 0, write nothing. Stopping or rank 0 settling
+    the job ends them with 0; any error with 1, which makes the agent stop the whole group."""
+    settings = get_settings()
+    logging.basicConfig(
+        level=settings.log_level,
+        format=f"%(asctime)s %(levelname)s [train {job_id} rank {rank}] %(message)s",
+    )
+    reporter = RankReporter()
+    signal.signal(signal.SIGTERM, lambda *_: reporter.request_stop())
+
+    from transformers.utils import logging as hf_logging
+
+    from worker.training.devices import training_device
+    from worker.training.loop import train
+    from worker.training.spec import DeadlineExceeded, TrainingStopped
+
+    hf_logging.disable_progress_bar()
+    try:
+        spec = retry_for(
+            settings.lease_seconds, lambda: _spec(settings, job_id, owner), what="reading"
+        )
+        join_group(training_device(spec.resources), world_size)
+        train(spec, reporter)
+    except TrainingStopped as stop:  # rank 0 records where
+        log.info("training of %s stopped on request: %s", job_id, stop)
+        return 0
+    except DeadlineExceeded:  # rank 0 fails the job
+        return 0
+    except Exception:
+        log.exception("rank %d of %s failed", rank, job_id)
+        return 1
+    finally:
+        reporter.finished()
+        leave_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.runner")
+    parser.add_argument("job_id")
+    parser.add_argument("owner")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="start this many ranks under an elastic agent"
+    )
+    parser.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="seconds the ranks get to stop"
+    )
+    args = parser.parse_args(argv)
+    if args.processes > 1:
+        return run_agent(args.job_id, args.owner, args.processes, args.shutdown_timeout)
+    return run_training_process(args.job_id, args.owner)
 
 
 if __name__ == "__main__":
-    import sys
-
-    run_training_process(sys.argv[1], sys.argv[2])
+    sys.exit(main())

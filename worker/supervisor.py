@@ -1,7 +1,11 @@
 """Runs one job: claims it with a lease, starts the training process, watches it.
 
 The training process is spawned: a fresh interpreter (``python -m worker.runner``), never a
-fork of a process that may hold CUDA state. It starts in its own session and process group, so
+fork of a process that may hold CUDA state. A job of several processes gets torchrun's elastic
+agent instead (``python -m worker.runner --processes N``), which starts and watches its ranks
+and forwards signals to them (docs/distributed.md); to this side it is one process all the
+same. The worker's devices (``TUNEHOUSE_WORKER_DEVICES``) are the training process's
+``CUDA_VISIBLE_DEVICES``. It starts in its own session and process group, so
 stopping the group stops everything it started, and it dies with the thread that started it
 (a parent-death signal). It renews the lease itself; this side watches the job row and stops
 the process when the job is cancelled, paused or no longer leased to us, or when the worker is
@@ -24,7 +28,11 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from functools import partial
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 
 from app.core.db import session_scope
 from app.core.ids import random_token
@@ -32,6 +40,7 @@ from app.core.process import process_identity
 from app.core.queue import enqueue_job
 from app.core.retry import retry_for
 from app.core.settings import Settings
+from app.models import Job, utcnow
 from app.services import job_files, jobs, leases
 from worker import janitor
 
@@ -46,20 +55,40 @@ def worker_identity() -> str:
     return process_identity(random_token(6))
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a job's wake-ups go and how many processes train it."""
+
+    queue: str
+    processes: int
+
+
+def placement(settings: Settings, session: Session, job_id: str) -> Placement | None:
+    row = session.execute(select(Job.queue, Job.resources).where(Job.id == job_id)).one_or_none()
+    if row is None:
+        return None
+    processes = int((row.resources or {}).get("processes", 1))
+    return Placement(jobs.job_queue(settings, row.queue), processes)
+
+
 def supervise_job(settings: Settings, job_id: str) -> None:
     url = settings.sqlalchemy_url
-    if DRAINING.is_set():
-        log.info("worker is shutting down; leaving job %s in the queue", job_id)
-        enqueue_job(settings, job_id)  # this delivery is acknowledged; send another
-        return
     with session_scope(url) as session:
         state = leases.lease_state(session, job_id)
-    if state is None:
+        place = placement(settings, session, job_id)
+    if state is None or place is None:
         log.info("job %s is gone; nothing to do", job_id)
+        return
+    if DRAINING.is_set():
+        log.info("worker is shutting down; leaving job %s in the queue", job_id)
+        enqueue_job(settings, job_id, place.queue)  # this delivery is acknowledged; send another
         return
     if state.status == jobs.VALIDATING:
         # The API stopped before validating; finish its work here.
         job_files.validate_job_files(settings, job_id, sessions=partial(session_scope, url))
+    if place.processes > settings.worker_process_limit:
+        _refuse_too_many_processes(settings, job_id, place)
+        return
     owner = worker_identity()
     with session_scope(url) as session:
         if not leases.claim_job(session, job_id, owner, settings.lease_seconds):
@@ -68,11 +97,55 @@ def supervise_job(settings: Settings, job_id: str) -> None:
     log.info("job %s claimed by %s", job_id, owner)
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "worker.runner", job_id, owner], start_new_session=True
+        training_command(settings, job_id, owner, place.processes),
+        env=training_environment(settings),
+        start_new_session=True,
     )
     _watch(settings, job_id, owner, process)
     log.info("training process for %s exited with %s", job_id, process.returncode)
-    _settle(settings, job_id, owner, process.returncode)
+    _settle(settings, job_id, owner, process.returncode, place.queue)
+
+
+def training_command(settings: Settings, job_id: str, owner: str, processes: int) -> list[str]:
+    """The training process of a job: the runner itself, or for several processes the
+    runner's elastic agent, which gives its ranks as long to stop as this side gives it."""
+    command = [sys.executable, "-m", "worker.runner", job_id, owner]
+    if processes > 1:
+        grace = max(settings.cancel_grace_seconds, settings.shutdown_grace_seconds)
+        command += ["--processes", str(processes), "--shutdown-timeout", str(grace)]
+    return command
+
+
+def training_environment(settings: Settings) -> dict[str, str]:
+    """This worker's environment, with its devices the only ones its training may see."""
+    env = dict(os.environ)
+    if settings.worker_devices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(settings.worker_devices)
+    return env
+
+
+def _refuse_too_many_processes(settings: Settings, job_id: str, place: Placement) -> None:
+    """A job asking for more processes than this worker can run fails (while nobody holds it),
+    with what to change: waiting would not help, as the workers of a queue are alike."""
+    limit = settings.worker_process_limit
+    message = (
+        f"resources.processes is {place.processes}, but the workers of queue '{place.queue}' "
+        f"run at most {limit} processes per job (one per device). Ask for at most {limit}, "
+        "or for another device."
+    )
+    with session_scope(settings.sqlalchemy_url) as session:
+        failed = jobs.fail_job(
+            session,
+            job_id,
+            code="invalid_resources",
+            message=message,
+            param="resources.processes",
+            from_=(jobs.QUEUED,),
+            when=(or_(Job.lease_owner.is_(None), Job.lease_expires_at < utcnow()),),
+        )
+    if failed:
+        log.info("job %s failed: %s", job_id, message)
+        janitor.tidy_if_ended(settings, job_id)
 
 
 def _watch(settings: Settings, job_id: str, owner: str, process: subprocess.Popen[bytes]) -> None:
@@ -111,7 +184,7 @@ def _watch(settings: Settings, job_id: str, owner: str, process: subprocess.Pope
             return
 
 
-def _settle(settings: Settings, job_id: str, owner: str, code: int | None) -> None:
+def _settle(settings: Settings, job_id: str, owner: str, code: int | None, queue: str) -> None:
     """After the training process is gone: release the lease, wake a re-queued job, and count
     a process that died without settling its job as a crash."""
 
@@ -136,7 +209,7 @@ def _settle(settings: Settings, job_id: str, owner: str, code: int | None) -> No
         return
     janitor.tidy_if_ended(settings, job_id)  # an ended job's training state goes at once
     if wake:
-        enqueue_job(settings, job_id)
+        enqueue_job(settings, job_id, queue)
 
 
 def stop_process(process: subprocess.Popen[bytes], grace: float) -> None:

@@ -13,6 +13,7 @@ from app.schemas import (
     JobObject,
     ListResponse,
     ModelObject,
+    Resources,
 )
 from app.services.models import ModelInfo
 
@@ -63,7 +64,16 @@ def job_object(job: Job) -> JobObject:
         total_steps=job.total_steps,
         started_at=ts(job.started_at),
         attempt=job.attempt,
+        resources=job_resources(job),
+        device=job.device,
     )
+
+
+def job_resources(job: Job) -> Resources | None:
+    """The queue the job went to and its processes; None for a job from before queues."""
+    if job.queue is None:
+        return None
+    return Resources(device=job.queue, processes=int((job.resources or {}).get("processes", 1)))
 
 
 def event_object(event: JobEvent) -> JobEventObject:

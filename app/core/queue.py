@@ -1,6 +1,10 @@
 """The Celery application as both sides see it. The API only sends wake-ups by task name;
 the worker adds its tasks in ``worker.celery_app``. The broker carries wake-ups, never state:
 a lost message is re-sent by the reconciler from what the database says.
+
+Each device kind has a queue of its own, named for it ("cpu", "gpu", or a name an operator
+chose): a job's wake-up goes to the queue of its ``resources.device`` (``settings.default_queue``
+when it named none), and a worker takes jobs from one queue (``settings.serving_queue``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ log = logging.getLogger(__name__)
 
 RUN_JOB = "tunehouse.run_job"
 RECONCILE = "tunehouse.reconcile"
-QUEUE = "tunehouse"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -44,7 +47,7 @@ def make_celery(settings: Settings) -> Celery:
             "max_retries": 1,
         }
     app.conf.update(
-        task_default_queue=QUEUE,
+        task_default_queue=settings.default_queue,
         task_ignore_result=True,
         task_acks_late=True,
         worker_prefetch_multiplier=1,
@@ -59,8 +62,12 @@ def make_celery(settings: Settings) -> Celery:
             "reconcile": {
                 "task": RECONCILE,
                 "schedule": timedelta(seconds=settings.reconcile_interval_seconds),
-                # A wake-up that waited longer than one interval is stale: drop it.
-                "options": {"expires": settings.reconcile_interval_seconds},
+                # A wake-up that waited longer than one interval is stale: drop it. It goes
+                # to the queue of the worker whose beat sends it, which may be the only one.
+                "options": {
+                    "expires": settings.reconcile_interval_seconds,
+                    "queue": settings.serving_queue,
+                },
             }
         },
     )
@@ -77,14 +84,15 @@ def _client(settings: Settings) -> Celery:
     return _clients[key]
 
 
-def enqueue_job(settings: Settings, job_id: str) -> bool:
-    """Send the job's wake-up. False when the broker is unreachable: the job stays queued in
-    the database and the reconciler sends it again later."""
+def enqueue_job(settings: Settings, job_id: str, queue: str | None = None) -> bool:
+    """Send the job's wake-up to ``queue``, the job's (``jobs.job_queue``; default: the
+    default queue). False when the broker is unreachable: the job stays queued in the database
+    and the reconciler sends it again later."""
     try:
         _client(settings).send_task(
             RUN_JOB,
             args=[job_id],
-            queue=QUEUE,
+            queue=queue or settings.default_queue,
             retry=True,
             retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -21,6 +22,8 @@ DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 Role = Literal["control", "inference", "all"]
 # The precision of classifier and encoder forward passes: full, or int8 linear layers.
 Quantization = Literal["none", "int8"]
+# A worker queue: a device kind ("cpu", "gpu") or a name an operator gives a set of workers.
+QUEUE_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
 class Settings(BaseSettings):
@@ -80,6 +83,16 @@ class Settings(BaseSettings):
     # write between its files and its rename, by this many seconds. Leave at 0.
     debug_step_delay_seconds: float = Field(default=0.0, ge=0)
     debug_checkpoint_delay_seconds: float = Field(default=0.0, ge=0)
+    # Devices (docs/distributed.md). A job goes to the worker queue its `resources.device`
+    # names, or to this one when it names none.
+    default_queue: str = Field(default="cpu", pattern=QUEUE_NAME)
+    # The queue a worker takes jobs from (default: default_queue): one device kind per worker.
+    worker_queue: str | None = Field(default=None, pattern=QUEUE_NAME)
+    # The accelerators a worker's training processes may use (CUDA_VISIBLE_DEVICES), e.g.
+    # "0,1": a JSON list or ids separated by commas. Their number bounds a job's processes.
+    worker_devices: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Most processes one job may run on a worker (default: its devices, or else its CPUs).
+    worker_max_processes: int | None = Field(default=None, ge=1, le=1024)
     # Checkpoints a job keeps on disk besides each epoch's end: the newest this many.
     keep_checkpoints: int = Field(default=3, ge=1)
     # Bytes of files, models and checkpoints each organization may store (0: no limit).
@@ -151,13 +164,24 @@ class Settings(BaseSettings):
     # the broker, so all API processes share it, and per process otherwise.
     rate_limit_per_minute: int = Field(default=0, ge=0)
 
-    @field_validator("pinned_models", mode="before")
+    @field_validator("pinned_models", "worker_devices", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             if value.lstrip().startswith("["):
                 return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("worker_devices")
+    @classmethod
+    def _device_ids(cls, value: list[str]) -> list[str]:
+        # Indexes or UUIDs (GPU-..., MIG-...), as CUDA_VISIBLE_DEVICES takes them.
+        for device in value:
+            if not re.fullmatch(r"[A-Za-z0-9:/_-]{1,128}", device):
+                raise ValueError(f"{device!r} is not a device id (an index such as 0, or a UUID)")
+        if len(set(value)) != len(value):
+            raise ValueError("a device is listed twice")
         return value
 
     @field_validator("base_models", mode="before")
@@ -174,6 +198,26 @@ class Settings(BaseSettings):
             return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
         except (AttributeError, ValueError, OSError):  # not POSIX
             return 4 * 2**30
+
+    @property
+    def serving_queue(self) -> str:
+        """The queue this process's worker takes jobs from."""
+        return self.worker_queue or self.default_queue
+
+    @property
+    def worker_process_limit(self) -> int:
+        """Most processes one job may run on this worker: one per device of
+        ``worker_devices`` (NCCL runs one rank per GPU), or ``worker_max_processes``, or one
+        per CPU this process may run on; the smallest that applies."""
+        limits = [len(self.worker_devices)] if self.worker_devices else []
+        if self.worker_max_processes is not None:
+            limits.append(self.worker_max_processes)
+        if not limits:
+            try:
+                limits.append(len(os.sched_getaffinity(0)))
+            except AttributeError:  # not Linux
+                limits.append(os.cpu_count() or 1)
+        return min(limits)
 
     @property
     def resolved_data_dir(self) -> Path:

@@ -298,6 +298,8 @@ def create_job(
         result_files=[],
         idempotency_key=idempotency_key,
         idempotency_fingerprint=fingerprint,
+        resources=body.resources.model_dump(exclude_none=True) if body.resources else None,
+        queue=chosen_queue(settings, body.resources.device if body.resources else None),
     )
     session.add(job)
     try:
@@ -315,6 +317,30 @@ def create_job(
     files = ", ".join(f for f in (job.training_file, job.validation_file) if f)
     add_event(session, job.id, f"Validating training file: {files}")
     return job, True
+
+
+# ---- device queues ---------------------------------------------------------------------------
+
+
+def chosen_queue(settings: Settings, device: str | None) -> str:
+    """The worker queue of a new job: the device kind it asked for, or the default queue. It is
+    stored with the job, so every wake-up goes to the same queue whichever process sends it."""
+    return device or settings.default_queue
+
+
+def job_queue(settings: Settings, queue: str | None) -> str:
+    """Where a job's wake-ups go: its stored queue (jobs from before queues: the default)."""
+    return queue or settings.default_queue
+
+
+def job_queues(settings: Settings, session: Session, job_ids: Sequence[str]) -> dict[str, str]:
+    """The queue of each job of ``job_ids`` that still exists."""
+    queues: dict[str, str] = {}
+    for start in range(0, len(job_ids), 500):  # bounded IN lists
+        chunk = job_ids[start : start + 500]
+        for job_id, queue in session.execute(select(Job.id, Job.queue).where(Job.id.in_(chunk))):
+            queues[job_id] = job_queue(settings, queue)
+    return queues
 
 
 def request_fingerprint(body: JobCreate) -> str:

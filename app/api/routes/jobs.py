@@ -37,12 +37,13 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 After = Annotated[str | None, Query(max_length=64)]
 
 
-def validate_and_enqueue(settings: Settings, job_id: str) -> None:
-    """Runs after the create response: re-read the files, queue the job, wake a worker. If this
-    process dies first, the reconciler finds the job still validating and finishes the work."""
+def validate_and_enqueue(settings: Settings, job_id: str, queue: str) -> None:
+    """Runs after the create response: re-read the files, queue the job, wake a worker of its
+    queue. If this process dies first, the reconciler finds the job still validating and
+    finishes the work."""
     sessions = partial(session_scope, settings.sqlalchemy_url)
     if job_files.validate_job_files(settings, job_id, sessions=sessions):
-        enqueue_job(settings, job_id)
+        enqueue_job(settings, job_id, queue)
 
 
 @router.post(
@@ -68,7 +69,9 @@ def create_job(
     job, created = jobs.create_job(session, settings, org, body, idempotency_key)
     session.commit()
     if created:
-        background.add_task(validate_and_enqueue, settings, job.id)
+        background.add_task(
+            validate_and_enqueue, settings, job.id, jobs.job_queue(settings, job.queue)
+        )
     return job_object(job)
 
 
@@ -154,7 +157,9 @@ def resume_job(
     session.commit()
     if job.status == jobs.QUEUED:
         # After the answer: a broker that is away delays nobody; the reconciler re-sends it.
-        background_tasks.add_task(enqueue_job, settings, job.id)
+        background_tasks.add_task(
+            enqueue_job, settings, job.id, jobs.job_queue(settings, job.queue)
+        )
     return job_object(job)
 
 
