@@ -38,9 +38,15 @@ def training_device(resources: dict[str, Any] | None = None) -> torch.device:
     """The CUDA device of this rank when there is one and the job did not ask for the CPU;
     otherwise the CPU."""
     wanted = (resources or {}).get("device")
-    if wanted != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", local_rank() % torch.cuda.device_count())
-    return torch.device("cpu")
+    if wanted == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    rank, count = local_rank(), torch.cuda.device_count()
+    if rank >= count:  # two ranks on one GPU would hang NCCL: refuse instead
+        raise ValueError(
+            f"process {rank + 1} of this job has no GPU of its own: the worker sees {count}; "
+            "start the worker with --devices listing one GPU per process"
+        )
+    return torch.device("cuda", rank)
 
 
 def describe_device(device: torch.device, world_size: int = 1) -> str:
