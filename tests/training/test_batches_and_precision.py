@@ -143,3 +143,18 @@ def test_bf16_autocast_on_the_cpu_trains(base: Path, rows_file: Path, tmp_path: 
     assert losses[-1] < losses[0] * 0.8, losses
     # The weights stay float32: autocast computes in bf16, AdamW updates in full precision.
     assert all(t.dtype == torch.float32 for t in weights(spec.output_dir).values())
+
+
+def test_the_last_steps_checkpoint_skips_the_optimizer_and_resumes_to_the_final_model(
+    whole_batches: Any, tmp_path: Path
+) -> None:
+    spec, _, result = whole_batches
+    first_epoch = load_training_state(spec.checkpoints_dir / f"step-{result.steps // 2}")
+    last = spec.checkpoints_dir / f"step-{result.steps}"
+    assert first_epoch["optimizer"] is not None  # training goes on from there
+    assert load_training_state(last)["optimizer"] is None  # nothing is left to optimize
+
+    resumed = replace(spec, output_dir=tmp_path / "model", resume_from=last)
+    again = train(resumed, Reporter())
+    assert again.steps == result.steps and again.final_metrics == result.final_metrics
+    assert_close_weights(spec.output_dir, resumed.output_dir, atol=0.0)

@@ -506,7 +506,9 @@ def _training_state(
         "last_eval": dict(run.last_eval),
         "loss_steps": run.loss_steps,
         "train_seconds": run.train_seconds,
-        "optimizer": optimizer.state_dict(),
+        # After the last step nothing is left to optimize: a resume from here only saves the
+        # model, so the optimizer's state (twice the weights' size) is not written.
+        "optimizer": None if run.step == total_steps else optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),  # fp16's loss scale and growth tracker
         "ranks": ranks,
@@ -543,7 +545,8 @@ def _resume(
         )
     group = Group.current(torch.device("cpu"))
     own = _rank_state(state, group)
-    optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:  # None in the checkpoint of the last step
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
