@@ -14,20 +14,23 @@ max length 128, gradient norm clipped at 1.0, seed 0, four ways:
       included); the loop's own throughput from its metrics events (each gives
       ``samples_per_second`` over the steps since the last one, training time only); then
       every dev row sent to /v1/predictions, whose accuracy must equal the job's;
-  (b) the floor: a plain PyTorch loop in this process (AutoModelForSequenceClassification,
-      AdamW, linear warmup, batches grouped by length: shuffled, sorted within windows of 50
-      batches, batches shuffled; padded to each batch's longest row); wall time from loading
-      the model to the end of the dev evaluation (no save);
+  (b) the floor: a plain PyTorch loop (AutoModelForSequenceClassification, AdamW, linear
+      warmup, batches grouped by length: shuffled, sorted within windows of 50 batches,
+      batches shuffled; padded to each batch's longest row); wall time from loading the model
+      to the end of the dev evaluation (no save);
   (c) `Trainer` with its defaults (random batches) and DataCollatorWithPadding, evaluated on
       dev at the end and saved once (``save_model``), as a user keeps the model (a) saves;
   (d) the same with ``train_sampling_strategy="group_by_length"``.
 The Tunehouse stack is stopped before (b)-(d) run, so they have the machine to themselves.
+Every run outside the API has a fresh Python process of its own (spawned), as a user's script
+and a job's training process have: none inherits another's warm caches.
 
 Part chat. Chat SFT on ../shared/data/dolly-subset (151 Alpaca-style rows turned into a user
 turn and an assistant turn; the last 16 held out) with a Llama built here (hidden 256, 4
 layers, a 2,000-token BPE trained on the same text, random weights), 3 epochs by default,
-batch 8, lr 1e-3, max length 512: Tunehouse's loop in this process with ``packing`` on and off,
-and `Trainer` (defaults, DataCollatorForSeq2Seq: the prompt masked, dynamic padding). Tokens/s
+batch 8, lr 1e-3, max length 512: Tunehouse's loop (worker.training.loop.train, called
+directly) with ``packing`` on and off, and `Trainer` (defaults, DataCollatorForSeq2Seq: the
+prompt masked, dynamic padding). Tokens/s
 are the training rows' tokens times epochs over the training seconds (the same count for every
 run); the held-out loss is computed the same way for every run (mean over the assistant
 tokens of the held-out rows, unpacked).
@@ -41,7 +44,7 @@ sizes, Tunehouse's loop against `Trainer` (bf16=True): samples/s, tokens/s and m
 utilisation (6 x matmul parameters x tokens/s over the device's peak bf16 FLOP/s), and the ddp
 part on 2 GPUs when there are 2.
 
-Each figure is printed beside its baseline and the issue's target, with MET or MISS; a miss
+Each figure is printed beside its baseline and the issue's target, with PASS or MISS; a miss
 does not change the exit code (it is a benchmark).
 """
 
@@ -56,7 +59,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
@@ -329,6 +332,30 @@ def length_grouped_batches(
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def encode_sst2(
+    tokenizer: Any, data: ClassifyData, label_ids: dict[str, int]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The train and dev rows as features (unpadded), as a user's script tokenizes them."""
+
+    def encode(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+        enc = tokenizer(
+            [r["text"] for r in rows], truncation=True, max_length=data.hp["max_seq_length"]
+        )
+        return [
+            {"input_ids": ids, "attention_mask": mask, "labels": label_ids[r["label"]]}
+            for ids, mask, r in zip(enc["input_ids"], enc["attention_mask"], rows, strict=True)
+        ]
+
+    return encode(data.train), encode(data.dev)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+    """Autocast to ``dtype``; nothing for fp32 (None)."""
+    import torch
+
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 def plain_loop(data: ClassifyData, model_dir: Path, device: torch.device) -> Run:
     """What a PyTorch user writes for this fine-tune, the way run_glue_no_trainer does it."""
     import torch
@@ -349,14 +376,7 @@ def plain_loop(data: ClassifyData, model_dir: Path, device: torch.device) -> Run
         model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_ids
     ).to(device)
 
-    def encode(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
-        enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=hp["max_seq_length"])
-        return [
-            {"input_ids": ids, "attention_mask": mask, "labels": label_ids[r["label"]]}
-            for ids, mask, r in zip(enc["input_ids"], enc["attention_mask"], rows, strict=True)
-        ]
-
-    train, dev = encode(data.train), encode(data.dev)
+    train, dev = encode_sst2(tokenizer, data, label_ids)
     collate = DataCollatorWithPadding(tokenizer, padding="longest", return_tensors="pt")
     no_decay = ("bias", "LayerNorm.weight")
     groups = [
@@ -382,7 +402,7 @@ def plain_loop(data: ClassifyData, model_dir: Path, device: torch.device) -> Run
     for _ in range(data.epochs):
         for indices in length_grouped_batches(lengths, hp["batch_size"], generator):
             batch = {k: v.to(device) for k, v in collate([train[i] for i in indices]).items()}
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
+            with autocast(device, dtype):
                 loss = model(**batch).loss
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -401,7 +421,7 @@ def plain_loop(data: ClassifyData, model_dir: Path, device: torch.device) -> Run
         for start in range(0, len(dev), hp["batch_size"]):
             rows = dev[start : start + hp["batch_size"]]
             batch = {k: v.to(device) for k, v in collate(rows).items()}
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=bool(dtype)):
+            with autocast(device, dtype):
                 logits = model(**batch).logits
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
     wall = time.perf_counter() - started
@@ -480,13 +500,6 @@ def trainer_classify(
         model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=label_ids
     )
 
-    def encode(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
-        enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=hp["max_seq_length"])
-        return [
-            {"input_ids": ids, "attention_mask": mask, "labels": label_ids[r["label"]]}
-            for ids, mask, r in zip(enc["input_ids"], enc["attention_mask"], rows, strict=True)
-        ]
-
     def accuracy(prediction: Any) -> dict[str, float]:
         return {
             "accuracy": float(
@@ -494,7 +507,7 @@ def trainer_classify(
             )
         }
 
-    train, dev = encode(data.train), encode(data.dev)
+    train, dev = encode_sst2(tokenizer, data, label_ids)
     extra = {"train_sampling_strategy": "group_by_length"} if grouped else {}
     trainer = Trainer(
         model=model,
