@@ -232,10 +232,13 @@ def tunehouse_api(tmp: Path) -> Iterator[Api]:
             api.http.close()
 
 
-def loop_time(events: list[dict[str, Any]], rows: int, batch_size: int) -> float:
+def loop_time(
+    events: list[dict[str, Any]], rows: int, batch_size: int, processes: int = 1
+) -> float:
     """The training loop's own time, from its metrics events: each reports samples_per_second
     over the steps since the one before (training only: evaluation and checkpoints are left
-    out), and the steps say how many rows those were."""
+    out; with several processes, the reporting process's share of the rows), and the steps say
+    how many rows those were."""
     per_epoch = math.ceil(rows / batch_size)
 
     def rows_through(step: int) -> int:
@@ -245,7 +248,7 @@ def loop_time(events: list[dict[str, Any]], rows: int, batch_size: int) -> float
     for event in sorted(events, key=lambda e: int(e["step"])):
         step, rate = int(event["step"]), float(event.get("samples_per_second") or 0)
         if rate > 0 and step > previous:
-            seconds += (rows_through(step) - rows_through(previous)) / rate
+            seconds += (rows_through(step) - rows_through(previous)) / processes / rate
             previous = step
     return seconds
 
@@ -297,7 +300,8 @@ def api_job(
     evaluated = [e for e in events if "valid_accuracy" in e]
     if not evaluated:
         raise SystemExit(f"{name}: the job reported no valid_accuracy")
-    seconds = loop_time(events, len(data.train), int(data.hp["batch_size"]))
+    processes = int((resources or {}).get("processes", 1))
+    seconds = loop_time(events, len(data.train), int(data.hp["batch_size"]), processes)
     tokens = int(job.get("trained_tokens") or 0)
     texts = [row["text"] for row in data.dev]
     predicted = api.predict(job["fine_tuned_model"], texts)
@@ -950,14 +954,14 @@ def run_chat(args: argparse.Namespace, tmp: Path) -> list[Check]:
         )
     if missing:
         print(f"note: {missing}")
-    return packing_checks(packed, padded, missing)
+    return packing_checks(packed, padded, missing, "chat")
 
 
-def packing_checks(packed: Run, padded: Run, missing: str | None) -> list[Check]:
+def packing_checks(packed: Run, padded: Run, missing: str | None, part: str) -> list[Check]:
     ratio = packed.tokens_per_second / padded.tokens_per_second
     relative = abs(packed.score - padded.score) / padded.score
     text = (
-        f"chat: packed {packed.tokens_per_second:.0f} tokens/s = {ratio:.2f}x padded "
+        f"{part}: packed {packed.tokens_per_second:.0f} tokens/s = {ratio:.2f}x padded "
         f"{padded.tokens_per_second:.0f} (target >= {TARGET_PACKING}x), held-out loss "
         f"{packed.score:.3f} vs {padded.score:.3f} ({relative * 100:.1f} % apart, target "
         f"within {TARGET_LOSS_RELATIVE * 100:g} %)"
@@ -1097,7 +1101,7 @@ def run_gpu(args: argparse.Namespace, tmp: Path) -> list[Check]:
     llama = matmul_parameters(AutoModelForCausalLM.from_pretrained(setup.base))
     packed, padded, chat_trainer = chat_runs(setup, tmp / "gpu" / "chat", device)
     table += [("chat: " + r.name, r, llama) for r in (packed, padded, chat_trainer)]
-    checks += packing_checks(packed, padded, packing_available())
+    checks += packing_checks(packed, padded, packing_available(), "gpu chat")
     checks.append(
         check(
             f"gpu chat: Tunehouse loop (packed) {packed.tokens_per_second:.0f} tokens/s = "
