@@ -629,8 +629,7 @@ def loop_classify_run(data: ClassifyData, model_dir: Path, tmp: Path) -> Run:
 
 def isolated(function: Callable[..., Run], *args: Any) -> Run:
     """``function(*args)`` in a fresh Python process, as a user's script or a job's training
-    process runs: no run inherits another's warm caches (the first training in a process pays
-    for its kernels' set-up, which made the first of two identical runs here slower)."""
+    process runs: no run inherits the warm caches and set-up of the runs before it."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
