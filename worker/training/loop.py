@@ -147,7 +147,9 @@ def make_optimizer(
     model: torch.nn.Module, hp: TrainingHyperparameters, device: torch.device
 ) -> torch.optim.Optimizer:
     # Weight decay only on matrices: biases and LayerNorm weights (the 1-d tensors) are not
-    # decayed, as in BERT and nanoGPT. On a GPU, the fused kernel updates every tensor at once.
+    # decayed, as in BERT and nanoGPT. The fused kernel updates every tensor in one pass, on a
+    # GPU and on a CPU alike (on 2 CPU cores it steps MiniLM several times faster than the
+    # default for-each kernel); it is Trainer's default too.
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -155,7 +157,7 @@ def make_optimizer(
         {"params": decay, "weight_decay": hp.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=hp.learning_rate, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=hp.learning_rate, fused=device.type in ("cuda", "cpu"))
 
 
 def linear_schedule(
