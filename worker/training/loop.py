@@ -267,6 +267,10 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
     resume = load_training_state(spec.resume_from) if spec.resume_from is not None else None
     model = kind.load_model(spec, labels, weights_dir=spec.resume_from).to(device)
     model.train()
+    if group.distributed and group.rank and resume is None:
+        # Each rank's dropout draws its own masks (rank 0 keeps the one-process stream);
+        # DDP gives every rank rank 0's weights, so the model's init is unaffected.
+        torch.manual_seed(spec.seed + 1_000_003 * group.rank)
     prepare_model(model, hp)
     optimizer = make_optimizer(model, hp, device)
     scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
