@@ -109,6 +109,20 @@ def test_every_metrics_event_reports_throughput_and_peak_memory(whole_batches: A
     assert result.trained_tokens > 0
 
 
+def test_a_run_in_micro_batches_resumes_exactly(
+    base: Path, rows_file: Path, tmp_path: Path
+) -> None:
+    whole = spec_for(base, rows_file, tmp_path / "whole", micro_batch_size=3)
+    train(whole, Reporter())
+    run = spec_for(
+        base, rows_file, tmp_path / "stopped", micro_batch_size=3, checkpoint_every_steps=5
+    )
+    with pytest.raises(TrainingStopped):
+        train(run, Reporter(stop_after_step=7))
+    train(replace(run, resume_from=run.checkpoints_dir / "step-5"), Reporter())
+    assert_close_weights(whole.output_dir, run.output_dir, atol=0.0)
+
+
 def test_fp16_resumes_exactly_with_its_gradient_scaler(
     base: Path, rows_file: Path, tmp_path: Path
 ) -> None:
