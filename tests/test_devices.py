@@ -205,6 +205,8 @@ def test_each_worker_takes_the_jobs_of_its_own_queue(deployment: Deployment) -> 
 
 
 @pytest.mark.slow
+# The refusal is the supervisor's, the same on either deployment: the embedded one suffices.
+@pytest.mark.parametrize("deployment", ["embedded"], indirect=True)
 def test_a_job_asking_more_processes_than_its_worker_runs_fails_clearly(
     deployment: Deployment,
 ) -> None:
