@@ -840,7 +840,14 @@ def held_out_loss(model: Any, setup: ChatSetup, device: torch.device) -> float:
     return float(metrics["valid_loss"])
 
 
-def loop_chat_run(name: str, setup: ChatSetup, packing: bool, tmp: Path, device: Any) -> Run:
+def loop_chat_run(
+    name: str,
+    setup: ChatSetup,
+    packing: bool,
+    tmp: Path,
+    device: Any,
+    options: dict[str, Any] | None = None,
+) -> Run:
     from transformers import AutoModelForCausalLM
 
     started = time.perf_counter()
@@ -849,7 +856,7 @@ def loop_chat_run(name: str, setup: ChatSetup, packing: bool, tmp: Path, device:
         setup.base,
         setup.train_path,
         setup.valid_path,
-        {**setup.hp, "packing": packing},
+        {**setup.hp, "packing": packing, **(options or {})},
         tmp,
     )
     wall = time.perf_counter() - started
@@ -1248,9 +1255,50 @@ def print_checks(checks: list[Check]) -> None:
 
 # -- the command -----------------------------------------------------------------------------------
 
+# The loop's optional settings, each against the default run (fp32, everything off).
+OPTIONS: dict[str, dict[str, Any]] = {
+    "bf16 autocast": {"precision": "bf16"},
+    "gradient checkpointing": {"gradient_checkpointing": True},
+    "torch.compile": {"torch_compile": True},
+}
+
+
+def run_options(args: argparse.Namespace, tmp: Path) -> list[Check]:
+    """Part options: the chat setup trained by the loop with each optional setting on, beside
+    the default run, so the cost or gain of each is a measured ratio (no target: they are off
+    by default, and on a CPU they are expected to cost)."""
+    import torch
+
+    quiet_transformers()
+    size = {"hidden_size": 256, "layers": 4, "heads": 4, "vocab_size": 2000, "max_positions": 512}
+    setup = chat_setup(tmp / "options", args.rows, args.epochs or 1, "fp32", size, CHAT)
+    cpu = torch.device("cpu")
+    note("options: the default loop run ...")
+    default = isolated(loop_chat_run, "Tunehouse loop, defaults", setup, True, tmp / "o0", cpu)
+    runs = [default]
+    for n, (name, options) in enumerate(OPTIONS.items(), 1):
+        note(f"options: {name} ...")
+        runs.append(isolated(loop_chat_run, f"  {name}", setup, True, tmp / f"o{n}", cpu, options))
+    print(f"\n== Part options: the loop's optional settings, chat SFT, {cpu_description()} ==")
+    print(
+        f"the chat part's Llama and data, {setup.hp['n_epochs']} epoch(s), batch 8; each run "
+        "in a process of its own"
+    )
+    print_runs(
+        runs,
+        default,
+        score="held-out loss",
+        score_format="{:.3f}",
+        rate="tokens/s",
+        baseline_name="defaults",
+    )
+    return []
+
+
 PARTS: dict[str, Callable[[argparse.Namespace, Path], list[Check]]] = {
     "classify": run_classify,
     "chat": run_chat,
+    "options": run_options,
     "ddp": run_ddp,
     "gpu": run_gpu,
 }
