@@ -182,8 +182,13 @@ def test_pause_reaches_every_rank_and_resume_goes_on_exactly(
     group = wait_until(lambda: whole_group(job_id), 10, what="the agent and both ranks")
     assert cluster.post(f"/v1/fine_tuning/jobs/{job_id}/pause").status_code == 200
     wait_until(lambda: all(gone(pid) for pid in group.values()), 25, what="the group to stop")
-    paused = cluster.job(job_id)
-    assert (paused.status, paused.lease_owner) == ("paused", None)
+    # The supervisor releases the lease once the agent has exited: a moment after the ranks.
+    paused = wait_until(
+        lambda: (job := cluster.job(job_id)).lease_owner is None and job,
+        15,
+        what="the supervisor to release the lease",
+    )
+    assert paused.status == "paused"
     # Rank 0 saved the step where the group stopped, and said so; both ranks stopped there.
     said = [m for m in cluster.events(job_id) if m.startswith("Fine-tuning job paused; ")]
     assert len(said) == 1 and "checkpoint saved at step " in said[0], said
