@@ -278,7 +278,9 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
     generator = torch.Generator()  # the data order's own stream, apart from dropout's
     run = RunState()
     if resume is not None:
-        run = _resume(resume, spec, labels, total_steps, optimizer, scheduler, scaler, generator)
+        run = _resume(
+            resume, spec, labels, total_steps, optimizer, scheduler, scaler, generator, group
+        )
         reporter.message(f"Restarted from checkpoint at step {run.step}")
     train_model = group.wrap(model)
     if hp.torch_compile:
@@ -540,6 +542,7 @@ def _resume(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     generator: torch.Generator,
+    group: Group,
 ) -> RunState:
     """Put the optimizer, scheduler, scaler and RNGs back as the checkpoint left them."""
     if state.get("format") != STATE_FORMAT:
@@ -549,7 +552,6 @@ def _resume(
             "the checkpoint does not match this job: its labels or number of steps differ "
             "(was the data or were the hyperparameters changed?)"
         )
-    group = Group.current(torch.device("cpu"))
     own = _rank_state(state, group)
     if state["optimizer"] is not None:  # None in the checkpoint of the last step
         optimizer.load_state_dict(state["optimizer"])
