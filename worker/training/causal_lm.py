@@ -364,6 +364,20 @@ def padded_width(features: list[Features], pad_to_multiple_of: int | None) -> in
     return width
 
 
+def padded_ids_and_labels(
+    features: list[Features], pad_id: int, pad_to_multiple_of: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' ids and labels padded on the right: ids with the pad token, labels with -100."""
+    shape = (len(features), padded_width(features, pad_to_multiple_of))
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[i, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.tensor(f["labels"], dtype=torch.long)
+    return input_ids, labels
+
+
 def padding_collate(
     pad_id: int, pad_to_multiple_of: int | None = None
 ) -> Callable[[list[Features]], Batch]:
@@ -371,15 +385,10 @@ def padding_collate(
     `pad_to_multiple_of`: ids with the pad token, labels with -100, attention mask 0."""
 
     def collate(features: list[Features]) -> Batch:
-        shape = (len(features), padded_width(features, pad_to_multiple_of))
-        input_ids = torch.full(shape, pad_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros(shape, dtype=torch.long)
+        input_ids, labels = padded_ids_and_labels(features, pad_id, pad_to_multiple_of)
+        attention_mask = torch.zeros_like(input_ids)
         for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            input_ids[i, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
-            labels[i, :n] = torch.tensor(f["labels"], dtype=torch.long)
-            attention_mask[i, :n] = 1
+            attention_mask[i, : len(f["input_ids"])] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     return collate
@@ -394,14 +403,10 @@ def packed_collate(
     never past the model's positions, however the width is rounded); its labels are -100."""
 
     def collate(features: list[Features]) -> Batch:
-        shape = (len(features), padded_width(features, pad_to_multiple_of))
-        input_ids = torch.full(shape, pad_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros(shape, dtype=torch.long)
+        input_ids, labels = padded_ids_and_labels(features, pad_id, pad_to_multiple_of)
+        position_ids = torch.zeros_like(input_ids)
         for i, f in enumerate(features):
             n = len(f["input_ids"])
-            input_ids[i, :n] = torch.tensor(f["input_ids"], dtype=torch.long)
-            labels[i, :n] = torch.tensor(f["labels"], dtype=torch.long)
             lengths = f.get("lengths", [n])
             position_ids[i, :n] = torch.cat([torch.arange(length) for length in lengths])
         real = sum(len(f["input_ids"]) for f in features)
