@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import __version__
+from app import __version__, dashboard
 from app.api import errors, guard, openapi
 from app.api.routes import files, health, jobs, keys, models
 from app.core.db import PoolLimits, use_pool_limits
@@ -25,6 +25,7 @@ from app.inference.completions import router as completions_router
 from app.inference.registry import ModelCache
 from app.inference.router import router as inference_router
 from app.inference.warm import Warmer
+from app.services.state_metrics import api_registry
 
 # Labelled by the route's name (its handler), which stays few and stable whatever the URL holds.
 REQUESTS = Counter("tunehouse_http_requests_total", "HTTP requests", ["method", "route", "status"])
@@ -53,10 +54,12 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
         settings.ensure_broker_dirs()
     errors.install(app)
     app.state.readiness = health.ReadinessProbe(settings)
+    app.state.metrics = api_registry(settings, control=role in ("control", "all"))
     app.include_router(health.router)
     if role in ("control", "all"):
         for router in (files.router, jobs.router, models.router, keys.router):
             app.include_router(router, prefix="/v1")
+        dashboard.install(app)  # the page at /, outside the OpenAPI document
     if role in ("inference", "all"):
         app.state.model_cache = cache = ModelCache(
             settings.model_cache_size,
@@ -72,7 +75,7 @@ def create_app(settings: Settings | None = None, role: Role | None = None) -> Fa
             app.include_router(models.router, prefix="/v1")
 
     # Inside Observe (so its refusals are counted), outside the routes.
-    guard.install(app, settings, uploads=[("POST", "/v1/files")])
+    guard.install(app, settings, uploads=[("POST", "/v1/files"), ("POST", "/v1/models")])
 
     # Inside the error boundary (so its answers are counted), outside the guard and the routes.
     app.add_middleware(Observe)

@@ -12,8 +12,9 @@ import logging
 import threading
 from typing import Any
 
-from celery.signals import beat_init, worker_ready, worker_shutting_down
+from celery.signals import beat_init, setup_logging, worker_ready, worker_shutting_down
 
+from app.core.logs import configure_logging
 from app.core.queue import make_celery
 from app.core.settings import get_settings
 
@@ -21,6 +22,29 @@ celery_app = make_celery(get_settings())
 celery_app.conf.update(include=["worker.tasks"], worker_concurrency=1, worker_pool="threads")
 
 log = logging.getLogger(__name__)
+
+
+@setup_logging.connect
+def _logging(**_: Any) -> None:
+    """The worker logs as the API does (``log_level``, ``log_format``), Celery's lines too:
+    a receiver of this signal replaces Celery's own set-up."""
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+
+
+@worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    """The worker's metrics on ``worker_metrics_port``, from the worker's own process (started
+    once the worker is ready, so an embedded beat, a child process, does not inherit the
+    socket)."""
+    settings = get_settings()
+    if settings.worker_metrics_port:
+        from worker.metrics_server import start_metrics_server
+
+        try:
+            start_metrics_server(settings)
+        except OSError:
+            log.exception("cannot serve metrics on port %d", settings.worker_metrics_port)
 
 
 @worker_ready.connect

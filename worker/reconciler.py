@@ -29,6 +29,7 @@ from app.core.settings import Settings
 from app.models import utcnow
 from app.services import job_files, jobs, leases
 from worker import janitor
+from worker.metrics import RECONCILER_ACTIONS, RECONCILER_PASSES
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def reconcile_once(settings: Settings, *, at_start: bool = False) -> dict[str, A
     idle = 0.0 if at_start else settings.requeue_after_seconds
     with _pass_sessions(settings.sqlalchemy_url) as sessions:
         if sessions is None:
+            RECONCILER_PASSES.labels("skipped").inc()
             return {"skipped": True}
         newly_queued = _validate_stale(sessions, settings, idle)
         requeued, failed = _requeue_expired(sessions, settings)
@@ -120,9 +122,18 @@ def reconcile_once(settings: Settings, *, at_start: bool = False) -> dict[str, A
             wake = list(dict.fromkeys(newly_queued + requeued + lost))
             leases.touch(session, wake)
             queues = jobs.job_queues(settings, session, wake)
+    enqueued = 0
     for job_id, queue in queues.items():  # each to its own queue: a gpu job to the gpu workers
-        enqueue_job(settings, job_id, queue)
+        enqueued += enqueue_job(settings, job_id, queue)
     janitor.sweep(settings)  # what ended jobs, deleted models and expired files leave on disk
+    RECONCILER_PASSES.labels("done").inc()
+    for action, count in (
+        ("validated", len(newly_queued)),
+        ("requeued", len(requeued)),
+        ("failed", failed),
+        ("enqueued", enqueued),
+    ):
+        RECONCILER_ACTIONS.labels(action).inc(count)
     summary = {"enqueued": len(queues), "expired": len(requeued), "failed": failed}
     if wake or failed:
         log.info("reconcile: %s", summary)

@@ -41,16 +41,19 @@ from app.core.storage import (
 )
 from app.models import File, Job, utcnow
 from app.services import jobs, leases, results
-from app.services.models import MLP_MODEL
+from app.services.lineage import Start, starting_point
+from app.services.models import MLP_MODEL, base_model_dir
 from app.services.rowcount import rowcount
 from worker.process_group import (
     RankReporter,
     group_broke,
     join_group,
     leave_group,
+    log_as_trainer,
     rank_environment,
     run_agent,
 )
+from worker.wandb_run import WandbRun
 
 log = logging.getLogger("tunehouse.training")
 
@@ -74,6 +77,8 @@ class DatabaseReporter:
         self._lease_ok_until = time.monotonic() + settings.lease_seconds
         self._pending: list[Callable[[Session], object]] = []
         self._pending_lock = threading.Lock()
+        # Called with each metrics event once it is recorded (the job's W&B run).
+        self.metrics_sinks: list[Callable[[dict[str, float | int]], None]] = []
 
     # -- the lease ------------------------------------------------------------------------------
 
@@ -217,6 +222,8 @@ class DatabaseReporter:
         self._write(
             lambda session: jobs.add_event(session, self.job_id, text, type="metrics", data=payload)
         )
+        for sink in self.metrics_sinks:
+            sink(payload)
 
     def message(self, text: str, level: str = "info") -> None:
         text = redact_paths(text, self.storage.root)
@@ -300,6 +307,14 @@ def _registration(reporter: DatabaseReporter, model_dir: Path) -> results.Regist
         return results.registration(session, reporter.storage, reporter.job_id, model_dir)
 
 
+def _base_dir(session: Session, settings: Settings, model_id: str) -> Path:
+    """A registered base model's directory, or an uploaded one's (POST /v1/models)."""
+    path = base_model_dir(session, settings, Storage(settings.storage_root), model_id)
+    if path is None:
+        raise LookupError(f"base model {model_id} is neither registered nor uploaded")
+    return path
+
+
 def _spec(settings: Settings, job_id: str, owner: str) -> Any:
     from worker.training.checkpoint import latest_complete_checkpoint
     from worker.training.spec import TrainingSpec
@@ -316,14 +331,11 @@ def _spec(settings: Settings, job_id: str, owner: str) -> Any:
                 raise FileNotFoundError(f"file {file_id} was deleted")
             return storage.resolve(file.storage_path)
 
+        parent = starting_point(session, settings, job)
         return TrainingSpec(
             job_id=job.id,
             task=job.task,
-            # A model designed from scratch has no base directory: its architecture is in the
-            # method.
-            base_model_dir=(
-                None if job.model == MLP_MODEL else settings.registered_base_models()[job.model]
-            ),
+            base_model_dir=_start_dir(session, settings, job, parent),
             training_file=path_of(job.training_file),
             validation_file=None if job.validation_file is None else path_of(job.validation_file),
             output_dir=storage.final_output_dir(job.id, attempt_name(owner)),
@@ -338,7 +350,22 @@ def _spec(settings: Settings, job_id: str, owner: str) -> Any:
             debug_checkpoint_delay_seconds=settings.debug_checkpoint_delay_seconds,
             keep_checkpoints=settings.keep_checkpoints,
             resources=dict(job.resources or {}),
+            model=job.model,
+            integrations=list(job.integrations or []),
+            parent=parent,
         )
+
+
+def _start_dir(session: Session, settings: Settings, job: Job, parent: Start | None) -> Path | None:
+    """The directory a job's model, tokenizer and config come from: its base model's; a full
+    parent's own (it holds all three); none for a model designed from scratch (its
+    architecture is in the method, or in its parent)."""
+    base = parent.base if parent is not None else job.model
+    if base == MLP_MODEL:
+        return None
+    if parent is not None and not parent.adapter:
+        return parent.path
+    return _base_dir(session, settings, base)
 
 
 def _fail(reporter: DatabaseReporter, code: str, message: str) -> None:
@@ -374,10 +401,7 @@ def run_training_process(job_id: str, owner: str) -> int:
         return _run_rank(job_id, owner, rank, world_size)
 
     settings = get_settings()
-    where = f"{job_id} rank 0" if world_size > 1 else job_id
-    logging.basicConfig(
-        level=settings.log_level, format=f"%(asctime)s %(levelname)s [train {where}] %(message)s"
-    )
+    log_as_trainer(settings, job_id, rank if world_size > 1 else None)
     reporter = DatabaseReporter(settings, job_id, owner)
     # SIGTERM asks for a stop at the next step: with a checkpoint first when the job was paused
     # or handed back; the supervisor kills the process if it takes longer than its grace.
@@ -392,10 +416,18 @@ def run_training_process(job_id: str, owner: str) -> int:
 
     hf_logging.disable_progress_bar()
 
+    wandb_run: WandbRun | None = None
+    exit_code = 1  # for the W&B run: 0 once the job succeeded or stopped to be resumed
     try:
         spec = retry_for(
             settings.lease_seconds, lambda: _spec(settings, job_id, owner), what="reading"
         )
+        # The job's W&B run, for a wandb integration (None without one: wandb is not imported).
+        wandb_run = WandbRun.start(
+            spec, settings.data_dir, lambda text: reporter.message(text, level="warn")
+        )
+        if wandb_run is not None:
+            reporter.metrics_sinks.append(wandb_run.log)
         device = training_device(spec.resources)
         # Every rank has read the spec (and so the checkpoint to resume from) before the
         # group forms, so none can see a checkpoint that rank 0 wrote since.
@@ -404,7 +436,9 @@ def run_training_process(job_id: str, owner: str) -> int:
         result = train(spec, reporter)
         retry_for(settings.lease_seconds, reporter.flush, what="writing events")
         _finish(reporter, job_id, spec.output_dir, result)
+        exit_code = 0
     except TrainingStopped as stop:
+        exit_code = 0
         log.info("training of %s stopped on request: %s", job_id, stop)
         with contextlib.suppress(Exception):
             reporter.flush()
@@ -432,6 +466,10 @@ def run_training_process(job_id: str, owner: str) -> int:
             f"{type(exc).__name__}: {str(exc).splitlines()[0][:500] if str(exc) else ''}",
         )
     finally:
+        if wandb_run is not None:
+            wandb_run.finish(exit_code)
+            with contextlib.suppress(Exception):
+                reporter.flush()  # a warning event W&B's finish may have added
         reporter.finished()
         leave_group()
     return 0
@@ -441,10 +479,7 @@ def _run_rank(job_id: str, owner: str, rank: int, world_size: int) -> int:
     """Ranks 1 to N-1: train in step with rank 0, write nothing. Stopping or rank 0 settling
     the job ends them with 0; any error with 1, which makes the agent stop the whole group."""
     settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level,
-        format=f"%(asctime)s %(levelname)s [train {job_id} rank {rank}] %(message)s",
-    )
+    log_as_trainer(settings, job_id, rank)
     reporter = RankReporter()
     signal.signal(signal.SIGTERM, lambda *_: reporter.request_stop())
 

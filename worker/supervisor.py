@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from app.core.db import session_scope
 from app.core.ids import random_token
+from app.core.logs import ATTEMPT_ENV, job_context, set_attempt
 from app.core.process import process_identity
 from app.core.queue import enqueue_job
 from app.core.retry import retry_for
@@ -43,6 +44,7 @@ from app.core.settings import Settings
 from app.models import Job, utcnow
 from app.services import job_files, jobs, leases
 from worker import janitor
+from worker.metrics import LEASE_ACTIONS, JobGauges
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,11 @@ def placement(settings: Settings, session: Session, job_id: str) -> Placement | 
 
 
 def supervise_job(settings: Settings, job_id: str) -> None:
+    with job_context(job_id):  # the lines logged about this job name it
+        _supervise(settings, job_id)
+
+
+def _supervise(settings: Settings, job_id: str) -> None:
     url = settings.sqlalchemy_url
     with session_scope(url) as session:
         state = leases.lease_state(session, job_id)
@@ -94,11 +101,14 @@ def supervise_job(settings: Settings, job_id: str) -> None:
         if not leases.claim_job(session, job_id, owner, settings.lease_seconds):
             log.info("job %s is not ready to start (taken, leased, finished or cancelled)", job_id)
             return
+        attempt = session.scalar(select(Job.attempt).where(Job.id == job_id)) or 0
+    LEASE_ACTIONS.labels("claimed").inc()
+    set_attempt(attempt)
     log.info("job %s claimed by %s", job_id, owner)
 
     process = subprocess.Popen(
         training_command(settings, job_id, owner, place.processes),
-        env=training_environment(settings),
+        env={**training_environment(settings), ATTEMPT_ENV: str(attempt)},
         start_new_session=True,
     )
     _watch(settings, job_id, owner, process)
@@ -149,7 +159,22 @@ def _refuse_too_many_processes(settings: Settings, job_id: str, place: Placement
 
 
 def _watch(settings: Settings, job_id: str, owner: str, process: subprocess.Popen[bytes]) -> None:
-    """Wait for the process; stop it when the job stops being ours to run."""
+    """Wait for the process; stop it when the job stops being ours to run. Meanwhile the job's
+    metrics follow what it reports (worker/metrics.py)."""
+    gauges = JobGauges(job_id)
+    try:
+        _watch_until_gone(settings, job_id, owner, process, gauges)
+    finally:
+        gauges.remove()
+
+
+def _watch_until_gone(
+    settings: Settings,
+    job_id: str,
+    owner: str,
+    process: subprocess.Popen[bytes],
+    gauges: JobGauges,
+) -> None:
     handed_back = False
     while True:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -160,11 +185,13 @@ def _watch(settings: Settings, job_id: str, owner: str, process: subprocess.Pope
             with session_scope(settings.sqlalchemy_url) as session:
                 if DRAINING.is_set() and not handed_back:
                     handed_back = True
-                    leases.hand_back(session, job_id, owner, "The worker is shutting down")
+                    if leases.hand_back(session, job_id, owner, "The worker is shutting down"):
+                        LEASE_ACTIONS.labels("handed_back").inc()
                 state = leases.lease_state(session, job_id)
         except Exception:  # a database blip: keep training, look again next time
             log.warning("could not read job %s; will retry", job_id, exc_info=True)
             continue
+        gauges.update(settings.sqlalchemy_url)  # apart: the metrics never get in the way
         if state is None or state.owner != owner or state.status in jobs.TERMINAL:
             if state is not None and state.status in (jobs.SUCCEEDED, jobs.FAILED):
                 # Most likely the trainer settled the job itself and is on its way out.
@@ -199,8 +226,13 @@ def _settle(settings: Settings, job_id: str, owner: str, code: int | None, queue
                     reason=f"stopped unexpectedly ({_describe(code)})",
                     max_attempts=settings.max_attempts,
                 )
-                return outcome == jobs.QUEUED
-            return leases.release_lease(session, job_id, owner) == jobs.QUEUED
+                action = "crashed"
+            else:
+                outcome = leases.release_lease(session, job_id, owner)
+                action = "released"
+        if outcome is not None:  # the lease was still ours
+            LEASE_ACTIONS.labels(action).inc()
+        return outcome == jobs.QUEUED
 
     try:
         wake = retry_for(settings.lease_seconds, settle, what=f"settling job {job_id}")

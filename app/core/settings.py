@@ -14,14 +14,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.core.roles import Role
 
 DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
-Role = Literal["control", "inference", "all"]
 # The precision of classifier and encoder forward passes: full, or int8 linear layers.
 Quantization = Literal["none", "int8"]
+# How log lines are written: plain text, or one JSON object a line (app/core/logs.py).
+LogFormat = Literal["text", "json"]
 # A worker queue: a device kind ("cpu", "gpu") or a name an operator gives a set of workers.
 QUEUE_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
@@ -52,6 +55,16 @@ class Settings(BaseSettings):
     port: int = 8000
     role: Role = "all"
     log_level: str = "INFO"
+    # "json": one JSON object a line, with the request id, organization id, job id and attempt
+    # of the lines that concern them (the API, the worker and the training process alike).
+    log_format: LogFormat = "text"
+    # /metrics (the API's, and a worker's port) answers only requests bearing this token, and
+    # only from these addresses or networks (a JSON list, or separated by commas); unset: all.
+    metrics_token: SecretStr | None = None
+    metrics_allow: Annotated[list[IPvAnyNetwork], NoDecode] = Field(default_factory=list)
+    # A worker serves its Prometheus metrics on this port (0: it serves none), on this address.
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    worker_metrics_host: str = "0.0.0.0"
     # /readyz answers from its last database and broker check for this many seconds.
     readiness_cache_seconds: float = Field(default=1.0, ge=0)
 
@@ -97,6 +110,9 @@ class Settings(BaseSettings):
     keep_checkpoints: int = Field(default=3, ge=1)
     # Bytes of files, models and checkpoints each organization may store (0: no limit).
     storage_quota_bytes: int = Field(default=0, ge=0)
+    # A LoRA model's download with merged=true merges it into its base in a child process
+    # that may run this long (seconds); a download waiting for another's merge waits as long.
+    merge_timeout_seconds: float = Field(default=600.0, gt=0)
 
     # Inputs.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
@@ -164,7 +180,7 @@ class Settings(BaseSettings):
     # the broker, so all API processes share it, and per process otherwise.
     rate_limit_per_minute: int = Field(default=0, ge=0)
 
-    @field_validator("pinned_models", "worker_devices", mode="before")
+    @field_validator("pinned_models", "worker_devices", "metrics_allow", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
@@ -183,6 +199,11 @@ class Settings(BaseSettings):
         if len(set(value)) != len(value):
             raise ValueError("a device is listed twice")
         return value
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _empty_token(cls, value: object) -> object:
+        return None if value == "" else value  # an empty variable (a compose default) is unset
 
     @field_validator("base_models", mode="before")
     @classmethod

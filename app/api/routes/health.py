@@ -8,13 +8,14 @@ import os
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from app.core.db import get_engine
+from app.core.metrics_access import refusal
 from app.core.settings import Settings
 
 router = APIRouter(tags=["operations"])
@@ -97,6 +98,17 @@ async def readyz(request: Request) -> Any:
     )
 
 
-@router.get("/metrics", response_class=Response)
-def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def metrics_access(request: Request) -> None:
+    """``metrics_allow`` and ``metrics_token``, when set (app/core/metrics_access.py)."""
+    client = request.client.host if request.client else None
+    refused = refusal(request.app.state.settings, client, request.headers.get("authorization"))
+    if refused is not None:
+        raise refused
+
+
+# The 401 and 403 of a restricted /metrics are documented by app/api/openapi.py, from settings.
+@router.get("/metrics", response_class=Response, dependencies=[Depends(metrics_access)])
+def metrics(request: Request) -> Response:
+    """Prometheus metrics of this process; with the control routes, also the jobs by status
+    and the depth of each worker queue, read at scrape time."""
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
