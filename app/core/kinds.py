@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
-DatasetFormat = Literal["classification", "chat", "completion", "text", "tabular"]
+DatasetFormat = Literal["classification", "chat", "completion", "text", "tabular", "preference"]
 ModelKind = Literal["encoder", "classification", "causal-lm", "tabular"]
 BaseKind = Literal["causal-lm", "encoder"]  # what a registered base model directory holds
 
@@ -20,6 +20,8 @@ FORMAT_CHAT: Final = "chat"  # {"messages": [...]}
 FORMAT_COMPLETION: Final = "completion"  # {"prompt", "completion"}
 FORMAT_TEXT: Final = "text"  # {"text"}
 FORMAT_TABULAR: Final = "tabular"  # {"features": [numbers], "label"}
+# {"input": {"messages", "tools"?}, "preferred_output": [msg], "non_preferred_output": [msg]}
+FORMAT_PREFERENCE: Final = "preference"
 
 KIND_ENCODER: Final = "encoder"  # a base encoder: embeddings only
 KIND_CLASSIFICATION: Final = "classification"  # a sequence classifier
@@ -33,6 +35,7 @@ KIND_OF_FORMAT: Final[dict[str, ModelKind]] = {
     FORMAT_COMPLETION: KIND_CAUSAL_LM,
     FORMAT_TEXT: KIND_CAUSAL_LM,
     FORMAT_TABULAR: KIND_TABULAR,
+    FORMAT_PREFERENCE: KIND_CAUSAL_LM,
 }
 FORMATS: Final[tuple[DatasetFormat, ...]] = (
     FORMAT_CLASSIFICATION,
@@ -40,9 +43,12 @@ FORMATS: Final[tuple[DatasetFormat, ...]] = (
     FORMAT_COMPLETION,
     FORMAT_TEXT,
     FORMAT_TABULAR,
+    FORMAT_PREFERENCE,
 )
-# Formats that fine-tune a causal language model.
+# Formats that fine-tune a causal language model with method "supervised".
 CAUSAL_FORMATS: Final[tuple[DatasetFormat, ...]] = (FORMAT_CHAT, FORMAT_COMPLETION, FORMAT_TEXT)
+# Formats that train with method "dpo" (OpenAI's preference rows), and only with it.
+PREFERENCE_FORMATS: Final[tuple[DatasetFormat, ...]] = (FORMAT_PREFERENCE,)
 # Formats whose validation rows may only hold labels the training rows have.
 LABELLED_FORMATS: Final[tuple[DatasetFormat, ...]] = (FORMAT_CLASSIFICATION, FORMAT_TABULAR)
 

@@ -12,11 +12,19 @@ from typing import Any
 from app.core.kinds import (
     CAUSAL_FORMATS,
     FORMAT_CLASSIFICATION,
+    FORMAT_PREFERENCE,
     FORMAT_TABULAR,
 )
-from app.schemas import HyperparametersRequest
+from app.schemas import DpoHyperparametersRequest, HyperparametersRequest
 
 LORA_LEARNING_RATE = 2e-4  # the default learning rate with a LoRA adapter
+# DPO moves a model only a little from where it starts: TRL's DPOConfig learns at 1e-6 (a full
+# fine-tune); an adapter, starting from nothing, needs more.
+DPO_LEARNING_RATE = 1e-6
+DPO_LORA_LEARNING_RATE = 1e-5
+DPO_BETA = 0.1  # what beta "auto" resolves to: TRL's DPOConfig default
+DPO_LOSS = "sigmoid"
+SIMPO_GAMMA = 0.5  # TRL's CPOConfig default
 
 # What every dataset format starts from.
 _SHARED: dict[str, Any] = {
@@ -45,6 +53,8 @@ _BY_FORMAT: dict[str, dict[str, Any]] = {
         "packing": False,
     },
     **{fmt: _CAUSAL for fmt in CAUSAL_FORMATS},
+    # Preference rows (method dpo) are never packed: each pair is scored row by row.
+    FORMAT_PREFERENCE: {**_CAUSAL, "packing": False, "learning_rate": DPO_LEARNING_RATE},
     FORMAT_TABULAR: {
         "learning_rate": 1e-3,
         "batch_size": 64,  # what "auto" resolves to: rows are tiny
@@ -54,6 +64,8 @@ _BY_FORMAT: dict[str, dict[str, Any]] = {
     },
 }
 TRAINABLE_FORMATS = frozenset(_BY_FORMAT)
+# The default learning rate with a LoRA adapter, where it is not LORA_LEARNING_RATE.
+_LORA_LEARNING_RATES = {FORMAT_PREFERENCE: DPO_LORA_LEARNING_RATE}
 
 
 def task_defaults(task: str) -> dict[str, Any]:
@@ -81,7 +93,7 @@ def resolve_hyperparameters(
     given = requested.model_dump(exclude_none=True)
     defaults = task_defaults(task)
     if lora:
-        defaults["learning_rate"] = LORA_LEARNING_RATE
+        defaults["learning_rate"] = _LORA_LEARNING_RATES.get(task, LORA_LEARNING_RATE)
     resolved = dict(defaults)
     resolved.update({k: v for k, v in given.items() if v != "auto"})
     if "n_epochs" not in resolved:
@@ -92,4 +104,24 @@ def resolve_hyperparameters(
     resolved["learning_rate_multiplier"] = float(multiplier)
     if "learning_rate" not in given:
         resolved["learning_rate"] = defaults["learning_rate"] * multiplier
+    return resolved
+
+
+def resolve_dpo_hyperparameters(
+    rows: int, requested: DpoHyperparametersRequest, *, lora: bool = False
+) -> dict[str, Any]:
+    """A DPO job's hyperparameters: those of every job, then beta ("auto": DPO_BETA), the loss,
+    rpo_alpha (None: no SFT term) and, for the simpo loss only, simpo_gamma. Raises ValueError
+    for simpo_gamma with another loss."""
+    resolved = resolve_hyperparameters(FORMAT_PREFERENCE, rows, requested, lora=lora)
+    loss = requested.loss or DPO_LOSS
+    if requested.simpo_gamma is not None and loss != "simpo":
+        raise ValueError(f"simpo_gamma applies to loss 'simpo' only, not to '{loss}'")
+    beta = requested.beta
+    resolved["beta"] = DPO_BETA if beta in (None, "auto") else float(beta)
+    resolved["loss"] = loss
+    resolved["rpo_alpha"] = requested.rpo_alpha
+    if loss == "simpo":
+        gamma = requested.simpo_gamma
+        resolved["simpo_gamma"] = SIMPO_GAMMA if gamma is None else float(gamma)
     return resolved

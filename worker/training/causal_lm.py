@@ -2,7 +2,8 @@
 
 They share everything but how a row becomes tokens and labels:
 - chat: the conversation rendered with the tokenizer's chat template (or Tunehouse's default,
-  saved with the model); loss only on assistant turns with weight 1;
+  saved with the model), with the row's tools if any (docs/tool-calling.md); loss only on
+  assistant turns with weight 1, their content and tool calls;
 - completion: the prompt followed by the completion and EOS; loss on the completion and EOS;
 - text: every row followed by EOS, cut into pieces of max_seq_length tokens when longer; loss
   on every token.
@@ -41,6 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from app.core.defaults import LORA_ALPHA, LORA_DROPOUT, LORA_R, lora_target_modules
 from app.core.kinds import FORMAT_CHAT, FORMAT_COMPLETION, FORMAT_TEXT, KIND_CAUSAL_LM
 from app.inference.templates import ensure_chat_template
+from app.inference.tool_calls import render_chat
 from worker.training.registry import (
     Batch,
     Collate,
@@ -86,13 +88,11 @@ class LoadResult(Protocol):
 
 def lora_settings(spec: TrainingSpec) -> LoraSettings | None:
     """The job's LoRA settings; None for full fine-tuning (adapter "full" or absent)."""
-    adapter = spec.supervised.get("adapter", "full")
+    adapter = spec.method_settings.get("adapter", "full")
     if adapter in (None, "full"):
         return None
     if not isinstance(adapter, dict) or adapter.get("type") != "lora":
-        raise ValueError(
-            f'method.supervised.adapter must be "full" or a LoRA spec, got {adapter!r}'
-        )
+        raise ValueError(f'the method\'s adapter must be "full" or a LoRA spec, got {adapter!r}')
     defaults = LoraSettings()
 
     def given(key: str, default: Any) -> Any:  # a key that is absent or null takes the default
@@ -107,6 +107,30 @@ def lora_settings(spec: TrainingSpec) -> LoraSettings | None:
         target_modules=[str(name) for name in targets] if targets else None,
         merge=bool(given("merge", defaults.merge)),
     )
+
+
+def continued_adapter_dir(spec: TrainingSpec) -> Path | None:
+    """The LoRA parent's adapter directory when the job continues that adapter (its
+    parent_adapter "continue"); None otherwise."""
+    parent = spec.parent
+    if parent is None or not parent.adapter or parent.merge_adapter:
+        return None
+    return parent.path
+
+
+def starting_weights(spec: TrainingSpec, lora: LoraSettings | None) -> torch.nn.Module:
+    """The full weights a job starts from: its base model's, or its full parent's (then
+    spec.base_model_dir), or its LoRA parent's adapter folded into the base
+    (merge_and_unload) when the job does not continue that adapter."""
+    base = load_base_model(spec.require_base_model_dir())
+    parent = spec.parent
+    if parent is not None and parent.adapter and (lora is None or parent.merge_adapter):
+        from peft import PeftModel
+
+        folded = PeftModel.from_pretrained(base, parent.path, is_trainable=False)
+        base = folded.merge_and_unload()
+        base.requires_grad_(True)  # peft froze the base's weights
+    return base
 
 
 def context_length(config: Any) -> int | None:
@@ -190,19 +214,24 @@ class CausalLM(TaskKind):
             model, self._loaded = self._loaded[1], None
             return model
         lora = lora_settings(spec)
+        if lora is None and weights_dir is not None:
+            return load_base_model(weights_dir)
+        base = starting_weights(spec, lora)
         if lora is None:
-            return load_base_model(weights_dir or spec.require_base_model_dir())
+            return base
         from peft import get_peft_model, set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        base = load_base_model(spec.require_base_model_dir())
         model = get_peft_model(base, self._lora_config(base, lora))
-        if weights_dir is not None:  # a checkpoint holds the adapter only
+        # A checkpoint holds the adapter only; a job continuing a LoRA parent's adapter starts
+        # from the parent's.
+        adapter_dir = weights_dir or continued_adapter_dir(spec)
+        if adapter_dir is not None:
             result: LoadResult = set_peft_model_state_dict(
-                model, load_file(weights_dir / ADAPTER_WEIGHTS)
+                model, load_file(adapter_dir / ADAPTER_WEIGHTS)
             )
             if result.unexpected_keys:
-                raise ValueError(f"the checkpoint's adapter does not fit: {result.unexpected_keys}")
+                raise ValueError(f"the saved adapter does not fit: {result.unexpected_keys}")
         return model
 
     @staticmethod
@@ -494,24 +523,24 @@ def packing_problem(model: torch.nn.Module) -> str | None:
 
 
 def chat_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[Span]]:
     """The rendered conversation and the character spans of its trained assistant turns
-    (role "assistant", weight 1 or absent).
+    (role "assistant", weight 1 or absent): their content and their tool calls.
 
-    The conversation is rendered again up to each message, so any template works: a turn's
-    span runs from the end of the prompt that asks for it (the history plus the generation
-    prompt, exactly what inference renders) to the end of the history that includes it,
-    trailing whitespace left out (nothing generates it)."""
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    The conversation is rendered (with ``tools``, app/inference/tool_calls.py) again up to each
+    message, so any template works: a turn's span runs from the end of the prompt that asks for
+    it (the history plus the generation prompt, exactly what inference renders) to the end of
+    the history that includes it, trailing whitespace left out (nothing generates it). Tool
+    messages, like user ones, take no loss."""
 
     def render(upto: int, generation_prompt: bool) -> str:
         if upto == 0 and generation_prompt:
             return ""  # an assistant turn opening the conversation: nothing before it
-        return str(
-            tokenizer.apply_chat_template(
-                plain[:upto], tokenize=False, add_generation_prompt=generation_prompt
-            )
+        return render_chat(
+            tokenizer, messages[:upto], tools, add_generation_prompt=generation_prompt
         )
 
     text = render(len(messages), False)
@@ -537,7 +566,7 @@ class Chat(CausalLM):
     def encode_row(
         self, row: Example, tokenizer: PreTrainedTokenizerBase
     ) -> tuple[list[int], list[int]]:
-        text, spans = chat_spans(tokenizer, row["messages"])
+        text, spans = chat_spans(tokenizer, row["messages"], row.get("tools"))
         return encode_spans(tokenizer, text, spans)
 
 

@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from app.core.kinds import FORMAT_CLASSIFICATION, KIND_CLASSIFICATION
+from worker.training.labels import carry_label_rows, output_keys
 from worker.training.registry import (
     Batch,
     Collate,
@@ -44,15 +45,44 @@ class Classification(TaskKind):
     def load_model(
         self, spec: TrainingSpec, labels: list[str], weights_dir: Path | None = None
     ) -> torch.nn.Module:
+        # A continued classifier (spec.parent) loads from the parent's directory, head
+        # included; with other labels its head is rebuilt (worker/training/labels.py).
+        parent = spec.parent if weights_dir is None else None
+        relabelled = parent is not None and parent.labels is not None and parent.labels != labels
         # Labels go into config.json so the saved model predicts names, not ids.
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             weights_dir or spec.require_base_model_dir(),
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
             local_files_only=True,
             use_safetensors=True,
+            ignore_mismatched_sizes=relabelled,
         )
+        if relabelled:
+            assert parent is not None and parent.labels is not None
+            self._carry_head(model, parent.path, parent.labels, labels)
+        return model
+
+    @staticmethod
+    def _carry_head(
+        model: torch.nn.Module, parent_dir: Path, old_labels: list[str], labels: list[str]
+    ) -> None:
+        from safetensors.torch import load_file
+
+        weights: dict[str, torch.Tensor] = {}
+        for path in sorted(parent_dir.glob("*.safetensors")):
+            weights.update(load_file(path))
+        prefix = str(getattr(model, "base_model_prefix", "") or "")
+        keys = output_keys(model, weights, len(old_labels), len(labels), skip_prefix=prefix)
+        if not keys:
+            raise ValueError("the parent classifier's output layer was not found")
+        std = float(getattr(model.config, "initializer_range", 0.02))
+
+        def fresh(row: torch.Tensor) -> None:  # transformers' init of a Linear layer
+            row.normal_(0.0, std) if row.dim() else row.zero_()
+
+        carry_label_rows(model, weights, keys, old_labels, labels, fresh)
 
     def encode_examples(
         self,

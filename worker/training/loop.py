@@ -82,6 +82,8 @@ class RunState:
     last_eval: dict[str, float] = field(default_factory=dict)
     loss_sum: float = 0.0  # train loss summed over the steps since the last report
     loss_steps: int = 0
+    # The kind's per-row figures (step_metrics) summed since the last report, "rows" included.
+    metric_sums: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0  # time spent training by earlier attempts (for max_duration)
 
 
@@ -266,6 +268,16 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
     seed_everything(spec.seed)  # before load_model: the new head's init draws from it
     resume = load_training_state(spec.resume_from) if spec.resume_from is not None else None
     model = kind.load_model(spec, labels, weights_dir=spec.resume_from).to(device)
+    # What the kind needs from the starting model (DPO's reference log-probs): computed now,
+    # before any step, or taken back from the checkpoint.
+    model.eval()
+    with torch.no_grad(), autocast(device, precision):
+        kind.start_training(
+            model,
+            (train_features, valid_features),
+            lambda rows: eval_batches(rows, collate, hp.batch_size, device),
+            resume.get("kind") if resume is not None else None,
+        )
     model.train()
     if group.distributed and group.rank and resume is None:
         # Each rank's dropout draws its own masks (rank 0 keeps the one-process stream);
@@ -311,7 +323,13 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
 
     def checkpoint(end_of_epoch: bool) -> None:
         # Every rank takes part (their RNG states and losses go in); rank 0 writes.
-        ranks = group.gather({"rng": capture_rng_state(generator), "loss_sum": run.loss_sum})
+        ranks = group.gather(
+            {
+                "rng": capture_rng_state(generator),
+                "loss_sum": run.loss_sum,
+                "metric_sums": dict(run.metric_sums),
+            }
+        )
         if not group.is_main:  # every rank knows which step the newest checkpoint holds
             saved.update(step=run.step, at=time.monotonic())
             return
@@ -320,6 +338,7 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
         state = _training_state(
             spec, labels, total_steps, run, position, optimizer, scheduler, scaler, ranks
         )
+        state["kind"] = kind.training_state()
         path = write_checkpoint(
             spec.checkpoints_dir,
             run.step,
@@ -327,7 +346,7 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
             state,
             delay=spec.debug_checkpoint_delay_seconds,
         )
-        reporter.checkpoint(run.step, path, dict(run.last_eval))
+        reporter.checkpoint(run.step, path, checkpoint_metrics(run))
         saved.update(step=run.step, at=time.monotonic())
         if spec.keep_checkpoints is None:
             return
@@ -357,7 +376,8 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
         f"{precision.name}, {micro} rows per forward pass"
     )
     reporter.progress(run.step, total_steps)
-    clock, samples, tokens = time.perf_counter(), 0, 0
+    # Throughput since the last metrics event: training time, optimizer steps, rows, tokens.
+    clock, steps, samples, tokens = time.perf_counter(), 0, 0, 0
 
     for epoch in range(run.epoch, hp.n_epochs):
         run.epoch = epoch
@@ -388,6 +408,8 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
             # Forward and backward over the micro-batches, then clip, step and set the next
             # LR (the scheduler: linear warmup and decay).
             run.loss_sum += stepper.backward(indices)
+            for name, value in kind.step_metrics().items():
+                run.metric_sums[name] = run.metric_sums.get(name, 0.0) + value
             stepper.step(hp.max_grad_norm, parameters)
             scheduler.step()
             run.step += 1
@@ -395,7 +417,7 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
             run.loss_steps += 1
             batch_tokens = sum(kind.feature_length(train_features[i]) for i in indices)
             run.trained_tokens += batch_tokens
-            samples, tokens = samples + len(indices), tokens + batch_tokens
+            steps, samples, tokens = steps + 1, samples + len(indices), tokens + batch_tokens
             reporter.progress(run.step, total_steps)
 
             # Evaluate at each epoch's end and every eval_every_steps (rank 0 only).
@@ -419,8 +441,11 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
             # Log: at least every LOG_EVERY_STEPS steps, and after every evaluation.
             if logged:
                 loss = group.sum(run.loss_sum) / run.loss_steps
+                figures = {name: group.sum(v) for name, v in sorted(run.metric_sums.items())}
                 if group.is_main:
-                    event = _metrics_event(run, steps_per_epoch, loss, lr, elapsed, samples, tokens)
+                    done = (steps, samples, tokens)
+                    event = _metrics_event(run, steps_per_epoch, loss, lr, elapsed, done)
+                    event.update(_train_figures(figures))
                     event["peak_memory_bytes"] = peak_memory_bytes(device)
                     if peak and elapsed > 0:  # model FLOPs utilisation, on a GPU we know
                         achieved = flops_per_token * tokens * group.world_size / elapsed
@@ -430,7 +455,7 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
                     run.metrics_history.append(event)
                     reporter.metrics(event)
                     logger.info("job %s: %s", spec.job_id, event)
-                run.loss_sum, run.loss_steps = 0.0, 0
+                run.loss_sum, run.loss_steps, run.metric_sums = 0.0, 0, {}
 
             # Checkpoint at each epoch's end, every checkpoint_every_steps, and when
             # checkpoint_every_seconds have passed since the last one.
@@ -441,7 +466,7 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
             ):
                 checkpoint(end_of_epoch)
             if logged:  # throughput counts training time only, not evaluation or checkpoints
-                clock, samples, tokens = time.perf_counter(), 0, 0
+                clock, steps, samples, tokens = time.perf_counter(), 0, 0, 0
         run.batch_in_epoch = 0
 
     # The final model, in Hugging Face format, ready to serve (rank 0 writes it).
@@ -460,21 +485,42 @@ def train(spec: TrainingSpec, reporter: Reporter) -> TrainingResult:
     )
 
 
+def checkpoint_metrics(run: RunState) -> dict[str, float]:
+    """What a checkpoint records: the train loss and the evaluation of the metrics event
+    logged at its very step; nothing when none was (an evaluation of an earlier step is not
+    this checkpoint's)."""
+    if not run.metrics_history or run.metrics_history[-1]["step"] != run.step:
+        return {}
+    event = run.metrics_history[-1]
+    return {k: float(v) for k, v in event.items() if k == "train_loss" or k.startswith("valid_")}
+
+
+def _train_figures(sums: dict[str, float]) -> dict[str, float]:
+    """The kind's per-row figures (step_metrics, summed over the ranks and steps since the
+    last report) as train_<name>: their means over the rows."""
+    rows = sums.pop("rows", 0.0)
+    if not rows:
+        return {}
+    return {f"train_{name}": value / rows for name, value in sums.items()}
+
+
 def _metrics_event(
     run: RunState,
     steps_per_epoch: int,
     loss: float,
     lr: float,
     elapsed: float,
-    samples: int,
-    tokens: int,
+    done: tuple[int, int, int],
 ) -> dict[str, float | int]:
-    """The figures of a metrics event; throughput over the training time since the last one."""
+    """The figures of a metrics event; throughput (``done``: optimizer steps, rows, tokens)
+    over the training time since the last one."""
+    steps, samples, tokens = done
     return {
         "step": run.step,
         "epoch": run.step / steps_per_epoch,
         "train_loss": loss,
         "learning_rate": lr,
+        "steps_per_second": steps / elapsed if elapsed > 0 else 0.0,
         "samples_per_second": samples / elapsed if elapsed > 0 else 0.0,
         "tokens_per_second": tokens / elapsed if elapsed > 0 else 0.0,
     }
@@ -569,6 +615,7 @@ def _resume(
         metrics_history=list(state["metrics_history"]),
         last_eval=dict(state["last_eval"]),
         loss_sum=float(own["loss_sum"]),
+        metric_sums={k: float(v) for k, v in own.get("metric_sums", {}).items()},
         loss_steps=state["loss_steps"],
         train_seconds=float(state.get("train_seconds", 0.0)),
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,6 +20,7 @@ from app.core.kinds import (
     FORMAT_CHAT,
     FORMAT_CLASSIFICATION,
     FORMAT_COMPLETION,
+    FORMAT_PREFERENCE,
     FORMAT_TABULAR,
     FORMAT_TEXT,
 )
@@ -142,6 +143,26 @@ class TaskKind(ABC):
         shuffled = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in shuffled]
 
+    # -- before training -------------------------------------------------------------------
+
+    def start_training(
+        self,
+        model: torch.nn.Module,
+        datasets: Sequence[list[Features]],
+        batches: Callable[[list[Features]], Iterator[Batch]],
+        saved: Any | None,
+    ) -> None:
+        """Called once the model is loaded, before the first step (of every attempt), in eval
+        mode under torch.no_grad: what training needs from the starting model (DPO's reference
+        log-probs of the training and validation features, `datasets`, batched by `batches`),
+        computed now, or taken back from `saved` (what training_state returned, from the
+        checkpoint the run resumes from). Default: nothing."""
+        return None
+
+    def training_state(self) -> Any | None:
+        """What a checkpoint keeps for start_training: tensors and plain containers only."""
+        return None
+
     # -- loss ------------------------------------------------------------------------------
 
     @abstractmethod
@@ -154,6 +175,17 @@ class TaskKind(ABC):
     def loss_count(self, features: Sequence[Features]) -> int:
         """How many terms loss_sum adds up over these rows. Default: one per row."""
         return len(features)
+
+    def begin_step(self) -> None:
+        """An optimizer step's forward passes begin (or begin again, after the micro-batch
+        was lowered): forget what step_metrics gathered of it so far."""
+        return None
+
+    def step_metrics(self) -> dict[str, float]:
+        """Figures of the rows of the step just taken, summed over the rows, with the count of
+        rows under "rows" ({} for none): the loop reports each as ``train_<name>``, its mean
+        over the rows since the last metrics event. Default: none."""
+        return {}
 
     def count_tokens(self, batch: Batch) -> int:
         """Non-padding tokens in a batch, for the job's trained_tokens."""
@@ -190,6 +222,7 @@ _BUILTIN_MODULES: dict[str, str] = {
     FORMAT_COMPLETION: "worker.training.causal_lm",
     FORMAT_TEXT: "worker.training.causal_lm",
     FORMAT_TABULAR: "worker.training.tabular",
+    FORMAT_PREFERENCE: "worker.training.dpo",
 }
 
 K = TypeVar("K", bound=type[TaskKind])

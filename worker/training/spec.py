@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from app.services.lineage import Start
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,8 @@ class TrainingSpec:
     seed: int
     resume_from: Path | None = None
     # The job's method: {"type": "supervised", "supervised": {"adapter": "full" | {"type":
-    # "lora", ...}, "architecture": {...}}}; see docs/model-kinds.md.
+    # "lora", ...}, "architecture": {...}}} or {"type": "dpo", "dpo": {"adapter": ...}}; see
+    # docs/model-kinds.md.
     method: dict[str, Any] = field(default_factory=dict)
     # Also checkpoint when this long has passed since the last checkpoint (None: never).
     checkpoint_every_seconds: float | None = None
@@ -37,6 +41,24 @@ class TrainingSpec:
     # The job's `resources`: {"device": "cpu" | "gpu" | <queue name>, "processes": int}; {} when
     # the job gave none (the worker's own device, one process).
     resources: dict[str, Any] = field(default_factory=dict)
+    # The job's model id (a base, or the model it continues from) and `integrations` (OpenAI's
+    # shape: [{"type": "wandb", "wandb": {...}}]), for the trainer's W&B run.
+    model: str = ""
+    integrations: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def method_settings(self) -> dict[str, Any]:
+        """The settings of the job's method type: method.supervised, or method.dpo for a DPO
+        job ({} when the job gave none)."""
+        if not isinstance(self.method, dict):
+            return {}
+        settings = self.method.get(self.method.get("type") or "supervised")
+        return settings if isinstance(settings, dict) else self.supervised
+
+    # The fine-tuned model (or checkpoint) the job continues from (app/services/lineage.py);
+    # None for a job on a base model. base_model_dir is then the parent's own directory for a
+    # full model, the root base's for a LoRA adapter, None for a tabular model.
+    parent: Start | None = None
 
     @property
     def supervised(self) -> dict[str, Any]:

@@ -71,7 +71,7 @@ class Stepper:
             share, weight = indices[:1], 0.0
         while True:
             try:
-                return self._backward(share, weight / count) / self.group.world_size
+                loss = self._backward(share, weight / count) / self.group.world_size
             except torch.OutOfMemoryError:
                 if not self.may_shrink or self.micro == 1:
                     raise
@@ -80,8 +80,13 @@ class Stepper:
                 self.micro = max(1, self.micro // 2)
                 logger.info("micro-batch lowered to %d rows to fit in memory", self.micro)
                 self.on_shrink(self.micro)
+                continue
+            if not weight:  # the stand-in row's figures are not this rank's
+                self.kind.begin_step()
+            return loss
 
     def _backward(self, share: list[int], scale: float) -> float:
+        self.kind.begin_step()
         chunks = [share[i : i + self.micro] for i in range(0, len(share), self.micro)]
         total = torch.zeros((), device=self.device)
         for n, chunk in enumerate(chunks):

@@ -10,6 +10,7 @@ trained_tokens counts rows.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from app.inference.architectures import (
     load_mlp,
     save_mlp,
 )
+from worker.training.labels import carry_label_rows
 from worker.training.registry import (
     Batch,
     Collate,
@@ -81,6 +83,12 @@ class Tabular(TaskKind):
         return label_list(train_rows, valid_rows)
 
     def prepare(self, spec: TrainingSpec, train_rows: Sequence[Example], labels: list[str]) -> None:
+        if spec.parent is not None:
+            # A continued model keeps its parent's layers and input scaling (its weights
+            # expect inputs scaled so); only the labels are the new file's.
+            parent = json.loads((spec.parent.path / "config.json").read_text(encoding="utf-8"))
+            self.config = {**parent, "architecture": MLP_ARCHITECTURE, "labels": list(labels)}
+            return
         # Statistics of the training rows only: validation data must not leak into the model.
         mean, std = feature_statistics(train_rows)
         self.config = {
@@ -95,6 +103,8 @@ class Tabular(TaskKind):
     def load_model(
         self, spec: TrainingSpec, labels: list[str], weights_dir: Path | None = None
     ) -> torch.nn.Module:
+        if weights_dir is None and spec.parent is not None:
+            return self._continued(spec.parent.path, spec.parent.labels or [], labels)
         if weights_dir is None:
             return build_mlp(self.config)  # initialised from the torch seed the loop set
         model, saved = load_mlp(weights_dir)
@@ -102,6 +112,16 @@ class Tabular(TaskKind):
             raise ValueError(
                 "the checkpoint's model does not match this job's data or architecture"
             )
+        return model
+
+    def _continued(self, parent_dir: Path, old_labels: list[str], labels: list[str]) -> MLP:
+        """The parent's network; its output layer's rows follow the labels (labels.py)."""
+        model = build_mlp(self.config)  # new classes' rows: initialised from the torch seed
+        weights = load_mlp(parent_dir)[0].state_dict()
+        last = len(model.layers) - 1
+        output = [f"layers.{last}.weight", f"layers.{last}.bias"]
+        model.load_state_dict({k: v for k, v in weights.items() if k not in output}, strict=False)
+        carry_label_rows(model, weights, output, old_labels, labels)
         return model
 
     def encode_examples(

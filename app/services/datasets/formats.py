@@ -11,12 +11,14 @@ from app.core.kinds import (
     FORMAT_CHAT,
     FORMAT_CLASSIFICATION,
     FORMAT_COMPLETION,
+    FORMAT_PREFERENCE,
     FORMAT_TABULAR,
     FORMAT_TEXT,
 )
 from app.services.datasets import checks
 from app.services.datasets.errors import DatasetError
 from app.services.datasets.limits import DatasetLimits
+from app.services.datasets.preference import PreferenceStats, check_preference_row
 from app.services.datasets.statistics import (
     ChatStats,
     ClassificationStats,
@@ -61,6 +63,9 @@ register_format(FORMAT_COMPLETION, {"prompt", "completion"}, CompletionStats)(
 )
 register_format(FORMAT_TEXT, {"text"}, TextStats)(checks.check_text_row)
 register_format(FORMAT_TABULAR, {"features", "label"}, TabularStats)(checks.check_tabular_row)
+register_format(
+    FORMAT_PREFERENCE, {"input", "preferred_output", "non_preferred_output"}, PreferenceStats
+)(check_preference_row)
 
 
 def format_named(name: str) -> RowFormat:

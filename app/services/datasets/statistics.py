@@ -153,21 +153,30 @@ class ChatStats(FormatStats):
         self.roles: Counter[str] = Counter()
         self.trained_turns = 0
         self.chars = Summary()
+        self.tool_calls = 0
+        self.rows_with_tools = 0
 
     def _add(self, row: dict[str, Any], number: int) -> None:
         messages = row["messages"]
         self.messages.add(len(messages))
         self.roles.update(m["role"] for m in messages)
         self.trained_turns += sum(m["role"] == "assistant" and m["weight"] == 1 for m in messages)
-        self.chars.add(sum(len(m["content"]) for m in messages))
+        self.chars.add(sum(len(m["content"] or "") for m in messages))
+        self.tool_calls += sum(len(m.get("tool_calls") or ()) for m in messages)
+        self.rows_with_tools += "tools" in row
 
     def _result(self) -> dict[str, Any]:
-        return {
+        result: dict[str, Any] = {
             "messages_per_row": self.messages.as_dict(),
             "role_counts": {role: self.roles[role] for role in CHAT_ROLES},
             "trained_assistant_turns": self.trained_turns,
             "text_chars": self.chars.as_dict(),
         }
+        if self.rows_with_tools or self.tool_calls:  # tool-calling data (docs/tool-calling.md)
+            result["role_counts"]["tool"] = self.roles["tool"]
+            result["rows_with_tools"] = self.rows_with_tools
+            result["tool_calls"] = self.tool_calls
+        return result
 
 
 class CompletionStats(FormatStats):
