@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -29,6 +30,7 @@ from app.core.errors import InvalidRequest, TunehouseError
 from app.core.ids import random_token
 from app.core.settings import Settings
 from app.inference.bounds import check_choices, tokens_per_choice
+from app.inference.chat_tools import ToolUse, check_messages, tool_use
 from app.inference.concurrency import HeldStream, inference_gate
 from app.inference.protocols import TextGenerator
 from app.inference.registry import Lease, ModelCache
@@ -37,7 +39,6 @@ from app.inference.sampling import Generation, GenerationParams
 from app.inference.schemas import (
     ChatChoice,
     ChatCompletion,
-    ChatCompletionMessage,
     ChatCompletionRequest,
     Completion,
     CompletionChoice,
@@ -71,20 +72,29 @@ class _Format:
     answer: Callable[..., BaseModel]
     # The fields of the chunk that opens each streamed choice, if any.
     opening: dict[str, Any] | None = None
+    # When set, a streamed choice is read whole before it is sent (a chat answer with tools is
+    # parsed for calls): its last chunks, as (fields, finish reason), come from its generation.
+    ending: Callable[[Generation], list[tuple[dict[str, Any], str | None]]] | None = None
 
 
-CHAT = _Format(
-    id_prefix="chatcmpl",
-    chunk_object="chat.completion.chunk",
-    piece=lambda text: {"delta": {"content": text} if text else {}},
-    choice=lambda index, result: ChatChoice(
-        index=index,
-        message=ChatCompletionMessage(content=result.text),
-        finish_reason=result.finish_reason,
-    ),
-    answer=ChatCompletion,
-    opening={"delta": {"role": "assistant", "content": ""}},
-)
+def _chat_choice(use: ToolUse, index: int, result: Generation) -> ChatChoice:
+    message, finish = use.answer(result)
+    return ChatChoice(index=index, message=message, finish_reason=finish)
+
+
+def chat_format(use: ToolUse) -> _Format:
+    """The chat completion's format, reading the answer for tool calls as ``use`` says."""
+    return _Format(
+        id_prefix="chatcmpl",
+        chunk_object="chat.completion.chunk",
+        piece=lambda text: {"delta": {"content": text} if text else {}},
+        choice=partial(_chat_choice, use),
+        answer=ChatCompletion,
+        opening={"delta": {"role": "assistant", "content": ""}},
+        ending=use.stream_ending if use.parses else None,
+    )
+
+
 TEXT = _Format(
     id_prefix="cmpl",
     chunk_object="text_completion",
@@ -105,12 +115,21 @@ async def chat_completions(
     settings: SettingsDep,
     storage: StorageDep,
 ) -> Any:
-    messages = [{"role": _role(m.role), "content": m.text()} for m in body.messages]
+    check_messages(body)
+    use = tool_use(body)
+    messages = [{**m.as_template_message(), "role": _role(m.role)} for m in body.messages]
     tokens_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = _params(body, settings, 1, max_tokens, tokens_param, prompt_param="messages")
     model = await find_model(session, settings, storage, org, body.model)
-    return await _answer(request, body, CHAT, model, lambda g: [g.chat_prompt(messages)], params)
+    return await _answer(
+        request,
+        body,
+        chat_format(use),
+        model,
+        lambda g: [g.chat_prompt(messages, use.tools, use.prefill)],
+        params,
+    )
 
 
 @router.post("/completions", response_model=Completion, responses={**ERRORS, **_STREAM})
@@ -148,8 +167,6 @@ def _params(
     """The parameters of each of the ``n`` samples of a prompt, within the server's bounds."""
     if body.logprobs:
         raise InvalidRequest("logprobs are not supported.", param="logprobs")
-    if body.tools:
-        raise InvalidRequest("tools are not supported.", param="tools")
     choices = check_choices(settings, prompts, body.n, prompt_param=prompt_param)
     per_choice = tokens_per_choice(settings, choices, max_tokens, param=tokens_param)
     return [
@@ -255,6 +272,7 @@ def _events(
 ) -> Iterator[str]:
     completion_tokens = 0
     runs = _runs(prompts, params)
+    whole = [Generation() for _ in runs]  # each choice's text, when read whole (form.ending)
     try:
         if form.opening is not None:  # each choice opens before any of its pieces
             for index in range(len(runs)):
@@ -262,7 +280,13 @@ def _events(
         # The choices decode together: their chunks interleave, as OpenAI's do.
         with closing(generator.generate(runs, cancel)) as pieces:
             for index, piece in pieces:
-                if piece.text or piece.finish_reason:
+                if form.ending is not None:
+                    whole[index].text += piece.text
+                    if piece.finish_reason:
+                        whole[index].finish_reason = piece.finish_reason
+                        for fields, finish in form.ending(whole[index]):
+                            yield _sse(_chunk(head, index, finish, fields))
+                elif piece.text or piece.finish_reason:
                     fields = form.piece(piece.text)
                     yield _sse(_chunk(head, index, piece.finish_reason, fields))
                 if piece.finish_reason:

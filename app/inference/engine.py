@@ -40,10 +40,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from prometheus_client import Counter, Gauge, Histogram
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from app.inference.generation_metrics import (
+    ACTIVE,
+    BATCH_SIZE,
+    FIRST_TOKEN_SECONDS,
+    PREFILLS,
+    STEP_SECONDS,
+    TOKENS,
+)
 from app.inference.sampling import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -53,24 +60,6 @@ BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 # running ones by a few prefills at a time, not by all of theirs.
 PREFILLS_PER_STEP = 8
 
-BATCH_SIZE = Histogram(
-    "tunehouse_generation_batch_size",
-    "Sequences decoded together in one decode step",
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-)
-TOKENS = Counter("tunehouse_generation_tokens_total", "Tokens generated")
-STEP_SECONDS = Histogram(
-    "tunehouse_generation_step_seconds",
-    "Time of one engine step: the prefills of joining sequences and one decode forward pass",
-)
-FIRST_TOKEN_SECONDS = Histogram(
-    "tunehouse_generation_time_to_first_token_seconds",
-    "From a sequence's submission to its first token",
-)
-ACTIVE = Gauge(
-    "tunehouse_generation_active_sequences", "Sequences decoding or waiting to join a batch"
-)
-PREFILLS = Counter("tunehouse_generation_prefills_total", "Prompt prefills (one per group)")
 
 # What a submission's queue carries: (index, a token), or (index, None) when that sequence has
 # left the engine, or (index, an exception) when it failed.

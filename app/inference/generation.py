@@ -23,6 +23,7 @@ from app.inference.engine import DecodeEngine, Run
 from app.inference.loading import load_pretrained
 from app.inference.sampling import FinishReason, Generation, GenerationParams, Piece
 from app.inference.templates import DEFAULT_CHAT_TEMPLATE
+from app.inference.tool_calls import render_chat
 
 # One sequence to generate: a prompt's token ids and its parameters.
 Prompt = tuple[list[int], GenerationParams]
@@ -63,11 +64,16 @@ class Generator:
 
     # -- prompts ---------------------------------------------------------------------------------
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        rendered = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return self.encode(rendered)
+    def chat_prompt(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        prefill: str = "",
+    ) -> list[int]:
+        """The conversation (OpenAI's messages, with ``tools``) rendered as training did
+        (app/inference/tool_calls.py), followed by ``prefill``, the answer's opening."""
+        rendered = render_chat(self.tokenizer, messages, tools, add_generation_prompt=True)
+        return self.encode(rendered + prefill)
 
     def encode(self, text: str) -> list[int]:
         # The chat template already holds any special tokens the model expects.

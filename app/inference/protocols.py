@@ -30,7 +30,14 @@ class Predictor(Protocol):
 class TextGenerator(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]: ...
+    def chat_prompt(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        prefill: str = "",
+    ) -> list[int]:
+        """The conversation with its tools, rendered and encoded, then ``prefill``."""
+        ...
 
     def stream(
         self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event | None = None

@@ -23,6 +23,7 @@ from app.core.errors import InvalidRequest
 from app.core.kinds import KIND_CAUSAL_LM, KIND_CLASSIFICATION, KIND_ENCODER
 from app.core.settings import Quantization, Settings
 from app.core.storage import Storage
+from app.inference import generation_metrics  # noqa: F401 - registered from the start
 from app.inference.batching import BatchPolicy
 from app.inference.bounds import check_choices, check_tokens
 from app.inference.concurrency import configure_torch_threads, inference_gate

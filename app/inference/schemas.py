@@ -44,17 +44,77 @@ class TextPart(BaseModel):
     text: Text
 
 
+# Tool calling (docs/tool-calling.md): OpenAI's function tools and calls, with bounds of ours.
+MAX_TOOLS = 128
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+CallId = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="a JSON schema object")
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class CalledFunction(BaseModel):
+    name: FunctionName
+    arguments: Text = Field(description="the arguments, a string holding a JSON object")
+
+
+class ToolCall(BaseModel):
+    id: CallId
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only for an assistant message that calls tools.
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)] | None = None
     name: str | None = Field(default=None, max_length=256)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: CallId | None = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def as_template_message(self) -> dict[str, Any]:
+        """The message as app/inference/tool_calls.py renders it (OpenAI's shape)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+            message["content"] = self.text() or None
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class _Sampling(BaseModel):
@@ -73,7 +133,6 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     # Accepted but not supported when set to something that would change the answer.
     logprobs: bool | int | None = None
-    tools: list[Any] | None = Field(default=None, max_length=128)
 
     @field_validator("stop")
     @classmethod
@@ -92,6 +151,17 @@ class _Sampling(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = Field(
+        default=None,
+        description=(
+            "'none', 'auto' (the default with tools), 'required', or a named function: "
+            "'required' and a named function prefill the call's opening (docs/tool-calling.md)"
+        ),
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="false: only the first of the model's calls is returned"
+    )
 
 
 class CompletionRequest(_Sampling):
@@ -110,12 +180,13 @@ class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatCompletionMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: None = None
 
 
