@@ -1,0 +1,27 @@
+"""jobs: lineage, the fine-tuned model (or checkpoint) a job continues from and its root base
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-03 10:00:00.000000
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0008"
+down_revision: str | None = "0007"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    # NULL: the job trains a base model (every job from before this revision).
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("lineage", sa.JSON(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("lineage")
