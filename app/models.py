@@ -164,6 +164,9 @@ class Job(Base):
     queue: Mapped[str | None] = mapped_column(String(64))
     # What its training last ran on, as the trainer described it ("2 × cpu (gloo)").
     device: Mapped[str | None] = mapped_column(String(128))
+    # The fine-tuned model a job continues from (app/services/lineage.py): {"parent_model",
+    # "checkpoint_step", "base_model" (the root base), "parent_adapter"}; None: a base model.
+    lineage: Mapped[dict[str, Any] | None]
 
 
 class JobEvent(Base):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from app.core.defaults import (
     LORA_ALPHA,
@@ -193,11 +193,64 @@ class SupervisedMethod(BaseModel):
     architecture: Architecture | None = None
 
 
+DpoLoss = Literal["sigmoid", "ipo", "simpo"]
+
+
+class DpoHyperparametersRequest(HyperparametersRequest):
+    """``method.dpo.hyperparameters``: OpenAI's (``beta`` and the three of every method), plus
+    Tunehouse's training knobs and its DPO extensions (``loss``, ``rpo_alpha``,
+    ``simpo_gamma``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, title="DpoHyperparameters")
+
+    beta: Auto | Annotated[float, Field(gt=0, le=100)] | None = Field(
+        default=None,
+        description="How far the model may move from the reference (the starting model): "
+        "the scale of the log-ratios in the loss. auto: 0.1, as TRL's DPOConfig",
+    )
+    loss: DpoLoss | None = Field(
+        default=None,
+        description="sigmoid (default): DPO's loss; ipo: IPO's squared loss on length-averaged "
+        "log-probs; simpo: SimPO's, with no reference model and a margin simpo_gamma",
+    )
+    rpo_alpha: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Weight of an SFT term (the preferred output's mean token NLL) added to "
+        "the loss (RPO). Default: none",
+    )
+    simpo_gamma: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="SimPO's target reward margin (loss simpo only). Default: 0.5, as TRL's",
+    )
+
+
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: DpoHyperparametersRequest | None = None
+    adapter: Adapter = Field(default=None, description='"full" (default) or a LoRA spec')
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["supervised"] = "supervised"
+    type: Literal["supervised", "dpo"] = "supervised"
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_its_type(self) -> Method:
+        for other in ("supervised", "dpo"):
+            if other != self.type and getattr(self, other) is not None:
+                raise ValueError(
+                    f"method.{other} is given but method.type is '{self.type}': give the "
+                    f"settings of the method's own type (method.{self.type})"
+                )
+        return self
 
 
 MAX_PROCESSES = 64
@@ -237,6 +290,28 @@ class Resources(BaseModel):
         return v
 
 
+class WandbIntegration(BaseModel):
+    """OpenAI's ``integrations[].wandb``: the W&B run the job's metrics go to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(min_length=1, max_length=128)
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    entity: str | None = Field(default=None, min_length=1, max_length=128)
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None, max_length=50
+    )
+
+
+class Integration(BaseModel):
+    """One of ``integrations``: OpenAI's shape; "wandb" is the only type."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["wandb"]
+    wandb: WandbIntegration
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -248,9 +323,23 @@ class JobCreate(BaseModel):
     suffix: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[\w.-]+$")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
-    integrations: list[Any] | None = Field(default=None, max_length=0)
-    # Extension.
+    integrations: list[Integration] | None = Field(
+        default=None,
+        max_length=4,
+        description="A wandb integration logs the job's metrics to a W&B run (id: the job's "
+        "id; name: wandb.name, else the job's id). It needs the wandb package and W&B "
+        "configured (WANDB_API_KEY, or WANDB_MODE=offline) in the server's environment; "
+        "without them the job is refused (400)",
+    )
+    # Extensions.
     resources: Resources | None = None
+    parent_adapter: Literal["continue", "merge"] | None = Field(
+        default=None,
+        description="When model is a fine-tuned LoRA model (or one of its checkpoints): "
+        '"continue" (default) trains its adapter further, over the same base model; "merge" '
+        "folds it into its base and trains a new adapter over the merged weights (the new "
+        "model is stored merged). Refused (400) for any other model",
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -265,6 +354,21 @@ class JobError(BaseModel):
     code: str
     message: str
     param: str | None = None
+
+
+class JobLineage(BaseModel):
+    """Tunehouse's ``lineage`` of a job whose ``model`` is a fine-tuned model or checkpoint."""
+
+    parent_model: str = Field(description="The fine-tuned model the job continues from")
+    checkpoint_step: int | None = Field(
+        default=None, description="The step of its checkpoint the job starts from, if one"
+    )
+    base_model: str = Field(
+        description="The root base model: the new model's name keeps it, as OpenAI's does"
+    )
+    parent_adapter: Literal["continue", "merge"] | None = Field(
+        default=None, description="How a LoRA parent's adapter is used; null for a full model"
+    )
 
 
 class JobObject(BaseModel):
@@ -284,7 +388,7 @@ class JobObject(BaseModel):
     training_file: str
     validation_file: str | None = None
     estimated_finish: int | None = None
-    integrations: list[Any] | None = None
+    integrations: list[Integration] | None = None
     metadata: dict[str, str] | None = None
     method: dict[str, Any]
     suffix: str | None = None
@@ -298,6 +402,8 @@ class JobObject(BaseModel):
     # What the job trained on, e.g. "cuda:0 (NVIDIA H200)" or "2 × cpu (gloo)"; null until
     # training starts.
     device: str | None = None
+    # The fine-tuned model the job continues from; null when model is a base model.
+    lineage: JobLineage | None = None
 
 
 class JobEventObject(BaseModel):
@@ -310,6 +416,23 @@ class JobEventObject(BaseModel):
     data: dict[str, Any] | None = None
 
 
+class CheckpointMetrics(BaseModel):
+    """OpenAI's checkpoint metrics, each measured at the checkpoint's step or null. Tunehouse
+    evaluates the whole validation set, so valid_* and full_valid_* hold the same figures;
+    for classifiers (and tunehouse/mlp) *_mean_token_accuracy is the accuracy over rows.
+    Training accuracy is not measured (null). Other keys the trainer stored follow."""
+
+    model_config = ConfigDict(extra="allow")
+
+    step: int
+    train_loss: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None
+    valid_mean_token_accuracy: float | None = None
+    full_valid_loss: float | None = None
+    full_valid_mean_token_accuracy: float | None = None
+
+
 class CheckpointObject(BaseModel):
     id: str
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
@@ -317,7 +440,7 @@ class CheckpointObject(BaseModel):
     fine_tuned_model_checkpoint: str
     fine_tuning_job_id: str
     step_number: int
-    metrics: dict[str, Any]
+    metrics: CheckpointMetrics
 
 
 # ---- models --------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,9 +54,12 @@ def embedded_stack(
 
 
 @contextmanager
-def distributed_stack(tmp: Path, database_url: str, broker_url: str) -> Iterator[tuple[Stack, str]]:
+def distributed_stack(
+    tmp: Path, database_url: str, broker_url: str, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[Stack, str]]:
     """`tunehouse api` and `tunehouse worker` on one PostgreSQL and Redis."""
-    with replicated_stack(tmp, database_url, broker_url, apis=1) as (stack, key, _):
+    stacked = replicated_stack(tmp, database_url, broker_url, apis=1, extra_env=extra_env)
+    with stacked as (stack, key, _):
         yield stack, key
 
 
@@ -67,25 +70,30 @@ def replicated_stack(
     broker_url: str,
     *,
     apis: int = 2,
+    roles: Sequence[str] = (),
+    workers: Sequence[Sequence[str]] = ((),),
     extra_env: dict[str, str] | None = None,
 ) -> Iterator[tuple[Stack, str, list[str]]]:
     """`tunehouse api` started ``apis`` times on one PostgreSQL and Redis, each on a port of its
     own with no proxy in front (clients pick one, as with replicas behind DNS), and one
-    `tunehouse worker`. Yields the stack (its processes: the APIs in order, then the worker), a
-    key and the base URLs of the APIs."""
+    `tunehouse worker`. ``roles`` starts one API per entry with that `--role` instead, and
+    ``workers`` one worker per entry with those options. Yields the stack (its processes:
+    the APIs in order, then the workers), a key and the base URLs of the APIs."""
     env = {**base_env(tmp / "data"), **(extra_env or {})}
     env.update(TUNEHOUSE_DATABASE_URL=database_url, TUNEHOUSE_BROKER_URL=broker_url)
     stack = Stack("postgres+redis", env, tmp)
     tunehouse("migrate", env=env)
     key = tunehouse("keys", "create", "--organization", "acme", env=env).stdout.strip()
+    api_options = [["--role", role] for role in roles] or [[] for _ in range(apis)]
     ports = [stack.port]
-    while len(ports) < apis:
+    while len(ports) < len(api_options):
         port = free_port()
         if port not in ports:
             ports.append(port)
-    for index, port in enumerate(ports):
-        stack.start("api", "--port", str(port), log=f"api{index}")
-    stack.start("worker", log="worker")
+    for index, (port, options) in enumerate(zip(ports, api_options, strict=True)):
+        stack.start("api", *options, "--port", str(port), log=f"api{index}")
+    for index, worker_options in enumerate(workers):
+        stack.start("worker", *worker_options, log=f"worker{index}" if index else "worker")
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     try:
         stack.wait_ready(timeout=90)

@@ -261,7 +261,8 @@ def create(api, file_id: str, key: str | None = None, **body):
             {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
             "n_epochs",
         ),
-        ({"method": {"type": "dpo"}}, "method"),
+        ({"method": {"type": "dpo"}}, "training_file"),  # dpo trains on preference rows
+        ({"method": {"type": "reinforcement"}}, "method"),
         ({"suffix": "x" * 65}, "suffix"),
         ({"suffix": "../../etc"}, "suffix"),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),

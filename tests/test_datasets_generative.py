@@ -100,7 +100,11 @@ def said(**fields: Any) -> dict[str, Any]:
         (msgs(USER, {"role": "assistant"}), "messages[1]: missing required field 'content'"),
         ({**msgs(USER, ASSISTANT), "id": 7}, "unknown field 'id'"),
         (msgs({**USER, "name": "bob"}, ASSISTANT), "messages[0]: unknown field 'name'"),
-        (msgs({**USER, "role": "tool"}, ASSISTANT), "messages[0]: unknown role 'tool'"),
+        (msgs({**USER, "role": "robot"}, ASSISTANT), "messages[0]: unknown role 'robot'"),
+        (
+            msgs({**USER, "role": "tool"}, ASSISTANT),
+            "messages[0]: missing required field 'tool_call_id'",
+        ),
         (msgs({**USER, "role": 1}, ASSISTANT), "messages[0]: unknown role a number"),
         (
             msgs(USER, said(content=42)),

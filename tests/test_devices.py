@@ -172,7 +172,10 @@ def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deplo
             deployment.cancel_active()
 
 
+# On the filesystem broker, whose queues are our own code; tests/test_topology.py runs two workers
+# on Redis.
 @pytest.mark.slow
+@pytest.mark.parametrize("deployment", ["embedded"], indirect=True)
 def test_each_worker_takes_the_jobs_of_its_own_queue(deployment: Deployment) -> None:
     deployment.start_worker("cpu")  # the default queue
     gpu_job = deployment.create_job(resources={"device": "gpu"})

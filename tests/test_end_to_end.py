@@ -4,10 +4,12 @@ defaults and on PostgreSQL + Redis with the worker as a separate process."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,12 +17,21 @@ import httpx
 import pytest
 from openai import NotFoundError, OpenAI
 
+from tests.metrics_support import (
+    dashboard_queries,
+    exposed_names,
+    label_values,
+    metric_names,
+    sample,
+)
+from tests.observed_stack import Observed, job_lines, json_lines
 from tests.stacks import distributed_stack, embedded_stack
 from tests.support import (
     BASE_MODEL,
     Stack,
     as_dict,
     extra,
+    fresh_postgres_database,
     jsonl,
     sentiment_rows,
     training_processes,
@@ -33,8 +44,8 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class Running:
-    def __init__(self, stack: Stack, key: str):
-        self.stack, self.key = stack, key
+    def __init__(self, stack: Stack, key: str, observed: Observed):
+        self.stack, self.key, self.observed = stack, key, observed
         self.client = OpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0)
 
     def predict(self, model: str, texts: list[str]) -> httpx.Response:
@@ -64,16 +75,22 @@ def running(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Running]:
     tmp = tmp_path_factory.mktemp(request.param.replace("+", "-"))
-    if request.param == "embedded":
-        context = embedded_stack(tmp)
-    else:
-        context = distributed_stack(
-            tmp,
-            request.getfixturevalue("postgres_url"),
-            request.getfixturevalue("redis_url"),
-        )
-    with context as (stack, key):
-        yield Running(stack, key)
+    # JSON logs, a worker metrics port, and a metrics token (tests/observed_stack.py).
+    observed = Observed()
+    with contextlib.ExitStack() as contexts:
+        if request.param == "embedded":
+            context = embedded_stack(tmp, observed.env)
+        else:
+            # A database of its own: the jobs other tests left behind are not this stack's.
+            server = request.getfixturevalue("postgres_url")
+            database = contexts.enter_context(
+                fresh_postgres_database(server, prefix="tunehouse_e2e")
+            )
+            context = distributed_stack(
+                tmp, database, request.getfixturevalue("redis_url"), observed.env
+            )
+        stack, key = contexts.enter_context(context)
+        yield Running(stack, key, observed)
 
 
 def untrained_accuracy(rows: list[dict[str, str]]) -> float:
@@ -109,6 +126,7 @@ def test_cancel_queued_and_running_jobs(running: Running) -> None:
     # ...so a second job waits queued, and cancelling it means it never starts.
     waiting = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=train)
     running.wait_for_status(waiting.id, ("queued",), timeout=30)
+    metrics_while_training(running)
     assert client.fine_tuning.jobs.cancel(waiting.id).status == "cancelled"
 
     cancelled_at = time.monotonic()
@@ -127,6 +145,73 @@ def test_cancel_queued_and_running_jobs(running: Running) -> None:
     assert extra(finished, "steps_completed") < extra(finished, "total_steps")
     messages = [e.message for e in client.fine_tuning.jobs.list_events(long_job.id, limit=100)]
     assert "Fine-tuning job cancelled" in messages
+
+
+def metrics_while_training(running: Running) -> None:
+    """What the control API's /metrics shows while one job trains and another waits for the
+    only worker; it, and the worker's port, need the stack's metrics token."""
+    observed, base_url = running.observed, running.stack.base_url
+    assert observed.api(base_url, token=False).status_code == 401
+    assert observed.worker(token=False).status_code == 401
+    api = wait_until(
+        lambda: (
+            (text := observed.api(base_url).text)
+            and (sample(text, "tunehouse_queue_depth", queue="cpu") or 0) >= 1
+            and text
+        ),
+        30,
+        what="the waiting job's wake-up in the queue depth",
+    )
+    assert sample(api, "tunehouse_jobs", status="running") == 1
+    assert sample(api, "tunehouse_jobs", status="queued") == 1
+
+
+def throughput(running: Running, job_id: str) -> tuple[float, float]:
+    """The job's steps and tokens per second on its worker's metrics port (0: none shown)."""
+    text = running.observed.worker().text
+    steps = sample(text, "tunehouse_training_steps_per_second", job_id=job_id)
+    tokens = sample(text, "tunehouse_training_tokens_per_second", job_id=job_id)
+    return steps or 0.0, tokens or 0.0
+
+
+def worker_counted_its_work(running: Running, job_id: str) -> None:
+    """Once the job is over, the worker's port no longer shows it, and has counted its
+    lease's renewals and the reconciler's passes."""
+    text = wait_until(
+        lambda: (t := running.observed.worker().text) and f'job_id="{job_id}"' not in t and t,
+        30,
+        what="the job's series to leave the worker's metrics",
+    )
+    for action in ("claimed", "renewed"):
+        assert (sample(text, "tunehouse_lease_actions_total", action=action) or 0) >= 1, action
+    assert (sample(text, "tunehouse_reconciler_passes_total", result="done") or 0) >= 1
+    actions = label_values(text, "tunehouse_reconciler_actions_total", "action")
+    assert actions == {"validated", "requeued", "failed", "enqueued"}
+
+
+def json_logs_name_the_job_and_the_request(
+    running: Running, job_id: str, organization_id: str
+) -> None:
+    """Every process logs JSON: a request's lines carry its id and its organization, the
+    lines of a job's worker and of its training process the job's id and attempt."""
+    request_id = f"req-e2e-{uuid.uuid4().hex}"
+    response = httpx.get(
+        f"{running.stack.base_url}/v1/fine_tuning/jobs/{job_id}",
+        headers={"Authorization": f"Bearer {running.key}", "X-Request-ID": request_id},
+    )
+    assert response.headers["x-request-id"] == request_id
+    logs = running.stack.log_dir
+    request_lines = wait_until(
+        lambda: [line for line in json_lines(logs) if line.get("request_id") == request_id],
+        10,
+        what="the request's log line",
+    )
+    assert {line["organization_id"] for line in request_lines} == {organization_id}
+    worker, trainer = job_lines(json_lines(running.stack.log_dir), job_id)
+    assert any("claimed" in line["message"] for line in worker), worker
+    assert trainer, "the training process's lines name the job"
+    assert {line["attempt"] for line in worker + trainer} == {1}
+    assert {line["pid"] for line in trainer}.isdisjoint(line["pid"] for line in worker)
 
 
 def test_fine_tune_then_predict(running: Running, tmp_path: Path) -> None:
@@ -158,8 +243,9 @@ def test_fine_tune_then_predict(running: Running, tmp_path: Path) -> None:
     assert job.status == "validating_files"
     assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 16
 
-    # Follow it: the worker keeps progress and an estimated finish current while it runs.
-    seen_statuses, seen_estimate = set(), False
+    # Follow it: the worker keeps progress and an estimated finish current while it runs, and
+    # its metrics port the job's throughput.
+    seen_statuses, seen_estimate, seen_throughput = set(), False, (0.0, 0.0)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         current = client.fine_tuning.jobs.retrieve(job.id)
@@ -167,9 +253,15 @@ def test_fine_tune_then_predict(running: Running, tmp_path: Path) -> None:
         seen_estimate |= current.status == "running" and current.estimated_finish is not None
         if current.status in TERMINAL:
             break
+        if current.status == "running" and 0 in seen_throughput:
+            seen_throughput = throughput(running, job.id)
         time.sleep(0.3)
     assert current.status == "succeeded", current.error
     assert seen_estimate, "estimated_finish was never set while running"
+    steps_per_second, tokens_per_second = seen_throughput
+    assert 0 < steps_per_second < tokens_per_second, seen_throughput
+    worker_counted_its_work(running, job.id)
+    json_logs_name_the_job_and_the_request(running, job.id, current.organization_id)
     assert seen_statuses & {"queued", "running"}
     assert extra(current, "steps_completed") == extra(current, "total_steps") == 30
     assert current.trained_tokens and current.trained_tokens > 0
@@ -243,3 +335,25 @@ def test_fine_tune_then_predict(running: Running, tmp_path: Path) -> None:
     assert client.files.delete(valid_id).deleted is True
     with pytest.raises(NotFoundError):
         client.files.retrieve(valid_id)
+
+
+def test_grafana_dashboard_reads_metrics_the_processes_expose(running: Running) -> None:
+    exposed = exposed_names(running.observed.api(running.stack.base_url).text)
+    exposed |= exposed_names(running.observed.worker().text)
+    read = set().union(*(metric_names(query) for query in dashboard_queries()))
+    assert read - exposed == set()
+    assert {
+        "tunehouse_http_requests_total",
+        "tunehouse_http_request_seconds_bucket",
+        "tunehouse_jobs",
+        "tunehouse_queue_depth",
+        "tunehouse_training_steps_per_second",
+        "tunehouse_training_tokens_per_second",
+        "tunehouse_lease_actions_total",
+        "tunehouse_reconciler_actions_total",
+        "tunehouse_inference_batch_rows_bucket",
+        "tunehouse_inference_queue_wait_seconds_bucket",
+        "tunehouse_model_cache_hits_total",
+        "tunehouse_model_cache_misses_total",
+        "tunehouse_model_cache_evictions_total",
+    } <= read

@@ -44,7 +44,13 @@ SCHEDULE = {"warmup_ratio": 0.0, "weight_decay": 0.0, "max_seq_length": 128}
 class Service:
     def __init__(self, base_url: str, key: str):
         self.base_url, self.key = base_url, key
-        self.client = OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
+        # Strict: every response is validated against the SDK's types.
+        self.client = OpenAI(
+            base_url=f"{base_url}/v1",
+            api_key=key,
+            max_retries=0,
+            _strict_response_validation=True,
+        )
 
     def upload(self, rows: list[dict[str, Any]] | bytes, name: str) -> str:
         content = rows if isinstance(rows, bytes) else jsonl(rows)

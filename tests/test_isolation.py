@@ -194,7 +194,9 @@ def test_another_organizations_objects_are_refused_as_input(
     ]  # fmt: skip
     for model in (a.model, a.checkpoint_model):
         cases += [
-            (fine_tune, {"model": model, "training_file": b.file}, model, ghost_model, 400),
+            # Continuing from another organization's model or checkpoint: as from one that
+            # does not exist (404 model_not_found, app/services/lineage.py).
+            (fine_tune, {"model": model, "training_file": b.file}, model, ghost_model, 404),
             ("/v1/predictions", {"model": model, "input": "hi"}, model, ghost_model, 404),
             ("/v1/embeddings", {"model": model, "input": "hi"}, model, ghost_model, 404),
             ("/v1/completions", {"model": model, "prompt": "hi", "max_tokens": 2},

@@ -18,8 +18,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from app.core.logs import ATTEMPT_ENV, configure_logging
 from app.core.process import die_with_parent
-from app.core.settings import get_settings
+from app.core.settings import Settings, get_settings
 
 log = logging.getLogger("tunehouse.training")
 
@@ -59,6 +60,16 @@ class RankReporter:
 
     def finished(self) -> None:
         self._stop.set()
+
+
+def log_as_trainer(settings: Settings, job_id: str, rank: int | None = None) -> None:
+    """A training process's logging (``log_format``): every line names the job, the attempt
+    its worker gave it and, in a group, its rank."""
+    attempt = os.environ.get(ATTEMPT_ENV, "")
+    fixed: dict[str, object] = {"job_id": job_id, "rank": rank}
+    if attempt.isdigit():
+        fixed["attempt"] = int(attempt)
+    configure_logging(settings.log_level, settings.log_format, fixed=fixed)
 
 
 def rank_environment() -> tuple[int, int]:
@@ -115,10 +126,7 @@ def run_agent(job_id: str, owner: str, processes: int, shutdown_timeout: float) 
     die_with_parent()
     if os.getppid() == 1:  # the worker died before the line above took effect
         return 0
-    logging.basicConfig(
-        level=get_settings().log_level,
-        format=f"%(asctime)s %(levelname)s [group {job_id}] %(message)s",
-    )
+    log_as_trainer(get_settings(), job_id)
     # torch's threads: this machine's CPUs shared between the ranks (torchrun sets 1).
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (cpus or 1) // processes)))

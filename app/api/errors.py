@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.errors import TunehouseError
+from app.core.errors import TunehouseError, error_body
+from app.core.logs import REQUEST_ID
 
 log = logging.getLogger("tunehouse.api")
 
@@ -49,14 +50,6 @@ def envelope(
         headers["x-should-retry"] = "false"
     body = error_body(message, type=type or _TYPES.get(status, "api_error"), param=param, code=code)
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-def error_body(
-    message: str, *, type: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    """OpenAI's error envelope: the body of every error response, and of the event that ends a
-    stream whose status has already been sent."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 # Parts of a pydantic error location that name a member of a union, not a field:
@@ -177,6 +170,9 @@ class ErrorBoundary:
             return
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
+        # Every line logged for this request names it (app/core/logs.py), uvicorn's access
+        # line too: it is logged as the response starts, inside this call.
+        logged_as = REQUEST_ID.set(request_id)
         started = False
 
         async def send_with_id(message: Message) -> None:
@@ -204,3 +200,5 @@ class ErrorBoundary:
                 500, "The server had an error while processing your request.", type="server_error"
             )
             await response(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(logged_as)

@@ -27,6 +27,7 @@ from app.api.errors import domain_error_response
 from app.api.ratelimit import KeyRateLimiter, limiter_for
 from app.core.db import session_scope
 from app.core.errors import InvalidRequest, TooLarge, TunehouseError, Unauthorized
+from app.core.logs import ORGANIZATION_ID
 from app.core.settings import Settings
 from app.models import ApiKey, Organization
 from app.services import keys
@@ -162,6 +163,7 @@ class RequestGuard:
             return
         headers = Headers(scope=scope)
         path = _route_path(scope)
+        organization = None  # the context variable's token, once the caller is known
         try:
             if path == AUTHENTICATED_PREFIX or path.startswith(AUTHENTICATED_PREFIX + "/"):
                 limiter = limiter_for(scope["app"], self.settings)
@@ -169,6 +171,8 @@ class RequestGuard:
                     authenticate, self.settings, limiter, headers.get("authorization")
                 )
                 scope.setdefault("state", {})[CALLER_STATE] = caller
+                # The request's lines name its organization from here on (app/core/logs.py).
+                organization = ORGANIZATION_ID.set(caller.organization.id)
             upload = (scope["method"], path) in self.uploads
             limit = self.upload_limit if upload else self.json_limit
             # An upload's declared size is checked by the upload itself (app/services/uploads),
@@ -182,7 +186,11 @@ class RequestGuard:
             await response(scope, receive, send)
             return
         bounded = _BoundedReceive(receive, limit, self.settings.request_body_timeout_seconds)
-        await self.app(scope, bounded, send)
+        try:
+            await self.app(scope, bounded, send)
+        finally:
+            if organization is not None:
+                ORGANIZATION_ID.reset(organization)
 
 
 def install(app: FastAPI, settings: Settings, uploads: Collection[tuple[str, str]]) -> None:

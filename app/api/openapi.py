@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.core.metrics_access import restricted
 from app.core.settings import Settings
 from app.schemas import ErrorResponse
 
@@ -105,3 +106,29 @@ def document_errors(schema: dict[str, Any], settings: Settings) -> None:
                 response.setdefault("headers", {})["x-request-id"] = _REQUEST_ID
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
+    _document_metrics_access(schema, settings)
+
+
+def _document_metrics_access(schema: dict[str, Any], settings: Settings) -> None:
+    """/metrics refuses what ``metrics_allow`` and ``metrics_token`` keep out, when set."""
+    operation = schema.get("paths", {}).get("/metrics", {}).get("get")
+    if operation is None or not restricted(settings):
+        return
+    responses = operation.setdefault("responses", {})
+    refused = []
+    if settings.metrics_allow:
+        refused.append("the client's address is not in metrics_allow")
+    if settings.metrics_token is not None:
+        schemes = schema["components"].setdefault("securitySchemes", {})
+        schemes["MetricsToken"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "The server's metrics_token",
+        }
+        operation["security"] = [{"MetricsToken": []}]
+        refused.append("the bearer token is not metrics_token")
+        responses["401"] = _error("No bearer token (metrics_token is set)")
+    responses["403"] = _error("Refused: " + "; or ".join(refused))
+    for code in ("401", "403"):
+        if code in responses:
+            responses[code].setdefault("headers", {})["x-request-id"] = _REQUEST_ID

@@ -7,6 +7,7 @@ from typing import Any
 
 from app.models import Checkpoint, File, Job, JobEvent
 from app.schemas import (
+    CheckpointMetrics,
     CheckpointObject,
     FileObject,
     JobEventObject,
@@ -66,6 +67,7 @@ def job_object(job: Job) -> JobObject:
         attempt=job.attempt,
         resources=job_resources(job),
         device=job.device,
+        lineage=job.lineage,
     )
 
 
@@ -94,7 +96,27 @@ def checkpoint_object(checkpoint: Checkpoint, model_name: str) -> CheckpointObje
         fine_tuned_model_checkpoint=f"{model_name}:ckpt-step-{checkpoint.step_number}",
         fine_tuning_job_id=checkpoint.job_id,
         step_number=checkpoint.step_number,
-        metrics=checkpoint.metrics,
+        metrics=checkpoint_metrics(checkpoint.step_number, checkpoint.metrics or {}),
+    )
+
+
+def checkpoint_metrics(step: int, stored: dict[str, Any]) -> CheckpointMetrics:
+    """OpenAI's key set from what the trainer stored: its evaluation covers the whole
+    validation set, so it is both valid_* and full_valid_*; a classifier's accuracy (rows
+    right) stands for the token accuracy. What was not measured stays null."""
+    loss = stored.get("valid_loss")
+    accuracy = stored.get("valid_mean_token_accuracy", stored.get("valid_accuracy"))
+    return CheckpointMetrics(
+        **{
+            **stored,
+            "step": step,
+            "valid_loss": loss,
+            "valid_mean_token_accuracy": accuracy,
+            "full_valid_loss": stored.get("full_valid_loss", loss),
+            "full_valid_mean_token_accuracy": stored.get(
+                "full_valid_mean_token_accuracy", accuracy
+            ),
+        }
     )
 
 

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def error_body(
+    message: str, *, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error envelope: the body of every error response, and of the event that ends a
+    stream whose status has already been sent."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
 
 class TunehouseError(Exception):
     status_code = 400

@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, Text, cast, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,14 +28,30 @@ from app.core.kinds import (
     FORMAT_TABULAR,
     KIND_CAUSAL_LM,
     KIND_ENCODER,
+    KIND_TABULAR,
+    PREFERENCE_FORMATS,
 )
 from app.core.settings import Settings
 from app.core.storage import redact_paths
 from app.models import Checkpoint, File, Job, JobEvent, Organization, utcnow
-from app.schemas import Architecture, HyperparametersRequest, JobCreate, SupervisedMethod
-from app.services import quota
-from app.services.hyperparameters import TRAINABLE_FORMATS, resolve_hyperparameters
-from app.services.models import MLP_MODEL, base_kind
+from app.schemas import (
+    Adapter,
+    Architecture,
+    DpoHyperparametersRequest,
+    DpoMethod,
+    HyperparametersRequest,
+    Integration,
+    JobCreate,
+    SupervisedMethod,
+)
+from app.services import lineage, quota
+from app.services.hyperparameters import (
+    TRAINABLE_FORMATS,
+    resolve_dpo_hyperparameters,
+    resolve_hyperparameters,
+)
+from app.services.integrations import wandb_unavailable
+from app.services.models import MLP_MODEL
 from app.services.pagination import page
 from app.services.rowcount import rowcount
 
@@ -48,7 +64,10 @@ TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 
 def fine_tuned_model_name(job: Job, organization: Organization) -> str:
-    return f"ft:{job.model}:{organization.name}:{job.suffix or ''}:{job.id.split('-', 1)[1][:8]}"
+    """``ft:<base>:<org>:<suffix>:<id>``; a job that continued a fine-tuned model keeps its
+    root base, as OpenAI's names do."""
+    base = lineage.root_base(job)
+    return f"ft:{base}:{organization.name}:{job.suffix or ''}:{job.id.split('-', 1)[1][:8]}"
 
 
 # ---- events --------------------------------------------------------------------------------
@@ -159,18 +178,6 @@ def _fine_tuning_file(session: Session, org: Organization, file_id: str, param: 
     return file
 
 
-def _base_model_kind(settings: Settings, model_id: str) -> str:
-    kind = base_kind(settings, model_id)
-    if kind is None:
-        raise InvalidRequest(
-            f"Model '{model_id}' is not available for fine-tuning on this server; "
-            "GET /v1/models lists the base models.",
-            param="model",
-            code="model_not_available",
-        )
-    return kind
-
-
 def _check_model_for_task(model: str, kind: str, task: str) -> None:
     """Refuse a base model that cannot learn the training file's task."""
     if task == FORMAT_TABULAR and model != MLP_MODEL:
@@ -185,7 +192,7 @@ def _check_model_for_task(model: str, kind: str, task: str) -> None:
             f"file holds {task} rows.",
             param="training_file",
         )
-    if task in CAUSAL_FORMATS and kind != KIND_CAUSAL_LM:
+    if task in (*CAUSAL_FORMATS, *PREFERENCE_FORMATS) and kind != KIND_CAUSAL_LM:
         raise InvalidRequest(
             f"Model '{model}' is an {kind} model; {task} fine-tuning needs a causal language "
             "model (GET /v1/models gives each base model's task).",
@@ -194,6 +201,22 @@ def _check_model_for_task(model: str, kind: str, task: str) -> None:
     if task == FORMAT_CLASSIFICATION and kind not in (KIND_ENCODER, KIND_CAUSAL_LM):
         raise InvalidRequest(
             f"Model '{model}' cannot be fine-tuned as a classifier.", param="model"
+        )
+
+
+def _check_method_for_task(method_type: str, task: str) -> None:
+    """Preference rows train with method dpo, and dpo trains on nothing else."""
+    if method_type == "dpo" and task not in PREFERENCE_FORMATS:
+        raise InvalidRequest(
+            'Method \'dpo\' trains on preference rows ({"input", "preferred_output", '
+            f'"non_preferred_output"}}); the training file holds {task} rows.',
+            param="training_file",
+        )
+    if method_type != "dpo" and task in PREFERENCE_FORMATS:
+        raise InvalidRequest(
+            f"The training file holds {task} rows, which train with method "
+            f'{{"type": "dpo"}}, not {method_type}.',
+            param="training_file",
         )
 
 
@@ -212,14 +235,122 @@ def _check_method_options(model: str, task: str, supervised: SupervisedMethod) -
         )
 
 
+def _continued_method(
+    settings: Settings,
+    job_model: lineage.JobModel,
+    supervised: SupervisedMethod,
+    mode: str | None,
+    training: File,
+) -> SupervisedMethod:
+    """The method of a job on a fine-tuned model: the adapter it trains
+    (lineage.continued_adapter) and, from a tabular parent, the parent's layers."""
+    parent = job_model.parent
+    if parent is None:
+        if mode is not None:
+            raise InvalidRequest(
+                "parent_adapter applies when model is a fine-tuned LoRA model; "
+                f"'{job_model.requested}' is a base model.",
+                param="parent_adapter",
+            )
+        return supervised
+    lineage.check_parent_for_task(parent, training.format or "")
+    architecture = None
+    if parent.kind == KIND_TABULAR:
+        if supervised.architecture is not None:
+            raise InvalidRequest(
+                f"A job continuing '{parent.model}' keeps its layers; leave architecture out.",
+                param="method.supervised.architecture",
+            )
+        layers, inputs = lineage.tabular_parent(settings, parent)
+        features = (training.stats or {}).get("features")
+        if features is not None and features != inputs:
+            raise InvalidRequest(
+                f"Model '{parent.model}' takes {inputs} features; the training file's rows "
+                f"have {features}.",
+                param="training_file",
+            )
+        architecture = Architecture(**layers)
+    adapter = lineage.continued_adapter(
+        settings, parent, supervised.adapter, supervised.model_fields_set, mode
+    )
+    return supervised.model_copy(update={"adapter": adapter, "architecture": architecture})
+
+
+def _continued_dpo(
+    settings: Settings,
+    job_model: lineage.JobModel,
+    dpo: DpoMethod,
+    mode: str | None,
+    training: File,
+) -> DpoMethod:
+    """The method of a DPO job: on a fine-tuned model, the adapter it trains
+    (lineage.continued_adapter), as for a supervised job."""
+    parent = job_model.parent
+    if parent is None:
+        if mode is not None:
+            raise InvalidRequest(
+                "parent_adapter applies when model is a fine-tuned LoRA model; "
+                f"'{job_model.requested}' is a base model.",
+                param="parent_adapter",
+            )
+        return dpo
+    lineage.check_parent_for_task(parent, training.format or "")
+    adapter = lineage.continued_adapter(
+        settings, parent, dpo.adapter, dpo.model_fields_set, mode, param="method.dpo.adapter"
+    )
+    return dpo.model_copy(update={"adapter": adapter})
+
+
+def _checked_integrations(integrations: list[Integration] | None) -> list[dict[str, Any]]:
+    """The integrations as stored on the job. A wandb one needs the wandb package and its
+    configuration where the server runs (app/services/integrations.py); without them the job
+    is refused rather than trained without its W&B run."""
+    for index, integration in enumerate(integrations or []):
+        problem = wandb_unavailable() if integration.type == "wandb" else None
+        if problem:
+            raise InvalidRequest(
+                problem, param=f"integrations.{index}", code="integration_unavailable"
+            )
+    return [integration.model_dump(mode="json") for integration in integrations or []]
+
+
+def _stored_adapter(adapter: Adapter) -> Any:
+    """ "full", or the complete LoRA spec."""
+    return "full" if adapter is None else adapter.model_dump()
+
+
+def dpo_method(dpo: DpoMethod, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """A DPO job's method as stored: its resolved hyperparameters (beta included) and the
+    adapter."""
+    return {
+        "type": "dpo",
+        "dpo": {"hyperparameters": hyperparameters, "adapter": _stored_adapter(dpo.adapter)},
+    }
+
+
+def _dpo_hyperparameters(body: JobCreate, dpo: DpoMethod, rows: int) -> dict[str, Any]:
+    """method.dpo.hyperparameters (or the deprecated top-level ones), resolved."""
+    requested = dpo.hyperparameters
+    if requested is None:
+        top = body.hyperparameters.model_dump(exclude_none=True) if body.hyperparameters else {}
+        requested = DpoHyperparametersRequest(**top)
+    if requested.packing:
+        raise InvalidRequest(
+            "packing applies to chat, completion and text rows, not to preference rows.",
+            param="method.dpo.hyperparameters.packing",
+        )
+    try:
+        return resolve_dpo_hyperparameters(rows, requested, lora=dpo.adapter is not None)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="method.dpo.hyperparameters.simpo_gamma") from None
+
+
 def normalised_method(
     model: str, supervised: SupervisedMethod, hyperparameters: dict[str, Any]
 ) -> dict[str, Any]:
     """The method as stored on the job: resolved hyperparameters, the adapter ("full" or a
     complete LoRA spec) and, for tunehouse/mlp, the complete architecture."""
-    adapter: Any = "full"
-    if supervised.adapter is not None:
-        adapter = supervised.adapter.model_dump()
+    adapter = _stored_adapter(supervised.adapter)
     architecture = None
     if model == MLP_MODEL:
         architecture = (supervised.architecture or Architecture()).model_dump()
@@ -231,6 +362,28 @@ def normalised_method(
             "architecture": architecture,
         },
     }
+
+
+def _supervised(
+    settings: Settings, job_model: lineage.JobModel, body: JobCreate, training: File, rows: int
+) -> tuple[dict[str, Any], dict[str, Any], Adapter]:
+    """A supervised job's resolved hyperparameters, its method as stored, and the adapter it
+    trains (None: every weight)."""
+    task = training.format or ""
+    supervised = body.method.supervised if body.method else None
+    supervised = supervised or SupervisedMethod()
+    _check_method_options(job_model.base, task, supervised)
+    supervised = _continued_method(settings, job_model, supervised, body.parent_adapter, training)
+    requested = supervised.hyperparameters or body.hyperparameters or HyperparametersRequest()
+    if requested.packing and task not in CAUSAL_FORMATS:
+        raise InvalidRequest(
+            f"packing applies to chat, completion and text rows, not to {task} rows.",
+            param="hyperparameters.packing",
+        )
+    lora = supervised.adapter is not None
+    hyperparameters = resolve_hyperparameters(task, rows, requested, lora=lora)
+    method = normalised_method(job_model.base, supervised, hyperparameters)
+    return hyperparameters, method, supervised.adapter
 
 
 def create_job(
@@ -249,8 +402,10 @@ def create_job(
         existing = _job_with_key(session, org, idempotency_key)
         if existing is not None:
             return _replayed(existing, fingerprint), False
+    integrations = _checked_integrations(body.integrations)
     quota.check_new_job(session, org, settings.storage_quota_bytes)
-    model_kind = _base_model_kind(settings, body.model)
+    # The same for every method: a base model, or a fine-tuned model or checkpoint to continue.
+    job_model = lineage.resolve_job_model(session, settings, org, body.model)
     training = _fine_tuning_file(session, org, body.training_file, "training_file")
     validation = None
     if body.validation_file:
@@ -266,20 +421,18 @@ def create_job(
         raise InvalidRequest(
             f"Files of format '{task}' cannot be trained yet.", param="training_file"
         )
-    supervised = body.method.supervised if body.method else None
-    supervised = supervised or SupervisedMethod()
-    _check_model_for_task(body.model, model_kind, task)
-    _check_method_options(body.model, task, supervised)
-    requested = supervised.hyperparameters or body.hyperparameters or HyperparametersRequest()
-    if requested.packing and task not in CAUSAL_FORMATS:
-        raise InvalidRequest(
-            f"packing applies to chat, completion and text rows, not to {task} rows.",
-            param="hyperparameters.packing",
-        )
+    method_type = body.method.type if body.method else "supervised"
+    _check_method_for_task(method_type, task)
+    _check_model_for_task(job_model.base, job_model.kind, task)
     rows = int((training.stats or {}).get("rows", 0))
-    lora = supervised.adapter is not None
-    hyperparameters = resolve_hyperparameters(task, rows, requested, lora=lora)
-    method = normalised_method(body.model, supervised, hyperparameters)
+    if method_type == "dpo":
+        dpo = (body.method.dpo if body.method else None) or DpoMethod()
+        dpo = _continued_dpo(settings, job_model, dpo, body.parent_adapter, training)
+        hyperparameters = _dpo_hyperparameters(body, dpo, rows)
+        method = dpo_method(dpo, hyperparameters)
+        adapter = dpo.adapter
+    else:
+        hyperparameters, method, adapter = _supervised(settings, job_model, body, training, rows)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     job = Job(
         id=new_id("ftjob"),
@@ -294,12 +447,13 @@ def create_job(
         suffix=body.suffix,
         seed=seed,
         metadata_=body.metadata,
-        integrations=[],
+        integrations=integrations,
         result_files=[],
         idempotency_key=idempotency_key,
         idempotency_fingerprint=fingerprint,
         resources=body.resources.model_dump(exclude_none=True) if body.resources else None,
         queue=chosen_queue(settings, body.resources.device if body.resources else None),
+        lineage=lineage.lineage_record(job_model, body.parent_adapter, adapter),
     )
     session.add(job)
     try:
@@ -387,12 +541,34 @@ def list_jobs(
     limit: int,
     after: str | None,
     metadata: dict[str, str] | None = None,
+    null_metadata: bool = False,
 ) -> tuple[Sequence[Job], bool]:
+    """A page of the organization's jobs, newest first: those whose metadata holds every pair
+    of ``metadata``, or (``null_metadata``) those created without metadata."""
     stmt = select(Job).where(Job.organization_id == org.id)
     cursor = get_job(session, org, after) if after else None
+    sqlite = session.get_bind().dialect.name == "sqlite"
     for key, value in (metadata or {}).items():
-        stmt = stmt.where(Job.metadata_[key].as_string() == value)
+        stmt = stmt.where(_metadata_has(key, value, sqlite=sqlite))
+    if null_metadata:
+        # SQL NULL, or JSON null (what the ORM writes for None).
+        stmt = stmt.where(or_(Job.metadata_.is_(None), cast(Job.metadata_, Text) == "null"))
     return page(session, stmt, sort=Job.created_at, tiebreak=Job.id, after=cursor, limit=limit)
+
+
+def _metadata_has(key: str, value: str, *, sqlite: bool) -> ColumnElement[bool]:
+    """metadata[key] == value, for any key. PostgreSQL: ``metadata ->> :key``. SQLite: its
+    JSON paths cannot quote a key holding '"', so the object's members are searched
+    (json_each) instead."""
+    if not sqlite:
+        return Job.metadata_[key].as_string() == value
+    member = func.json_each(Job.metadata_).table_valued("key", "value", "type")
+    return (
+        select(literal(1))
+        .select_from(member)
+        .where(member.c.key == key, member.c.type == "text", member.c.value == value)
+        .exists()
+    )
 
 
 def _move(

@@ -34,6 +34,9 @@ _SERVER_START = datetime.now().astimezone()
 # The architecture designed from scratch: listed as a base model, with no directory.
 MLP_MODEL = "tunehouse/mlp"
 ADAPTER_CONFIG = "adapter_config.json"
+# A job's parent_adapter (app/services/lineage.py): continue a LoRA parent's adapter, or merge it
+# into its base and train a new one.
+CONTINUE, MERGE = "continue", "merge"
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 # Weight files that are pickles: loading one runs whatever code it names. (A checkpoint's
@@ -231,11 +234,37 @@ def delete_model(session: Session, storage: Storage, org: Organization, model_id
     return path
 
 
-def _adapter_base(settings: Settings, row: FineTunedModel, path: Path) -> Path | None:
+# The job id of an uploaded base model's row (POST /v1/models): no job trained it.
+UPLOADED = ""
+
+
+def uploaded_base_kind(session: Session, org: Organization, model_id: str) -> str | None:
+    """The kind of one of ``org``'s uploaded base models; None when ``model_id`` is not one."""
+    row = _fine_tuned(session, org, model_id)
+    return model_kind(row.task) if row is not None and row.job_id == UPLOADED else None
+
+
+def base_model_dir(
+    session: Session, settings: Settings, storage: Storage, model_id: str
+) -> Path | None:
+    """The directory of a registered base model, or of an uploaded one (of any organization:
+    for the server's own use, once a job's organization was checked)."""
+    registered = settings.registered_base_models().get(model_id)
+    if registered is not None:
+        return registered
+    row = session.get(FineTunedModel, model_id)
+    if row is None or row.job_id != UPLOADED:
+        return None
+    return storage.resolve(row.storage_path)
+
+
+def adapter_base(
+    session: Session, settings: Settings, storage: Storage, row: FineTunedModel, path: Path
+) -> Path | None:
     """The base directory of a LoRA adapter stored at ``path``; None for a standalone model."""
     if not (path / ADAPTER_CONFIG).is_file():
         return None
-    base = settings.registered_base_models().get(row.base_model)
+    base = base_model_dir(session, settings, storage, row.base_model)
     if base is None:
         raise NotFound(
             f"Model '{row.id}' is a LoRA adapter of '{row.base_model}', which is no longer "
@@ -246,8 +275,15 @@ def _adapter_base(settings: Settings, row: FineTunedModel, path: Path) -> Path |
     return base
 
 
-def _loadable(settings: Settings, row: FineTunedModel, model_id: str, path: Path) -> LoadableModel:
-    base_path = _adapter_base(settings, row, path)
+def _loadable(
+    session: Session,
+    settings: Settings,
+    storage: Storage,
+    row: FineTunedModel,
+    model_id: str,
+    path: Path,
+) -> LoadableModel:
+    base_path = adapter_base(session, settings, storage, row, path)
     return LoadableModel(model_id, model_kind(row.task), path, row.labels, base_path)
 
 
@@ -258,7 +294,7 @@ def loadable_by_id(
     loads (pinned models, models of jobs that just succeeded), never for a caller's request."""
     row = session.get(FineTunedModel, model_id)
     if row is not None:
-        return _loadable(settings, row, row.id, storage.resolve(row.storage_path))
+        return _loadable(session, settings, storage, row, row.id, storage.resolve(row.storage_path))
     base = settings.registered_base_models().get(model_id)
     if base is not None:
         return LoadableModel(model_id, base_kind(settings, model_id) or KIND_ENCODER, base, None)
@@ -280,6 +316,14 @@ def _checkpoint_path(
     return storage.resolve(checkpoint.storage_path) if checkpoint is not None else None
 
 
+def adapter_of_root_base(session: Session, job_id: str) -> bool:
+    """Whether the LoRA checkpoints of job ``job_id`` are adapters of its root base model:
+    always, but for a job that trained a new adapter over a fine-tuned parent's weights
+    (app/services/lineage.py), whose base is stored nowhere."""
+    lineage = session.scalar(select(Job.lineage).where(Job.id == job_id))
+    return not lineage or lineage.get("parent_adapter") == CONTINUE
+
+
 def resolve_loadable(
     session: Session, settings: Settings, storage: Storage, org: Organization, model_id: str
 ) -> LoadableModel:
@@ -287,14 +331,23 @@ def resolve_loadable(
     (``encoder`` or ``causal-lm``)."""
     row = _fine_tuned(session, org, model_id)
     if row is not None:
-        return _loadable(settings, row, row.id, storage.resolve(row.storage_path))
+        return _loadable(session, settings, storage, row, row.id, storage.resolve(row.storage_path))
     match = _CHECKPOINT_SUFFIX.match(model_id)
     if match:
         parent = _fine_tuned(session, org, match["model"])
         if parent is not None:
             path = _checkpoint_path(session, storage, org, parent, int(match["step"]))
             if path is not None:
-                return _loadable(settings, parent, model_id, path)
+                if (path / ADAPTER_CONFIG).is_file() and not adapter_of_root_base(
+                    session, parent.job_id
+                ):
+                    raise InvalidRequest(
+                        f"Checkpoint '{model_id}' holds a LoRA adapter of weights merged for its "
+                        f"job, which are not stored; use '{parent.id}', stored merged.",
+                        param="model",
+                        code="model_not_available",
+                    )
+                return _loadable(session, settings, storage, parent, model_id, path)
     if model_id == MLP_MODEL:
         raise InvalidRequest(
             f"'{MLP_MODEL}' is an architecture to fine-tune on a tabular file, not a trained "

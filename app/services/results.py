@@ -20,6 +20,7 @@ from app.core.storage import Storage
 from app.models import Checkpoint, File, FineTunedModel, Job, Organization
 from app.services.files import store_result_file
 from app.services.jobs import RUNNING, SUCCEEDED, add_event, fine_tuned_model_name, transition
+from app.services.lineage import root_base
 
 
 class JobNotOurs(Exception):
@@ -88,7 +89,8 @@ def register_fine_tuned_model(
     )
     written = storage.resolve(results.storage_path)
     try:
-        adapter = f" (a LoRA adapter of {job.model})" if trained.adapter else ""
+        base = root_base(job)  # what a continued job's model descends from
+        adapter = f" (a LoRA adapter of {base})" if trained.adapter else ""
         add_event(session, job_id, f"New fine-tuned model created: {name}{adapter}")
         # The conditional UPDATE first: a stale attempt stops here, before its model row
         # could collide with the one its successor registered under the same name.
@@ -111,7 +113,7 @@ def register_fine_tuned_model(
                 id=name,
                 organization_id=org.id,
                 task=trained.model_kind,  # the model kind, not the dataset format
-                base_model=job.model,  # for a LoRA adapter: the base it applies to
+                base_model=base,  # for a LoRA adapter: the base it applies to
                 job_id=job.id,
                 storage_path=storage.relative(model_dir),
                 labels=list(trained.labels) or None,  # generative models have none

@@ -168,14 +168,20 @@ def test_checkpoints_are_complete_safetensors_and_reported(trained) -> None:
     assert sorted(p.name for p in spec.checkpoints_dir.iterdir()) == sorted(
         f"step-{s}" for s in steps
     )  # no temporary directory left behind
-    for step, path, metrics in reporter.checkpoints:
+    for step, path, _ in reporter.checkpoints:
         assert path == spec.checkpoints_dir / f"step-{step}"
         names = {p.name for p in path.iterdir()}
         assert {"COMPLETE", "model.safetensors", "config.json", "training_state.pt"} <= names
         assert "tokenizer.json" in names
         assert not [n for n in names if n.endswith((".bin", ".pkl", ".pth", ".pickle"))]
         assert load_training_state(path)["step"] == step  # loads with weights_only=True
-        assert "valid_accuracy" in metrics
+    # A checkpoint's metrics are those measured at its step (a metrics event with an
+    # evaluation at 10, 12 and 20); at 6 and 18 nothing was, and nothing is carried over.
+    events = {e["step"]: e for e in reporter.metrics_events}
+    for step, _, metrics in reporter.checkpoints:
+        measured = step in (10, 12, 20)
+        keys = {"train_loss", "valid_loss", "valid_accuracy"}
+        assert metrics == ({k: events[step][k] for k in keys} if measured else {})
     assert latest_complete_checkpoint(spec.checkpoints_dir) == spec.checkpoints_dir / "step-20"
 
     model = AutoModelForSequenceClassification.from_pretrained(spec.output_dir)
@@ -223,7 +229,13 @@ def test_same_seed_gives_identical_weights(trained, data_dir: Path, tmp_path: Pa
 
 
 # Figures that are measured, not computed: they differ from run to run.
-MEASURED = {"samples_per_second", "tokens_per_second", "peak_memory_bytes", "mfu"}
+MEASURED = {
+    "steps_per_second",
+    "samples_per_second",
+    "tokens_per_second",
+    "peak_memory_bytes",
+    "mfu",
+}
 
 
 def test_resuming_twice_gives_the_same_model_as_never_stopping(

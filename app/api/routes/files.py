@@ -10,10 +10,10 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import OrgDep, SessionDep, SettingsDep, StorageDep
 from app.api.presenters import file_object, list_response
+from app.api.uploads import receive_request_upload
 from app.schemas import DeletedResponse, ErrorResponse, FileObject, ListResponse
-from app.services import files, quota
+from app.services import files
 from app.services.datasets import DatasetLimits
-from app.services.uploads import receive_upload
 
 router = APIRouter(prefix="/files", tags=["files"])
 
@@ -57,20 +57,7 @@ _UPLOAD_BODY = {
 async def upload_file(
     request: Request, org: OrgDep, session: SessionDep, settings: SettingsDep, storage: StorageDep
 ) -> FileObject:
-    # The key was checked before the body (app/api/guard.py), and the session connects at its
-    # first query: no database connection is held while the body arrives.
-    limit = settings.storage_quota_bytes
-    if limit:  # refused unread if its declared size cannot fit
-        length = request.headers.get("content-length")
-        await run_in_threadpool(quota.check_declared_upload, session, org, limit, length)
-        await run_in_threadpool(session.rollback)  # the connection goes back to the pool
-    upload = await receive_upload(
-        request.headers.get("content-type"),
-        request.stream(),
-        tmp_dir=storage.tmp_dir,
-        max_bytes=settings.max_upload_bytes,
-        content_length=request.headers.get("content-length"),
-    )
+    upload = await receive_request_upload(request, org, session, settings, storage)
     try:
         # Validation reads the whole file: keep it off the event loop.
         limits = DatasetLimits.from_settings(settings)

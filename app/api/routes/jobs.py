@@ -13,9 +13,9 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import OrgDep, SessionDep, SettingsDep
+from app.api.metadata_filter import METADATA_PARAMETER, metadata_filter
 from app.api.presenters import checkpoint_object, event_object, job_object, list_response
 from app.core.db import session_scope
-from app.core.errors import InvalidRequest
 from app.core.queue import enqueue_job
 from app.core.settings import Settings
 from app.models import JobEvent
@@ -52,6 +52,11 @@ def validate_and_enqueue(settings: Settings, job_id: str, queue: str) -> None:
     responses={
         400: {"model": ErrorResponse, "description": "Invalid request"},
         401: _401,
+        404: {
+            "model": ErrorResponse,
+            "description": "model is a fine-tuned model or checkpoint this organization does not "
+            "have (model_not_found)",
+        },
         422: {
             "model": ErrorResponse,
             "description": "The Idempotency-Key was already used with a different request",
@@ -75,7 +80,12 @@ def create_job(
     return job_object(job)
 
 
-@router.get("", response_model=ListResponse[JobObject], responses={401: _401})
+@router.get(
+    "",
+    response_model=ListResponse[JobObject],
+    responses={401: _401},
+    openapi_extra={"parameters": [METADATA_PARAMETER]},
+)
 def list_jobs(
     request: Request,
     org: OrgDep,
@@ -83,19 +93,10 @@ def list_jobs(
     limit: Limit = 20,
     after: After = None,
 ) -> ListResponse[JobObject]:
-    # metadata[key]=value filters, as the SDK sends them.
-    metadata = {
-        k[len("metadata[") : -1]: v
-        for k, v in request.query_params.items()
-        if k.startswith("metadata[") and k.endswith("]")
-    }
-    if len(metadata) > 16 or any(len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
-        raise InvalidRequest(
-            "Filter by at most 16 metadata[key]=value pairs, keys up to 64 characters and "
-            "values up to 512.",
-            param="metadata",
-        )
-    rows, more = jobs.list_jobs(session, org, limit=limit, after=after, metadata=metadata)
+    metadata, null_metadata = metadata_filter(request)
+    rows, more = jobs.list_jobs(
+        session, org, limit=limit, after=after, metadata=metadata, null_metadata=null_metadata
+    )
     data = [job_object(j) for j in rows]
     return list_response(data, more)
 
