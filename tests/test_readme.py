@@ -52,14 +52,22 @@ NOT_RUN = ("console", "text", "json")
 
 QUICKSTART = "Quickstart with the openai SDK"
 CURL = "The same with curl"
+CLI = "CLI quickstart"
 CHAT = "Chat fine-tuning, LoRA and chat completions"
+DPO = "Preference tuning (DPO)"
+CONTINUE = "Continuing from a fine-tuned model"
 SERVERS = "Running on PostgreSQL and Redis"
+TOOLS = "Tool calling"
 # Each section with runnable blocks, and the test that runs them.
 RUN_BY = {
     QUICKSTART: "test_quickstart",
     CURL: "test_curl",
+    CLI: "test_cli_quickstart",
     CHAT: "test_chat_lora_and_completions",
+    DPO: "test_preference_tuning",
+    CONTINUE: "test_chat_lora_and_completions",
     SERVERS: "test_postgres_and_redis_commands",
+    TOOLS: "test_tool_calling",
 }
 BLOCK_TIMEOUT = 240  # seconds any one block may take (each waits for a job at most once)
 
@@ -303,15 +311,34 @@ def test_curl(user: User, server: Server) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_cli_quickstart(user: User, server: Server) -> None:
+    """The CLI examples, after the quickstart's block that writes the files, with `tunehouse`
+    on the PATH as the virtualenv of `make run` has it."""
+    user.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{user.env['PATH']}"
+    user.run(training_data_blocks())
+    (block,) = runnable(CLI)
+    output, variables = user.bash(block)
+
+    job, model = variables["JOB"], variables["MODEL"]
+    assert server.get(f"/fine_tuning/jobs/{job}").json()["status"] == "succeeded"
+    assert model.startswith("ft:sentence-transformers/all-MiniLM-L6-v2:default:cli:")
+    assert "The job has successfully completed" in output  # jobs follow, in plain lines
+    assert f"Job {job} succeeded: {model}" in output
+    assert re.search(r"what a lovely film +│ (positive|negative) +│ 0\.\d{4}", output), output
+    assert f"Deleted {model}" in output
+    assert server.get(f"/models/{model}").status_code == 404
+
+
+@pytest.mark.timeout(300)
 def test_chat_lora_and_completions(
     user: User, server: Server, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The chat example on the base model the fixture registered as the README says: the
     quickstart's client, then a LoRA fine-tune, a chat completion, a streamed one and a text
-    completion of its model."""
+    completion of its model, and a job that continues from its model."""
     (setup, *_) = [b for b in runnable(QUICKSTART) if b.info == "python"]
     assert "client = OpenAI(" in setup.code, "the chat example uses the quickstart's client"
-    user.run([setup, *runnable(CHAT)])
+    user.run([setup, *runnable(CHAT), *runnable(CONTINUE)])
     ns, printed = user.namespace, capsys.readouterr().out
 
     job = ns["job"]
@@ -327,6 +354,47 @@ def test_chat_lora_and_completions(
     assert ns["chunk"].model == job.fine_tuned_model  # the stream sent chunks
     completion = ns["completion"].choices[0]
     assert completion.finish_reason in ("stop", "length") and isinstance(completion.text, str)
+
+    # Continued from the LoRA model: the name keeps the root base.
+    more = ns["more"]
+    assert more.status == "succeeded", more.error
+    assert more.model == job.fine_tuned_model
+    assert more.fine_tuned_model.startswith(f"ft:{base}:default:more:")
+
+
+@pytest.mark.timeout(300)
+def test_preference_tuning(user: User, server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    """The DPO example on the registered base model, with the quickstart's client."""
+    (setup, *_) = [b for b in runnable(QUICKSTART) if b.info == "python"]
+    user.run([setup, *runnable(DPO)])
+    ns, printed = user.namespace, capsys.readouterr().out
+
+    job = ns["dpo_job"]
+    assert job.status == "succeeded", job.error
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.1
+    assert f"succeeded {job.fine_tuned_model} 0.1" in printed
+    events = server.get(f"/fine_tuning/jobs/{job.id}/events?limit=100").json()["data"]
+    metrics = [e["data"] for e in events if e["type"] == "metrics"]
+    assert metrics and all("train_reward_accuracy" in data for data in metrics)
+
+
+@pytest.mark.timeout(300)
+def test_tool_calling(user: User, server: Server) -> None:
+    """The tool-calling example on the chat example's base: its rows upload and train, and the
+    named tool_choice comes back through the SDK as a call (or, from a model this small, as the
+    text of a call that does not parse: never an error)."""
+    (setup, *_) = [b for b in runnable(QUICKSTART) if b.info == "python"]
+    user.run([setup, *runnable(TOOLS)])
+    ns = user.namespace
+    assert ns["tool_job"].status == "succeeded", ns["tool_job"].error
+    choice = ns["called"].choices[0]
+    if choice.finish_reason == "tool_calls":
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather" and call.id.startswith("call_")
+        assert isinstance(json.loads(call.function.arguments), dict)
+        assert ns["final"].choices[0].finish_reason in ("stop", "length", "tool_calls")
+    else:
+        assert isinstance(choice.message.content, str)
 
 
 def test_postgres_and_redis_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
