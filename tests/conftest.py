@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PG_ADMIN_URL = os.environ.get("TUNEHOUSE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TUNEHOUSE_TEST_REDIS", "redis://127.0.0.1:6379/9")
+
+
+def _redis_url_of_this_process() -> str:
+    """REDIS_URL's database, or under pytest-xdist one database per worker process (gw0 the
+    given one, gw1 the next, ...): the brokers of tests running at once must not share queues,
+    and each session empties its own database."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return REDIS_URL
+    base, _, db = REDIS_URL.rpartition("/")
+    return f"{base}/{int(db or 0) + int(worker[2:])}"
 
 
 def _missing(what: str) -> None:
@@ -73,13 +85,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 def redis_url() -> str:
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=3)
+    url = _redis_url_of_this_process()
+    client = redis.Redis.from_url(url, socket_timeout=3)
     try:
         client.ping()
     except redis.RedisError:
         _missing("Redis at 127.0.0.1:6379")
     client.flushdb()
-    return REDIS_URL
+    return url
 
 
 @pytest.fixture(scope="session")
@@ -106,12 +119,19 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     return Settings(_env_file=None, data_dir=data_dir, **overrides)
 
 
-@pytest.fixture
-def api(tmp_path: Path) -> Iterator[Api]:
-    settings = make_settings(tmp_path / "data")
+@contextmanager
+def in_process_api(data_dir: Path) -> Iterator[Api]:
+    """An in-process app on a fresh SQLite data directory, with two organizations' keys."""
+    settings = make_settings(data_dir)
     upgrade(settings.sqlalchemy_url)
     with session_scope(settings.sqlalchemy_url) as session:
         key_a = keys.create_key(session, "org-a").key
         key_b = keys.create_key(session, "org-b").key
     with TestClient(create_app(settings)) as client:
         yield Api(client, settings, key_a, key_b)
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    with in_process_api(tmp_path / "data") as api:
+        yield api
