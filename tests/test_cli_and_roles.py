@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -117,3 +119,31 @@ def test_readyz_reports_an_unreachable_broker(tmp_path: Path) -> None:
         response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["broker"].startswith("error")
+
+
+def test_an_idle_connection_outlives_the_clients_keep_alive(tmp_path: Path) -> None:
+    """The server keeps an idle connection longer than httpx and the SDK keep theirs (5 s), so
+    a request a client sends on its pooled connection never meets a server closing it (before,
+    uvicorn's 5 s made that a race the soak test saw as a connection reset)."""
+    env = {**base_env(tmp_path / "data"), "TUNEHOUSE_KEEP_ALIVE_SECONDS": "8"}
+    tunehouse("migrate", env=env)
+    stack = Stack("api", env, tmp_path)
+    stack.start("api", "--port", str(stack.port), log="api")
+    try:
+        stack.wait_ready(timeout=90)
+        request = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{stack.port}\r\n\r\n".encode()
+        with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as connection:
+            for _ in range(2):
+                connection.sendall(request)
+                answer = connection.recv(65536)
+                assert answer.startswith(b"HTTP/1.1 200"), answer
+                time.sleep(5.5)  # idle past the client's keep-alive
+            connection.sendall(request)
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(9)  # past the server's: it closes the connection
+            assert connection.recv(65536) == b""
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        stack.stop()

@@ -60,6 +60,7 @@ def _serve(settings: Settings, host: str | None, port: int | None, role: Role) -
         port=port or settings.port,
         log_level=settings.log_level.lower(),
         log_config=None,
+        timeout_keep_alive=settings.keep_alive_seconds,
     )
 
 

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     # A worker serves its Prometheus metrics on this port (0: it serves none), on this address.
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)
     worker_metrics_host: str = "0.0.0.0"
+    # How long an idle HTTP connection stays open. Longer than a client's (httpx and the OpenAI
+    # SDK keep theirs 5 s; load balancers up to 60 s), so the client closes it first: a server
+    # that closes first can do so just as a request arrives on it, which the client sees as a
+    # connection reset.
+    keep_alive_seconds: int = Field(default=75, ge=1)
     # /readyz answers from its last database and broker check for this many seconds.
     readiness_cache_seconds: float = Field(default=1.0, ge=0)
 
