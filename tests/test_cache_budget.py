@@ -6,12 +6,13 @@ however many wait, and memory given back to the operating system on eviction (RS
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -191,11 +192,11 @@ def rss() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def test_eviction_gives_the_memory_back(tmp_path: Path) -> None:
-    """A 48 MB model loaded, then evicted: the process's resident memory falls by most of it."""
-    size = 48 * 2**20
-    big = make_blob(tmp_path, "big", floats=size // 4)
-    small = make_blob(tmp_path, "small")
+def load_and_evict_a_big_blob(
+    big: LoadableModel, small: LoadableModel, size: int
+) -> tuple[int, int, int, bool]:
+    """In a fresh process: RSS before ``big`` (``size`` bytes) is loaded, with it loaded, and
+    the lowest within 10 s of its eviction; and whether the cache released it."""
     cache = ModelCache(64, max_bytes=size // 2)
     with cache.lease(small, PREDICT):
         pass
@@ -204,12 +205,30 @@ def test_eviction_gives_the_memory_back(tmp_path: Path) -> None:
         released = blob.released
         del blob
     loaded = rss()
-    assert loaded - before > 0.8 * size
     with cache.lease(small, PREDICT):  # the big one goes: its budget is too small for both
         pass
-    assert released.is_set()
+    lowest, deadline = rss(), time.monotonic() + 10
+    while loaded - lowest <= 0.7 * size and time.monotonic() < deadline:
+        time.sleep(0.05)
+        lowest = min(lowest, rss())
+    return before, loaded, lowest, released.is_set()
+
+
+def test_eviction_gives_the_memory_back(tmp_path: Path) -> None:
+    """A 48 MB model loaded, then evicted: the process's resident memory falls by most of it.
+    Measured in a fresh process: one that has freed memory before (a test session) can serve
+    the model from its heap's free chunks, and its RSS would not grow at all."""
+    size = 48 * 2**20
+    big = make_blob(tmp_path, "big", floats=size // 4)
+    small = make_blob(tmp_path, "small")
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        run = pool.submit(load_and_evict_a_big_blob, big, small, size)
+        before, loaded, lowest, released = run.result(timeout=300)
+    assert loaded - before > 0.8 * size
+    assert released
     # Collected and trimmed in the background, at once.
-    wait_until(lambda: loaded - rss() > 0.7 * size, 10, interval=0.05, what="RSS to fall")
+    assert loaded - lowest > 0.7 * size, (before, loaded, lowest)
 
 
 def test_evicting_a_causal_lm_gives_its_memory_back(tmp_path: Path) -> None:

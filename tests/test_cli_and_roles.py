@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import http.client
 import time
 from pathlib import Path
 
@@ -131,17 +131,21 @@ def test_an_idle_connection_outlives_the_clients_keep_alive(tmp_path: Path) -> N
     stack.start("api", "--port", str(stack.port), log="api")
     try:
         stack.wait_ready(timeout=90)
-        request = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{stack.port}\r\n\r\n".encode()
-        with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as connection:
-            for _ in range(2):
-                connection.sendall(request)
-                answer = connection.recv(65536)
-                assert answer.startswith(b"HTTP/1.1 200"), answer
-                time.sleep(5.5)  # idle past the client's keep-alive
-            connection.sendall(request)
-            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
-            time.sleep(9)  # past the server's: it closes the connection
-            assert connection.recv(65536) == b""
+        connection = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+        try:
+            pooled = None
+            for idle in (5.5, 5.5, 0):  # idle past the client's keep-alive, twice
+                connection.request("GET", "/healthz")
+                answer = connection.getresponse()  # RemoteDisconnected if the server closed it
+                assert answer.status == 200 and answer.read() == b'{"status":"ok"}'
+                assert pooled in (None, connection.sock), "one connection throughout"
+                pooled = connection.sock
+                time.sleep(idle)
+            assert pooled is not None
+            pooled.settimeout(15)
+            assert pooled.recv(1) == b"", "past the server's 8 s, it closes the connection"
+        finally:
+            connection.close()
     except BaseException:
         print(stack.logs())
         raise
