@@ -9,6 +9,8 @@ share a node id fail the run too: xdist schedules by node id, so it runs only th
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 _selected: set[str] = set()
@@ -38,8 +40,7 @@ def _select(ids: list[str]) -> None:
 
 
 def shared_ids(ids: list[str]) -> set[str]:
-    seen: set[str] = set()
-    return {i for i in ids if i in seen or seen.add(i)}  # type: ignore[func-returns-value]
+    return {nodeid for nodeid, count in Counter(ids).items() if count > 1}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -292,20 +292,11 @@ class CausalLM(TaskKind):
             if len(ids) > limit:
                 truncated += 1
                 ids, row_labels = ids[:limit], row_labels[:limit]
-            # A label on the first token is never used (nothing predicts it), so a row needs
-            # one after it to teach anything.
-            if all(label == IGNORE_INDEX for label in row_labels[1:]):
+            if teaches_nothing(row_labels):
                 skipped += 1
                 continue
             features.append({"input_ids": ids, "labels": row_labels})
-        if truncated:
-            note = (
-                f"{truncated} of {len(rows)} rows were longer than max_seq_length={limit} "
-                "and were truncated"
-            )
-            if skipped:
-                note += f"; {skipped} of them had nothing left to learn from and were skipped"
-            warn(note)
+        warn_truncated(warn, truncated, skipped, len(rows), limit, "had nothing left to learn from")
         return features
 
     # -- batches -----------------------------------------------------------------------------
@@ -370,6 +361,25 @@ class CausalLM(TaskKind):
         if count == 0:
             return {}
         return {"valid_loss": loss_sum / count, "valid_mean_token_accuracy": correct / count}
+
+
+def teaches_nothing(labels: Sequence[int]) -> bool:
+    """Whether a row's labels train nothing. A label on the first token is never used (nothing
+    predicts it), so a row needs one after it to teach anything."""
+    return all(label == IGNORE_INDEX for label in labels[1:])
+
+
+def warn_truncated(
+    warn: Warn, truncated: int, skipped: int, rows: int, limit: int, why_skipped: str
+) -> None:
+    """Tell the user how many of ``rows`` were cut to max_seq_length, and how many of those were
+    skipped for ``why_skipped``."""
+    if not truncated:
+        return
+    note = f"{truncated} of {rows} rows were longer than max_seq_length={limit} and were truncated"
+    if skipped:
+        note += f"; {skipped} of them {why_skipped} and were skipped"
+    warn(note)
 
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,8 @@ from worker.training.causal_lm import (
     lora_settings,
     next_token_targets,
     padding_collate,
+    teaches_nothing,
+    warn_truncated,
 )
 from worker.training.registry import (
     Batch,
@@ -241,21 +243,11 @@ class Preference(CausalLM):
                     ids, row_labels = ids[:limit], row_labels[:limit]
                 feature[f"{side}_ids"], feature[f"{side}_labels"] = ids, row_labels
             truncated += cut
-            if any(
-                all(label == IGNORE_INDEX for label in feature[f"{side}_labels"][1:])
-                for side, _ in SIDES
-            ):
+            if any(teaches_nothing(feature[f"{side}_labels"]) for side, _ in SIDES):
                 skipped += 1  # a reply cut off entirely: nothing to compare
                 continue
             features.append(feature)
-        if truncated:
-            note = (
-                f"{truncated} of {len(rows)} rows were longer than max_seq_length={limit} "
-                "and were truncated"
-            )
-            if skipped:
-                note += f"; {skipped} of them had a reply cut off entirely and were skipped"
-            warn(note)
+        warn_truncated(warn, truncated, skipped, len(rows), limit, "had a reply cut off entirely")
         return features
 
     def encode_reply(
