@@ -1,4 +1,5 @@
-"""Helpers of the training tests: a reporter that records what the loop says, JSONL files."""
+"""Helpers of the training tests: a reporter that records what the loop says, JSONL files, the
+spec of a causal-LM run."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from worker.training.spec import TrainingSpec
 
 
 @dataclass
@@ -78,3 +81,29 @@ def pretrain_on_other_facts(base: Path, work_dir: Path) -> Path:
     )
     train(spec, Reporter())
     return spec.output_dir
+
+
+def make_spec(
+    task: str,
+    base: Path,
+    training_file: Path,
+    run_dir: Path,
+    hyperparameters: dict[str, Any],
+    validation_file: Path | None = None,
+    adapter: Any = "full",
+    *,
+    method_type: str = "supervised",
+) -> TrainingSpec:
+    """A causal-LM run of ``method_type`` (supervised, dpo) with its adapter, in ``run_dir``."""
+    return TrainingSpec(
+        job_id=f"ftjob-{method_type}",
+        task=task,
+        base_model_dir=base,
+        training_file=training_file,
+        validation_file=validation_file,
+        output_dir=run_dir / "model",
+        checkpoints_dir=run_dir / "checkpoints",
+        hyperparameters=hyperparameters,
+        seed=0,
+        method={"type": method_type, method_type: {"adapter": adapter}},
+    )

@@ -23,12 +23,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from app.inference.templates import DEFAULT_CHAT_TEMPLATE
 from tests.support import FACTS, HELD_OUT_QUESTIONS, TRAIN_QUESTIONS, fact_chat_rows, fact_texts
 from tests.tiny_models import EOS, build_causal_lm
-from tests.training.support import Reporter, pretrain_on_other_facts, write_jsonl
+from tests.training.support import Reporter, make_spec, pretrain_on_other_facts, write_jsonl
 from worker.training.causal_lm import IGNORE_INDEX
 from worker.training.checkpoint import latest_complete_checkpoint
 from worker.training.loop import eval_batches, evaluate, train
 from worker.training.registry import get_task_kind
-from worker.training.spec import TrainingHyperparameters, TrainingSpec, TrainingStopped
+from worker.training.spec import TrainingHyperparameters, TrainingStopped
 
 SYSTEM = {"role": "system", "content": "answer with the code word only"}
 # Enough to answer held-out phrasings: 23/24 for the full and >= 22/24 for the LoRA fine-tune
@@ -65,29 +65,6 @@ def facts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     train_file = write_jsonl(root / "train.jsonl", fact_chat_rows(TRAIN_QUESTIONS))
     valid_file = write_jsonl(root / "valid.jsonl", fact_chat_rows(TRAIN_QUESTIONS[:1]))
     return train_file, valid_file
-
-
-def make_spec(
-    task: str,
-    base: Path,
-    training_file: Path,
-    run_dir: Path,
-    hyperparameters: dict[str, Any],
-    validation_file: Path | None = None,
-    adapter: Any = "full",
-) -> TrainingSpec:
-    return TrainingSpec(
-        job_id="ftjob-test",
-        task=task,
-        base_model_dir=base,
-        training_file=training_file,
-        validation_file=validation_file,
-        output_dir=run_dir / "model",
-        checkpoints_dir=run_dir / "checkpoints",
-        hyperparameters=hyperparameters,
-        seed=0,
-        method={"type": "supervised", "supervised": {"adapter": adapter}},
-    )
 
 
 def answer(model: Any, tokenizer: Any, question: str) -> str:

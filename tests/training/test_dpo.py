@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -30,6 +31,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.tiny_models import build_causal_lm
+from tests.training import support
 from tests.training.support import Reporter, write_jsonl
 from tests.training.test_batches_and_precision import assert_close_weights
 from worker.training.checkpoint import latest_complete_checkpoint
@@ -82,29 +84,8 @@ def style_texts() -> list[str]:
     return [*texts, SYSTEM["content"], "### user: ### assistant:"]
 
 
-def make_spec(
-    task: str,
-    base: Path,
-    training_file: Path,
-    run_dir: Path,
-    hyperparameters: dict[str, Any],
-    *,
-    method_type: str = "dpo",
-    adapter: Any = "full",
-    validation_file: Path | None = None,
-) -> TrainingSpec:
-    return TrainingSpec(
-        job_id="ftjob-dpo",
-        task=task,
-        base_model_dir=base,
-        training_file=training_file,
-        validation_file=validation_file,
-        output_dir=run_dir / "model",
-        checkpoints_dir=run_dir / "checkpoints",
-        hyperparameters=hyperparameters,
-        seed=0,
-        method={"type": method_type, method_type: {"adapter": adapter}},
-    )
+# The runs here are DPO's unless a test says otherwise.
+make_spec = functools.partial(support.make_spec, method_type="dpo")
 
 
 def plain_favouring_base(root: Path) -> Path:
